@@ -1,0 +1,434 @@
+"""Tokenize, mask, pack and shard training data.
+
+Pipeline: records -> (text, trainable?) segments -> token ids + a per-token loss mask, stored as one
+flat token array with document offsets (in memory, or memory-mapped .bin files for large corpora)
+-> rows of `seq_len` tokens -> batches, each rank taking a disjoint share.
+
+Sources (`load_documents`):
+- `arith`: built-in two-digit addition ("37+45=" -> "82"), no download; a 3M-parameter model learns
+  it on CPU in well under a minute, and exact-match accuracy on held-out sums proves the pipeline.
+- `.txt`: one document per file. `.jsonl`: one record per line. `.json`: a list of records.
+  A record is {"text"} (trained on everywhere), Alpaca {"instruction", "input", "output"}, or
+  {"prompt", "completion"} (the prompt used verbatim, no template).
+
+Instruction records use the Alpaca prompt (ALPACA_PROMPT below); prompt tokens get label -100 so
+only the response and the closing eos are trained on. Text documents are trained on everywhere.
+
+Two ways to make rows (`Batches`):
+- packing (default): whole documents are placed first-fit into rows of `seq_len`; each token
+  carries its position within its document (restarting at 0) and a document id, and the model
+  masks attention so documents never see each other. Documents longer than a row are cut into
+  row-sized pieces (text) or truncated (instruction data: a response without its prompt is noise);
+  the log reports both, and packing efficiency = real tokens / slots (typically 95-99% here).
+- padding: one document per row, rows of similar length grouped into a batch (sorted within a
+  window of 64 batches) and right-padded to the longest, so a plain causal mask is exact.
+
+Sharding: every rank computes the same deterministic list of batches for an epoch (seeded shuffle),
+and rank r takes batches r, r + world, r + 2 world, ...; the remainder that would leave some rank
+without a batch is dropped. The stream position (epoch, batch index) is saved in checkpoints.
+"""
+
+import hashlib
+import json
+import os
+import random
+
+import numpy as np
+import torch
+
+IGNORE = -100  # label of tokens that carry no loss
+
+# -----------------------------------------------------------------------------
+# Tokenizers
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as tokens 0..255 plus bos/eos/pad; needs no files. Fits the `tiny` preset."""
+
+    bos_id, eos_id, pad_id = 256, 257, 258
+    vocab_size = 259
+
+    def encode(self, text, bos=False):
+        return ([self.bos_id] if bos else []) + list(text.encode("utf-8"))
+
+    def decode(self, ids):
+        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+
+    def fingerprint(self):
+        return "bytes-v1"
+
+
+class HFTokenizer:
+    """A Hugging Face tokenizer.json through the tokenizers library.
+
+    bos is whatever the tokenizer's own post-processor adds (Llama adds <s>, ChatML models add
+    nothing); eos comes from the model's config (passed in), since tokenizer.json does not say.
+    """
+
+    def __init__(self, path, eos_id=None, bos_id=None):
+        from tokenizers import Tokenizer
+        self.path = path
+        self.tok = Tokenizer.from_file(path)
+        self.vocab_size = self.tok.get_vocab_size()
+        self.eos_id, self.bos_id = eos_id, bos_id
+        self.pad_id = eos_id if eos_id is not None else 0
+
+    def encode(self, text, bos=False):
+        return self.tok.encode(text, add_special_tokens=bos).ids
+
+    def decode(self, ids):
+        return self.tok.decode(ids, skip_special_tokens=True)
+
+    def fingerprint(self):
+        with open(self.path, "rb") as f:
+            return hashlib.sha1(f.read()).hexdigest()[:16] + f"-eos{self.eos_id}"
+
+
+def load_tokenizer(model_dir=None, eos_id=None, bos_id=None):
+    """tokenizer.json from an HF model folder, or the byte tokenizer when there is no folder."""
+    if model_dir is None:
+        return ByteTokenizer()
+    path = os.path.join(model_dir, "tokenizer.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: not found; the model folder must ship a tokenizer.json")
+    return HFTokenizer(path, eos_id=eos_id, bos_id=bos_id)
+
+
+# -----------------------------------------------------------------------------
+# Records -> segments of (text, trainable)
+
+# The Stanford Alpaca prompt; the response follows "### Response:\n" and ends with eos.
+ALPACA_PROMPT = ("Below is an instruction that describes a task, paired with an input that provides further "
+                 "context. Write a response that appropriately completes the request.\n\n"
+                 "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n")
+ALPACA_PROMPT_NO_INPUT = ("Below is an instruction that describes a task. Write a response that appropriately "
+                          "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n")
+
+
+def alpaca_prompt(instruction, input=""):
+    if input:
+        return ALPACA_PROMPT.format(instruction=instruction, input=input)
+    return ALPACA_PROMPT_NO_INPUT.format(instruction=instruction)
+
+
+def record_segments(rec, where):
+    """One record -> ([(text, trainable)], kind, reference answer or None). `where` names it in errors."""
+    if not isinstance(rec, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+    if "instruction" in rec and "output" in rec:
+        prompt = alpaca_prompt(str(rec["instruction"]), str(rec.get("input") or ""))
+        return [(prompt, False), (str(rec["output"]), True)], "instruction", str(rec["output"])
+    if "prompt" in rec and "completion" in rec:
+        return [(str(rec["prompt"]), False), (str(rec["completion"]), True)], "instruction", str(rec["completion"])
+    if "text" in rec:
+        return [(str(rec["text"]), True)], "text", None
+    raise ValueError(f"{where}: expected a 'text' field, Alpaca fields 'instruction' and 'output', or "
+                     f"'prompt' and 'completion', "
+                     f"got keys {sorted(rec)}")
+
+
+def arith_records(n=10000, seed=1234):
+    """All sums a+b with a, b < 100, in a fixed shuffled order (so the held-out tail is unseen)."""
+    pairs = [(a, b) for a in range(100) for b in range(100)]
+    random.Random(seed).shuffle(pairs)
+    return [{"prompt": f"{a}+{b}=", "completion": str(a + b)} for a, b in pairs[:n]]
+
+
+def read_records(path):
+    """Yield (record, where) from a .json list, a .jsonl file or a .txt file."""
+    if path.endswith(".txt"):
+        with open(path, encoding="utf-8") as f:
+            yield {"text": f.read()}, path
+    elif path.endswith(".jsonl"):
+        with open(path, encoding="utf-8") as f:
+            for i, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{i}: not valid JSON ({e.msg} at column {e.colno})") from None
+                yield rec, f"{path}:{i}"
+    elif path.endswith(".json"):
+        with open(path, encoding="utf-8") as f:
+            try:
+                recs = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+        if not isinstance(recs, list):
+            raise ValueError(f"{path}: expected a JSON list of records, got {type(recs).__name__}")
+        for i, rec in enumerate(recs):
+            yield rec, f"{path}[{i}]"
+    else:
+        raise ValueError(f"{path}: unknown data file type, expected .txt, .jsonl or .json (or 'arith')")
+
+
+def tokenize_segments(tok, segments):
+    """Segments -> (ids, mask) with bos at the start and a trainable eos at the end."""
+    ids, mask = [], []
+    for i, (text, trainable) in enumerate(segments):
+        piece = tok.encode(text, bos=(i == 0))
+        ids += piece
+        mask += [trainable] * len(piece)
+    if tok.eos_id is not None:
+        ids.append(tok.eos_id)
+        mask.append(True)  # the model must learn to stop
+    return ids, mask
+
+
+# -----------------------------------------------------------------------------
+# Token storage: flat tokens + loss mask + document offsets
+
+
+class TokenData:
+    """tokens[offsets[d]:offsets[d+1]] is document d; mask[t] = 1 where token t is a training target."""
+
+    def __init__(self, tokens, mask, offsets, kinds, references=None, prompts=None):
+        self.tokens, self.mask, self.offsets = tokens, mask, np.asarray(offsets, dtype=np.int64)
+        self.split_long = kinds == "text"  # text is cut into pieces, instruction data truncated
+        self.references = references or []  # per document: reference answer (instruction data)
+        self.prompts = prompts or []  # per document: prompt text, for accuracy eval by generation
+
+    def __len__(self):
+        return len(self.offsets) - 1
+
+    def doc_lengths(self):
+        return np.diff(self.offsets)
+
+
+def tokenize_records(records, tok):
+    """(record, where) pairs -> lists: tokens, mask, offsets, kind, references, prompts."""
+    tokens, mask, offsets, kinds, refs, prompts = [], [], [0], set(), [], []
+    for rec, where in records:
+        segments, kind, ref = record_segments(rec, where)
+        ids, m = tokenize_segments(tok, segments)
+        tokens += ids
+        mask += m
+        offsets.append(len(tokens))
+        kinds.add(kind)
+        refs.append(ref)
+        prompts.append(segments[0][0] if kind == "instruction" else None)
+    if len(offsets) == 1:
+        raise ValueError("data: no records found")
+    kind = "text" if kinds == {"text"} else "instruction"
+    return tokens, mask, offsets, kind, refs, prompts
+
+
+def load_documents(source, tok, cache_dir=None):
+    """'arith' or a file -> TokenData. Files are tokenized once into `cache_dir` and memory-mapped."""
+    if source == "arith":
+        t, m, o, kind, refs, prompts = tokenize_records(((r, "arith") for r in arith_records()), tok)
+        return TokenData(np.array(t, np.int32), np.array(m, np.uint8), o, kind, refs, prompts)
+    if not os.path.isfile(source):
+        raise FileNotFoundError(f"{source}: data file not found (or use --data=arith)")
+    if cache_dir is None:
+        t, m, o, kind, refs, prompts = tokenize_records(read_records(source), tok)
+        return TokenData(np.array(t, np.int32), np.array(m, np.uint8), o, kind, refs, prompts)
+    folder = token_cache_path(source, tok, cache_dir)
+    if not os.path.isfile(os.path.join(folder, "meta.json")):
+        write_token_cache(source, tok, folder)
+    return open_token_cache(folder)
+
+
+def token_cache_path(source, tok, cache_dir):
+    st = os.stat(source)
+    key = f"{os.path.abspath(source)}|{st.st_size}|{st.st_mtime_ns}|{tok.fingerprint()}|{ALPACA_PROMPT}"
+    name = os.path.basename(source) + "-" + hashlib.sha1(key.encode()).hexdigest()[:12]
+    return os.path.join(cache_dir, name)
+
+
+def write_token_cache(source, tok, folder, flush_every=1 << 20):
+    """Stream records into tokens.bin (int32) / mask.bin (uint8), flushing every ~1M tokens."""
+    tmp = folder + ".tmp"
+    os.makedirs(tmp, exist_ok=True)
+    offsets, kinds, refs, prompts, buf_t, buf_m = [0], set(), [], [], [], []
+    with open(os.path.join(tmp, "tokens.bin"), "wb") as ft, open(os.path.join(tmp, "mask.bin"), "wb") as fm:
+        for rec, where in read_records(source):
+            segments, kind, ref = record_segments(rec, where)
+            ids, m = tokenize_segments(tok, segments)
+            buf_t += ids
+            buf_m += m
+            offsets.append(offsets[-1] + len(ids))
+            kinds.add(kind)
+            refs.append(ref)
+            prompts.append(segments[0][0] if kind == "instruction" else None)
+            if len(buf_t) >= flush_every:
+                ft.write(np.array(buf_t, np.int32).tobytes())
+                fm.write(np.array(buf_m, np.uint8).tobytes())
+                buf_t, buf_m = [], []
+        ft.write(np.array(buf_t, np.int32).tobytes())
+        fm.write(np.array(buf_m, np.uint8).tobytes())
+    if len(offsets) == 1:
+        raise ValueError(f"{source}: no records found")
+    np.save(os.path.join(tmp, "offsets.npy"), np.array(offsets, np.int64))
+    with open(os.path.join(tmp, "meta.json"), "w") as f:
+        json.dump({"source": source, "kind": "text" if kinds == {"text"} else "instruction",
+                   "references": refs, "prompts": prompts}, f)
+    os.replace(tmp, folder)
+
+
+def open_token_cache(folder):
+    with open(os.path.join(folder, "meta.json")) as f:
+        meta = json.load(f)
+    tokens = np.memmap(os.path.join(folder, "tokens.bin"), dtype=np.int32, mode="r")
+    mask = np.memmap(os.path.join(folder, "mask.bin"), dtype=np.uint8, mode="r")
+    return TokenData(tokens, mask, np.load(os.path.join(folder, "offsets.npy")), meta["kind"],
+                     meta["references"], meta["prompts"])
+
+
+def split_documents(n_docs, eval_frac):
+    """The last `eval_frac` of documents is held out (at least 1 when eval_frac > 0)."""
+    n_eval = min(n_docs - 1, max(1, round(n_docs * eval_frac))) if eval_frac > 0 else 0
+    return range(0, n_docs - n_eval), range(n_docs - n_eval, n_docs)
+
+
+# -----------------------------------------------------------------------------
+# Rows and batches
+
+
+def pieces_of(data: TokenData, docs, seq_len):
+    """Documents -> (start, length) pieces no longer than seq_len; counts what was cut off."""
+    pieces, cropped = [], 0
+    lengths = data.doc_lengths()
+    for d in docs:
+        start, n = int(data.offsets[d]), int(lengths[d])
+        if n <= seq_len:
+            pieces.append((start, n))
+        elif data.split_long:
+            pieces += [(start + i, min(seq_len, n - i)) for i in range(0, n, seq_len)]
+        else:
+            pieces.append((start, seq_len))
+            cropped += n - seq_len
+    return pieces, cropped
+
+
+def pack_first_fit(pieces, seq_len, open_rows=64):
+    """Place each piece into the first of the last `open_rows` rows it fits; rows are piece lists.
+
+    Looking back over 64 open rows instead of only the last one lifts packing efficiency on
+    instruction data from ~80% to ~98% at O(64) work per document.
+    """
+    rows, room = [], []  # room[i] = free slots of rows[first_open + i]
+    first_open = 0
+    for p in pieces:
+        for i, r in enumerate(room):
+            if p[1] <= r:
+                rows[first_open + i].append(p)
+                room[i] -= p[1]
+                break
+        else:
+            rows.append([p])
+            room.append(seq_len - p[1])
+            if len(room) > open_rows:
+                room.pop(0)
+                first_open += 1
+    return rows
+
+
+def collate(data: TokenData, rows, width, pad_id, packed):
+    """Row piece lists -> tensors (B, width). Labels are next tokens within a piece, -100 elsewhere.
+
+    num_tokens (real tokens, not padding) is for throughput logs; pop it before calling the model.
+    """
+    B = len(rows)
+    ids = np.full((B, width), pad_id, np.int64)
+    labels = np.full((B, width), IGNORE, np.int64)
+    pos = np.zeros((B, width), np.int64)
+    doc = np.full((B, width), -1, np.int64)
+    for b, row in enumerate(rows):
+        col = 0
+        for j, (start, n) in enumerate(row):
+            toks = np.asarray(data.tokens[start:start + n], np.int64)
+            ids[b, col:col + n] = toks
+            targets = np.where(np.asarray(data.mask[start + 1:start + n], bool), toks[1:], IGNORE)
+            labels[b, col:col + n - 1] = targets
+            pos[b, col:col + n] = np.arange(n)
+            doc[b, col:col + n] = j
+            col += n
+    batch = {"input_ids": torch.from_numpy(ids), "labels": torch.from_numpy(labels),
+             "position_ids": torch.from_numpy(pos), "num_tokens": int(sum(n for row in rows for _, n in row))}
+    # One right-padded document per row needs no document mask: causal attention never sees the padding.
+    batch["doc_ids"] = torch.from_numpy(doc) if packed else None
+    return batch
+
+
+class Batches:
+    """An endless, resumable, sharded stream of batches over a set of documents.
+
+    batch_size rows of seq_len tokens (packing) or batch_size documents (padding) per batch.
+    """
+
+    def __init__(self, data: TokenData, docs, seq_len, batch_size, pad_id, rank=0, world=1, seed=0,
+                 pack=True, shuffle=True):
+        self.data, self.docs, self.seq_len, self.batch_size, self.pad_id = data, list(docs), seq_len, batch_size, pad_id
+        self.rank, self.world, self.seed, self.pack, self.shuffle = rank, world, seed, pack, shuffle
+        self.epoch, self.index = 0, 0  # the stream position
+        self._plan_epoch = None
+        self.stats = {}
+
+    def plan(self, epoch):
+        """This rank's batches for `epoch`: lists of rows, each a list of (start, length) pieces."""
+        if self._plan_epoch == epoch:
+            return self._plan
+        order = list(self.docs)
+        if self.shuffle:
+            random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
+        pieces, cropped = pieces_of(self.data, order, self.seq_len)
+        if self.pack:
+            rows = pack_first_fit(pieces, self.seq_len)
+            batches = [rows[i:i + self.batch_size] for i in range(0, len(rows), self.batch_size)]
+            slots = len(rows) * self.seq_len
+        else:
+            # Sort by length within windows of 64 batches: similar lengths share a batch, order stays random.
+            window = 64 * self.batch_size
+            batches = []
+            for w in range(0, len(pieces), window):
+                chunk = sorted(pieces[w:w + window], key=lambda p: p[1])
+                batches += [[[p] for p in chunk[i:i + self.batch_size]] for i in range(0, len(chunk), self.batch_size)]
+            if self.shuffle:
+                random.Random(self.seed * 1_000_003 + epoch + 1).shuffle(batches)
+            slots = sum(len(b) * max(r[0][1] for r in b) for b in batches)
+        real = sum(p[1] for p in pieces)
+        per_rank = len(batches) // self.world
+        if per_rank == 0:
+            raise ValueError(f"data: {len(batches)} batches of {self.batch_size} rows cannot give each of "
+                             f"{self.world} ranks one; use less --batch_size or --seq_len, or more data")
+        self.stats = {"docs": len(order), "tokens": real, "cropped_tokens": cropped,
+                      "efficiency": real / max(slots, 1), "batches_per_rank": per_rank}
+        self._plan = batches[self.rank:per_rank * self.world:self.world]
+        self._plan_epoch = epoch
+        return self._plan
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        plan = self.plan(self.epoch)
+        if self.index >= len(plan):
+            self.epoch, self.index = self.epoch + 1, 0
+            plan = self.plan(self.epoch)
+        rows = plan[self.index]
+        self.index += 1
+        width = self.seq_len if self.pack else max(r[0][1] for r in rows)
+        return collate(self.data, rows, width, self.pad_id, self.pack)
+
+    def state_dict(self):
+        return {"epoch": self.epoch, "index": self.index}
+
+    def load_state_dict(self, state):
+        self.epoch, self.index = state["epoch"], state["index"]
+
+
+# -----------------------------------------------------------------------------
+# Accuracy by generation
+
+
+def score_answer(generated, reference, metric="exact"):
+    """exact: strings equal after strip. last_number: the last number in each agrees (GSM8K)."""
+    if metric == "exact":
+        return generated.strip() == reference.strip()
+    import re
+    nums = lambda s: re.findall(r"-?\d[\d,]*\.?\d*", s)
+    g, r = nums(generated), nums(reference)
+    clean = lambda s: s.replace(",", "").rstrip(".")
+    return bool(g and r) and clean(g[-1]) == clean(r[-1])

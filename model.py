@@ -1,0 +1,598 @@
+"""A Llama-style decoder in one file, with the Hugging Face parameter names.
+
+    model = Llama(MODELS["tiny"])                       # random init from a preset
+    model = from_pretrained("path/to/hf_llama_folder")  # config.json + *.safetensors
+    save_pretrained(model, "out/hf")                    # the same layout back
+
+What is inside, top to bottom:
+- `ModelArgs` and its presets (tiny, llama2-7b/13b/70b, llama3-8b/70b, llama3.1-8b, tinyllama-1.1b).
+- RMSNorm, rotary embeddings (default, "linear" position interpolation, Llama 3.1 "llama3" scaling)
+  in Hugging Face's rotate-half convention, so HF checkpoints load with no permutation.
+- Attention with grouped-query heads through `scaled_dot_product_attention`. Packed rows carry a
+  document id per token; a token attends only to earlier tokens of its own document. On CUDA that
+  mask is a flex_attention BlockMask (O(T) to describe, blocks that are fully masked are skipped);
+  on CPU it is a dense [B, 1, T, S] boolean mask.
+- The loss: cross-entropy over labels != -100, optionally in chunks of rows that are recomputed in
+  backward, so the [tokens, vocab] fp32 logits never exist at once (at Llama 3's 128k vocabulary and
+  8k tokens they are 4 GiB, the largest tensor of a fine-tune).
+- `generate()` with a KV cache, for batches of prompts of different lengths (left padding, masked
+  out by the same document-id rule).
+- `from_pretrained` / `save_pretrained` for HF folders (single file or sharded with an index).
+
+model.py knows nothing of distribution, quantization or adapters: quant.py and lora.py swap
+`nn.Linear` modules in place, fsdp.py wraps `model.model.layers[i]` as units.
+"""
+
+import json
+import math
+import os
+import shutil
+from dataclasses import asdict, dataclass, field, fields
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+# -----------------------------------------------------------------------------
+# Shapes
+
+
+@dataclass
+class ModelArgs:
+    dim: int = 4096  # hidden size
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int = 32  # < n_heads: grouped-query attention
+    vocab_size: int = 32000
+    ffn_dim: int = 11008  # SwiGLU intermediate size
+    head_dim: int = 0  # 0: dim // n_heads (SmolLM2 and Gemma-style models set it explicitly)
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: Optional[dict] = None  # HF's dict: {"rope_type": "llama3" | "linear", "factor": ...}
+    max_seq_len: int = 4096  # the context the model was trained for; longer prompts are refused
+    tie_embeddings: bool = False  # lm_head shares the embedding matrix
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    bos_token_id: Optional[int] = 1
+    eos_token_id: Optional[int] = 2
+
+    def __post_init__(self):
+        if self.head_dim == 0:
+            self.head_dim = self.dim // self.n_heads
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"ModelArgs: n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}")
+
+    @classmethod
+    def from_hf_config(cls, cfg: dict, path: str = "config.json") -> "ModelArgs":
+        """Map a Hugging Face LlamaConfig dict to ModelArgs."""
+        if cfg.get("model_type") != "llama":
+            raise ValueError(f"{path}: model_type is {cfg.get('model_type')!r}, expected 'llama' (a Llama-family checkpoint)")
+        try:
+            # Newer transformers write rope settings under rope_parameters; hub checkpoints have them at top level.
+            rope = dict(cfg.get("rope_parameters") or {})
+            scaling = rope if rope.get("rope_type", "default") != "default" else cfg.get("rope_scaling")
+            eos = cfg.get("eos_token_id")
+            return cls(
+                dim=cfg["hidden_size"],
+                n_layers=cfg["num_hidden_layers"],
+                n_heads=cfg["num_attention_heads"],
+                n_kv_heads=cfg.get("num_key_value_heads") or cfg["num_attention_heads"],
+                vocab_size=cfg["vocab_size"],
+                ffn_dim=cfg["intermediate_size"],
+                head_dim=cfg.get("head_dim") or 0,
+                norm_eps=cfg.get("rms_norm_eps", 1e-6),
+                rope_theta=rope.get("rope_theta", cfg.get("rope_theta", 10000.0)),
+                rope_scaling=scaling or None,
+                max_seq_len=cfg.get("max_position_embeddings", 2048),
+                tie_embeddings=cfg.get("tie_word_embeddings", False),
+                attention_bias=cfg.get("attention_bias", False),
+                mlp_bias=cfg.get("mlp_bias", False),
+                bos_token_id=cfg.get("bos_token_id"),
+                eos_token_id=eos[0] if isinstance(eos, list) else eos,
+            )
+        except KeyError as e:
+            raise ValueError(f"{path}: missing field {e.args[0]!r}, expected in a Llama config") from None
+
+    def to_hf_config(self) -> dict:
+        return {
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "hidden_size": self.dim,
+            "num_hidden_layers": self.n_layers,
+            "num_attention_heads": self.n_heads,
+            "num_key_value_heads": self.n_kv_heads,
+            "vocab_size": self.vocab_size,
+            "intermediate_size": self.ffn_dim,
+            "head_dim": self.head_dim,
+            "hidden_act": "silu",
+            "rms_norm_eps": self.norm_eps,
+            "rope_theta": self.rope_theta,
+            "rope_scaling": self.rope_scaling,
+            "max_position_embeddings": self.max_seq_len,
+            "tie_word_embeddings": self.tie_embeddings,
+            "attention_bias": self.attention_bias,
+            "mlp_bias": self.mlp_bias,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_id,
+            "torch_dtype": "bfloat16",
+        }
+
+    def num_params(self) -> int:
+        attn = self.dim * self.head_dim * (2 * self.n_heads + 2 * self.n_kv_heads)
+        layer = attn + 3 * self.dim * self.ffn_dim + 2 * self.dim
+        head = 0 if self.tie_embeddings else self.vocab_size * self.dim
+        return self.n_layers * layer + self.vocab_size * self.dim + head + self.dim
+
+
+_LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                   "original_max_position_embeddings": 8192}
+
+MODELS = {
+    # ~3.3M parameters; vocab fits the byte-level tokenizer of data.py (256 bytes + specials, padded to 64).
+    "tiny": ModelArgs(dim=256, n_layers=4, n_heads=8, n_kv_heads=4, vocab_size=320, ffn_dim=688, max_seq_len=1024),
+    "tinyllama-1.1b": ModelArgs(dim=2048, n_layers=22, n_heads=32, n_kv_heads=4, ffn_dim=5632, max_seq_len=2048),
+    "llama2-7b": ModelArgs(dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, ffn_dim=11008),
+    "llama2-13b": ModelArgs(dim=5120, n_layers=40, n_heads=40, n_kv_heads=40, ffn_dim=13824),
+    "llama2-70b": ModelArgs(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, ffn_dim=28672),
+    "llama3-8b": ModelArgs(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_dim=14336, vocab_size=128256,
+                           rope_theta=500000.0, max_seq_len=8192, bos_token_id=128000, eos_token_id=128001),
+    "llama3-70b": ModelArgs(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, ffn_dim=28672, vocab_size=128256,
+                            rope_theta=500000.0, max_seq_len=8192, bos_token_id=128000, eos_token_id=128001),
+    "llama3.1-8b": ModelArgs(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_dim=14336, vocab_size=128256,
+                             rope_theta=500000.0, rope_scaling=_LLAMA3_SCALING, max_seq_len=131072,
+                             bos_token_id=128000, eos_token_id=128001),
+}
+
+# -----------------------------------------------------------------------------
+# Rotary embeddings
+
+
+def rope_frequencies(args: ModelArgs, device=None) -> torch.Tensor:
+    """inv_freq[i] = theta^(-2i/hd), rescaled per args.rope_scaling. Shape (head_dim // 2,), fp32."""
+    hd = args.head_dim
+    inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float32, device=device) / hd))
+    s = args.rope_scaling
+    kind = (s or {}).get("rope_type", (s or {}).get("type", "default"))
+    if kind == "default":
+        return inv_freq
+    if kind == "linear":  # position interpolation: position p is treated as p / factor
+        return inv_freq / s["factor"]
+    if kind == "llama3":
+        # Llama 3.1: leave high frequencies alone, divide low frequencies by `factor`, and blend
+        # smoothly in between (wavelength measured against the original context length).
+        factor, lo, hi = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+        old_ctx = s["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        smooth = ((old_ctx / wavelen - lo) / (hi - lo)).clamp(0, 1)
+        scaled = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+        return torch.where(wavelen < old_ctx / hi, inv_freq, torch.where(wavelen > old_ctx / lo, inv_freq / factor, scaled))
+    raise ValueError(f"rope_scaling: unsupported rope_type {kind!r}, expected 'linear' or 'llama3'")
+
+
+def rope_cos_sin(inv_freq, position_ids, dtype):
+    """position_ids (B, T) -> cos, sin (B, T, head_dim) in `dtype`, computed in fp32."""
+    freqs = position_ids[..., None].float() * inv_freq  # (B, T, hd/2)
+    emb = torch.cat((freqs, freqs), dim=-1)  # HF layout: the two halves of a head rotate together
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x, cos, sin):
+    """x (B, H, T, hd); rotate pairs (x[i], x[i + hd/2])."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return x * cos[:, None] + rotated * sin[:, None]
+
+
+# -----------------------------------------------------------------------------
+# Attention masks: "tokens attend to earlier tokens of their own document"
+
+try:
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    _flex_attention = torch.compile(flex_attention, dynamic=False)
+except ImportError:  # older torch: dense masks everywhere
+    create_block_mask = None
+
+
+def document_mask(doc_ids, use_flex: bool):
+    """doc_ids (B, T), equal ids = same document, -1 = padding. Returns what `attend` takes.
+
+    use_flex: a BlockMask (memory O(T^2 / 128^2) bits instead of O(T^2) bools, and flex_attention
+    skips blocks that are fully masked, so packing many short documents also saves compute).
+    """
+    if use_flex:
+        def same_doc_causal(b, h, q, kv):
+            return (doc_ids[b, q] == doc_ids[b, kv]) & (q >= kv)
+        B, T = doc_ids.shape
+        return create_block_mask(same_doc_causal, B, None, T, T, device=doc_ids.device)
+    return dense_mask(doc_ids, doc_ids, torch.arange(doc_ids.shape[1], device=doc_ids.device))
+
+
+def dense_mask(q_doc, k_doc, q_slot):
+    """Boolean (B, 1, Tq, S): key slot j <= query slot, same document id."""
+    S = k_doc.shape[1]
+    causal = torch.arange(S, device=k_doc.device)[None, :] <= q_slot[:, None]  # (Tq, S)
+    return (causal[None] & (q_doc[:, :, None] == k_doc[:, None, :]))[:, None]
+
+
+def attend(q, k, v, mask):
+    """q (B, H, T, hd), k/v (B, Hkv, S, hd). mask: None (plain causal), a bool tensor, or a BlockMask."""
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    if isinstance(mask, torch.Tensor):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    return _flex_attention(q, k, v, block_mask=mask, enable_gqa=True)
+
+
+# -----------------------------------------------------------------------------
+# The model
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        dtype = x.dtype
+        x = x.float()  # the mean of squares overflows/underflows in bf16
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class KVCache:
+    """Per-layer keys/values (B, n_kv, max_len, hd) plus the document id of every slot."""
+
+    def __init__(self, args: ModelArgs, batch, max_len, dtype, device):
+        shape = (batch, args.n_kv_heads, max_len, args.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(args.n_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(args.n_layers)]
+        self.doc = torch.full((batch, max_len), -2, dtype=torch.long, device=device)
+        self.pos = 0  # slots filled so far; advanced once per model forward
+
+    def update(self, layer, k, v):
+        T = k.shape[2]
+        self.k[layer][:, :, self.pos:self.pos + T] = k
+        self.v[layer][:, :, self.pos:self.pos + T] = v
+        return self.k[layer][:, :, :self.pos + T], self.v[layer][:, :, :self.pos + T]
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs, layer_idx: int):
+        super().__init__()
+        self.layer_idx, self.n_heads, self.n_kv_heads, self.head_dim = layer_idx, args.n_heads, args.n_kv_heads, args.head_dim
+        bias = args.attention_bias
+        self.q_proj = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=bias)
+        self.k_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=bias)
+        self.v_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=bias)
+        self.o_proj = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=bias)
+
+    def forward(self, x, cos, sin, mask, cache=None):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)  # (B, Hkv, S, hd) with S = slots so far
+        y = attend(q, k, v, mask)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.gate_proj = nn.Linear(args.dim, args.ffn_dim, bias=args.mlp_bias)
+        self.up_proj = nn.Linear(args.dim, args.ffn_dim, bias=args.mlp_bias)
+        self.down_proj = nn.Linear(args.ffn_dim, args.dim, bias=args.mlp_bias)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, args: ModelArgs, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(args.dim, args.norm_eps)
+        self.self_attn = Attention(args, layer_idx)
+        self.post_attention_layernorm = RMSNorm(args.dim, args.norm_eps)
+        self.mlp = MLP(args)
+
+    def forward(self, x, cos, sin, mask, cache=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    """The decoder stack (HF's LlamaModel): embed_tokens, layers, norm."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(Block(args, i) for i in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+
+
+class Llama(nn.Module):
+    """HF's LlamaForCausalLM: `model` (the stack) and `lm_head`, so state-dict keys match HF."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.model = LlamaModel(args)
+        self.lm_head = nn.Linear(args.dim, args.vocab_size, bias=False)
+        if args.tie_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.register_buffer("inv_freq", rope_frequencies(args), persistent=False)
+        self.gradient_checkpointing = False  # recompute each block in backward (set by train.py)
+
+    def init_weights(self, std=0.02):
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                nn.init.ones_(p)
+            elif name.endswith("bias"):
+                nn.init.zeros_(p)
+            else:  # GPT-2's scaled init for the projections that write into the residual stream
+                scale = 1 / math.sqrt(2 * self.args.n_layers) if name.endswith(("o_proj.weight", "down_proj.weight")) else 1
+                nn.init.normal_(p, std=std * scale)
+        self.inv_freq = rope_frequencies(self.args, self.inv_freq.device)
+
+    def hidden_states(self, input_ids, position_ids=None, doc_ids=None, cache=None):
+        """input_ids (B, T) -> final-normed hidden states (B, T, dim).
+
+        position_ids: per-token RoPE positions (restart at 0 for every packed document).
+        doc_ids: per-token document id; None means one document per row (plain causal mask).
+        cache: a KVCache; tokens go into slots cache.pos .. cache.pos + T - 1.
+        """
+        B, T = input_ids.shape
+        if position_ids is None:
+            start = cache.pos if cache is not None else 0
+            position_ids = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
+        x = self.model.embed_tokens(input_ids)
+        cos, sin = rope_cos_sin(self.inv_freq, position_ids, x.dtype)
+        if cache is not None:
+            cache.doc[:, cache.pos:cache.pos + T] = 0 if doc_ids is None else doc_ids
+            q_slot = torch.arange(cache.pos, cache.pos + T, device=x.device)
+            mask = dense_mask(cache.doc[:, cache.pos:cache.pos + T], cache.doc[:, :cache.pos + T], q_slot)
+        elif doc_ids is not None:
+            mask = document_mask(doc_ids, use_flex=x.is_cuda and create_block_mask is not None)
+        else:
+            mask = None
+        for layer in self.model.layers:
+            if self.gradient_checkpointing and self.training:
+                x = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, cache)
+        if cache is not None:
+            cache.pos += T
+        return self.model.norm(x)
+
+    def forward(self, input_ids, labels=None, position_ids=None, doc_ids=None, cache=None, loss_chunk=0):
+        """Without labels: fp32 logits (B, T, vocab). With labels: (summed loss, number of target tokens).
+
+        Labels are already aligned (labels[t] is the target for position t, -100 = no loss), which
+        lets packing decide where documents end. The sum (not mean) lets the trainer divide by the
+        token count of the whole global batch across micro-steps and ranks.
+        """
+        h = self.hidden_states(input_ids, position_ids, doc_ids, cache)
+        if labels is None:
+            return self.lm_head(h).float()
+        return cross_entropy_sum(h, self.lm_head, labels, loss_chunk)
+
+
+def _ce_chunk(h, head, labels):
+    return F.cross_entropy(head(h).float(), labels, reduction="sum")
+
+
+def cross_entropy_sum(h, head, labels, chunk=0):
+    """Sum of token cross-entropies over labels != -100, and the number of such tokens.
+
+    chunk > 0: rows are processed `chunk` at a time under activation checkpointing, so only one
+    chunk's [chunk, vocab] fp32 logits exist at a time, in forward and in backward.
+    """
+    keep = labels.reshape(-1) != -100
+    h, labels = h.reshape(-1, h.shape[-1])[keep], labels.reshape(-1)[keep]  # prompt tokens cost nothing
+    n = labels.numel()
+    if chunk <= 0 or n <= chunk:
+        return _ce_chunk(h, head, labels), n
+    total = h.new_zeros((), dtype=torch.float32)
+    for i in range(0, n, chunk):
+        total = total + checkpoint(_ce_chunk, h[i:i + chunk], head, labels[i:i + chunk], use_reentrant=False)
+    return total, n
+
+
+# -----------------------------------------------------------------------------
+# Generation
+
+
+def left_pad(prompts, pad_id, device):
+    """Token lists -> input_ids, position_ids, doc_ids (B, P); padding gets doc id -1."""
+    P = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), P), pad_id, dtype=torch.long)
+    pos = torch.zeros_like(ids)
+    doc = torch.full_like(ids, -1)
+    for b, p in enumerate(prompts):
+        ids[b, P - len(p):] = torch.tensor(p, dtype=torch.long)
+        pos[b, P - len(p):] = torch.arange(len(p))
+        doc[b, P - len(p):] = 0
+    return ids.to(device), pos.to(device), doc.to(device)
+
+
+def sample(logits, temperature, top_k, generator=None):
+    """logits (B, vocab) -> (B,) token ids. temperature 0 is greedy."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)[:, 0]
+
+
+@torch.no_grad()
+def generate(model: Llama, prompts, max_new_tokens, temperature=0.0, top_k=0, eos_id=None,
+             use_cache=True, generator=None):
+    """Continue each prompt (a list of token ids); returns the new tokens of each, cut after eos.
+
+    use_cache=False recomputes the whole sequence every step: slow, and the reference the cached
+    path is tested against.
+    """
+    was_training = model.training
+    model.eval()
+    device = model.inv_freq.device
+    max_len = max(len(p) for p in prompts) + max_new_tokens
+    if max_len > model.args.max_seq_len:
+        raise ValueError(f"generate: prompt + max_new_tokens = {max_len} tokens exceeds the model's context "
+                         f"max_seq_len={model.args.max_seq_len}")
+    ids, pos, doc = left_pad(prompts, eos_id if eos_id is not None else 0, device)
+    B = ids.shape[0]
+    cache = KVCache(model.args, B, max_len, model.lm_head.weight.dtype if model.lm_head.weight.is_floating_point()
+                    else torch.bfloat16, device) if use_cache else None
+    out = torch.empty((B, 0), dtype=torch.long, device=device)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    step_ids, step_pos, step_doc = ids, pos, doc
+    for _ in range(max_new_tokens):
+        if use_cache:
+            logits = model(step_ids, position_ids=step_pos, doc_ids=step_doc, cache=cache)[:, -1]
+        else:
+            all_ids, all_pos = torch.cat([ids, out], 1), torch.cat([pos, pos[:, -1:] + 1 + torch.arange(out.shape[1], device=device)], 1)
+            all_doc = torch.cat([doc, torch.zeros_like(out)], 1)
+            logits = model(all_ids, position_ids=all_pos, doc_ids=all_doc)[:, -1]
+        nxt = sample(logits, temperature, top_k, generator)
+        if eos_id is not None:
+            nxt = torch.where(done, eos_id, nxt)
+            done |= nxt == eos_id
+        out = torch.cat([out, nxt[:, None]], 1)
+        step_ids, step_pos, step_doc = nxt[:, None], step_pos[:, -1:] + 1, torch.zeros_like(nxt[:, None])
+        if done.all():
+            break
+    model.train(was_training)
+    result = []
+    for row in out.tolist():
+        result.append(row[:row.index(eos_id) + 1] if eos_id in row else row)
+    return result
+
+
+# -----------------------------------------------------------------------------
+# Hugging Face checkpoint folders
+
+
+def read_hf_config(path) -> ModelArgs:
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg_path):
+        raise FileNotFoundError(f"{cfg_path}: not found, expected a Hugging Face model folder with config.json")
+    with open(cfg_path) as f:
+        cfg = json.load(f)
+    args = ModelArgs.from_hf_config(cfg, cfg_path)
+    gen_path = os.path.join(path, "generation_config.json")  # eos for chat models often lives here
+    if os.path.isfile(gen_path):
+        with open(gen_path) as f:
+            eos = json.load(f).get("eos_token_id")
+        if eos is not None:
+            args.eos_token_id = eos[0] if isinstance(eos, list) else eos
+    return args
+
+
+def safetensors_files(path):
+    """{tensor name: file} for model.safetensors or a sharded folder with model.safetensors.index.json."""
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            return {k: os.path.join(path, v) for k, v in json.load(f)["weight_map"].items()}
+    single = os.path.join(path, "model.safetensors")
+    if not os.path.isfile(single):
+        raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
+    from safetensors import safe_open
+    with safe_open(single, "pt") as f:
+        return {k: single for k in f.keys()}
+
+
+def iter_checkpoint(path, expected_shapes):
+    """Yield (name, tensor) from an HF folder, one file open at a time, checking names and shapes."""
+    from safetensors import safe_open
+    where = safetensors_files(path)
+    missing = [k for k in expected_shapes if k not in where]
+    if missing:
+        raise ValueError(f"{path}: checkpoint lacks {len(missing)} tensors the config implies, first {missing[0]!r}")
+    by_file = {}
+    for name, file in where.items():
+        if name.endswith("rotary_emb.inv_freq"):
+            continue  # older exports save this buffer; it is recomputed from the config
+        if name not in expected_shapes:
+            raise ValueError(f"{file}: unexpected tensor {name!r} for a Llama model of this config")
+        by_file.setdefault(file, []).append(name)
+    for file, names in by_file.items():
+        with safe_open(file, "pt") as f:
+            for name in names:
+                shape = tuple(f.get_slice(name).get_shape())
+                if shape != tuple(expected_shapes[name]):
+                    raise ValueError(f"{os.path.basename(file)}: tensor {name} has shape {list(shape)}, "
+                                     f"config.json implies {list(expected_shapes[name])}")
+                yield name, f.get_tensor(name)
+
+
+def from_pretrained(path, device="cpu", dtype=torch.float32) -> Llama:
+    """Build on the meta device (no memory), then assign each checkpoint tensor in `dtype`."""
+    args = read_hf_config(path)
+    with torch.device("meta"):
+        model = Llama(args)
+    shapes = {k: v.shape for k, v in model.state_dict().items()}
+    if args.tie_embeddings:
+        shapes.pop("lm_head.weight")
+    state = {name: t.to(device=device, dtype=dtype) for name, t in iter_checkpoint(path, shapes)}
+    if args.tie_embeddings:
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    model.load_state_dict(state, assign=True, strict=True)
+    if args.tie_embeddings:  # assign=True replaced both parameters; make them one object again
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.inv_freq = rope_frequencies(args, device)
+    return model
+
+
+def replace_dir(tmp, final):
+    """Swap a fully written temp folder into place so readers never see a half-written one."""
+    old = final + ".old"
+    if os.path.exists(final):
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def save_pretrained(model: Llama, path, dtype=torch.bfloat16, max_shard_bytes=5 * 2**30, extra_files=()):
+    """Write config.json + model.safetensors (or shards + index), plus `extra_files` (e.g. tokenizer.json)."""
+    from safetensors.torch import save_file
+    state = {k: v.detach().to("cpu", dtype) for k, v in model.state_dict().items()}
+    if model.args.tie_embeddings:
+        state.pop("lm_head.weight")  # HF stores a tied head once, as the embedding
+    shards, current, size = [], {}, 0
+    for k, v in state.items():
+        nbytes = v.numel() * v.element_size()
+        if current and size + nbytes > max_shard_bytes:
+            shards.append(current)
+            current, size = {}, 0
+        current[k] = v.contiguous().clone()
+        size += nbytes
+    shards.append(current)
+    tmp = path.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    cfg = model.args.to_hf_config()
+    cfg["torch_dtype"] = str(dtype).removeprefix("torch.")
+    with open(os.path.join(tmp, "config.json"), "w") as f:
+        json.dump(cfg, f, indent=2)
+    if len(shards) == 1:
+        save_file(shards[0], os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards):
+            name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, os.path.join(tmp, name), metadata={"format": "pt"})
+            weight_map.update({k: name for k in shard})
+        total = sum(v.numel() * v.element_size() for v in state.values())
+        with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    for src in extra_files:
+        shutil.copy(src, tmp)
+    replace_dir(tmp, path.rstrip("/"))

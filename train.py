@@ -1,0 +1,451 @@
+"""Fine-tune (or train from scratch) a Llama model. One config, one loop.
+
+    python train.py                                   # tiny model, built-in arithmetic, ~40 s on CPU
+    torchrun --nproc_per_node=2 train.py              # the same on 2 processes (gloo on CPU, NCCL on GPU)
+    python train.py --model=path/to/hf_llama --data=alpaca.json --seq_len=1024 --lr=2e-5
+    python train.py --help                            # every flag, its default and what it does
+
+The loop, top to bottom: take grad_accum micro-batches, count their target tokens across all ranks,
+forward + backward each (loss = summed token losses / that global count, so every token weighs the
+same whatever the micro-batch or rank it lands on), all-reduce gradients (world > 1), clip, step,
+log, and now and then evaluate and checkpoint. Outputs in --out_dir: metrics.jsonl (one JSON line
+per step and per eval), checkpoint.pt (resumable, written atomically) and hf/ (the trained model as
+a Hugging Face folder).
+"""
+
+import dataclasses
+import difflib
+import inspect
+import json
+import math
+import os
+import random
+import re
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+import data as D
+import model as M
+
+
+@dataclass
+class Config:
+    # model
+    model: str = "tiny"  # a preset from model.MODELS (random init) or a Hugging Face Llama folder to load
+    tokenizer: str = ""  # folder with tokenizer.json; '' = the model folder's, or bytes for a preset
+    # data
+    data: str = "arith"  # 'arith' (built-in sums), or a .txt / .jsonl / .json file (text or Alpaca records)
+    seq_len: int = 64  # tokens per row
+    batch_size: int = 16  # rows per micro-batch on each rank
+    grad_accum: int = 1  # micro-batches per optimizer step
+    pack: bool = True  # pack documents into full rows (else one padded document per row, length-grouped)
+    eval_frac: float = 0.05  # the last fraction of documents is held out for eval and never trained on
+    data_cache: str = ""  # folder for tokenized, memory-mapped data files; '' = <out_dir>/token_cache
+    # optimization
+    max_steps: int = 250  # optimizer steps
+    lr: float = 3e-3  # peak learning rate
+    schedule: str = "cosine"  # cosine | linear | constant, after warmup
+    warmup_steps: int = 30  # linear warmup from 0
+    min_lr_ratio: float = 0.1  # cosine/linear decay ends at lr * min_lr_ratio
+    weight_decay: float = 0.0  # AdamW decay, applied to matrices only (not norms, biases)
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # clip the global gradient norm to this; 0 = no clipping
+    # system
+    seed: int = 0
+    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32
+    compile: bool = False  # torch.compile each transformer block
+    grad_checkpointing: bool = False  # recompute each block in backward instead of storing activations
+    loss_chunk: int = 0  # >0: cross-entropy over this many tokens at a time (never all [tokens, vocab] logits)
+    threads: int = 0  # CPU threads per process; 0 = cores / processes on this machine
+    # logging, eval, saving
+    out_dir: str = "out"
+    log_every: int = 10  # print a log line every N steps (metrics.jsonl gets every step)
+    eval_every: int = 50  # held-out loss (and accuracy) every N steps, and at the start and end
+    eval_batches: int = 20  # at most this many held-out batches per eval
+    eval_samples: int = 100  # held-out prompts answered greedily for accuracy; 0 = off
+    eval_metric: str = "auto"  # exact | last_number (GSM8K); auto = exact for arith, last_number otherwise
+    max_new_tokens: int = 8  # generation length for accuracy and samples
+    samples: int = 3  # held-out prompts answered (temperature 0.7, top-k 50) and printed at the end
+    save_every: int = 0  # write the resumable checkpoint every N steps; 0 = only at the end
+    save_hf: bool = True  # write the trained model to <out_dir>/hf at the end
+    resume: bool = False  # continue from <out_dir>/checkpoint.pt
+
+
+# -----------------------------------------------------------------------------
+# Command line: --name=value for every Config field
+
+
+def config_help():
+    """Each field's trailing comment in the source above is its help text."""
+    src = inspect.getsource(Config)
+    notes = dict(re.findall(r"^\s+(\w+):[^#\n]*#\s*(.*)$", src, re.M))
+    lines = ["usage: [torchrun --nproc_per_node=N] train.py [--name=value ...]", ""]
+    for f in dataclasses.fields(Config):
+        lines.append(f"  --{f.name}={f.default!s:<12} {notes.get(f.name, '')}")
+    return "\n".join(lines)
+
+
+def parse_value(name, typ, text):
+    if typ is bool:
+        if text.lower() in ("1", "true", "yes", "on"):
+            return True
+        if text.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"flag --{name} expects true or false, got {text!r}")
+    try:
+        return typ(text)
+    except ValueError:
+        raise ValueError(f"flag --{name} expects {typ.__name__}, got {text!r}") from None
+
+
+def parse_args(argv) -> Config:
+    cfg, types = Config(), {f.name: f.type for f in dataclasses.fields(Config)}
+    for arg in argv:
+        if arg in ("-h", "--help"):
+            print(config_help())
+            sys.exit(0)
+        if not arg.startswith("--"):
+            raise ValueError(f"unexpected argument {arg!r}; flags look like --name=value (see --help)")
+        name, eq, text = arg[2:].partition("=")
+        if name not in types:
+            close = difflib.get_close_matches(name, types, n=1)
+            raise ValueError(f"unknown flag --{name}" + (f"; did you mean --{close[0]}?" if close else " (see --help)"))
+        if not eq and types[name] is not bool:
+            raise ValueError(f"flag --{name} needs a value: --{name}=...")
+        setattr(cfg, name, parse_value(name, types[name], text) if eq else True)
+    for name, allowed in (("schedule", ("cosine", "linear", "constant")), ("precision", ("auto", "bf16", "fp32")),
+                          ("eval_metric", ("auto", "exact", "last_number"))):
+        if getattr(cfg, name) not in allowed:
+            raise ValueError(f"flag --{name}={getattr(cfg, name)} is not one of {', '.join(allowed)}")
+    for name in ("seq_len", "batch_size", "grad_accum", "max_steps", "log_every", "eval_every"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"flag --{name} must be at least 1, got {getattr(cfg, name)}")
+    return cfg
+
+
+# -----------------------------------------------------------------------------
+# Distributed state: made once here, passed down
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int
+    local_rank: int
+    world: int
+    device: torch.device
+
+    @property
+    def main(self):
+        return self.rank == 0
+
+
+def init_distributed(threads=0) -> Dist:
+    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; a plain `python train.py` is world size 1."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+        # Processes sharing a CPU would oversubscribe it with one thread per core each.
+        torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // local_world))
+    if world > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
+    return Dist(rank, local_rank, world, device)
+
+
+def all_reduce_sum(values, d: Dist):
+    """Sum a list of floats across ranks (float64, so token counts stay exact)."""
+    t = torch.tensor(values, dtype=torch.float64, device=d.device)
+    if d.world > 1:
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def all_reduce_grads(params, d: Dist):
+    """Plain data parallelism: sum gradients over ranks in one flat buffer (fsdp.py replaces this)."""
+    if d.world == 1:
+        return
+    grads = [p.grad for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    for g, piece in zip(grads, flat.split([g.numel() for g in grads])):
+        g.copy_(piece.view_as(g))
+
+
+# -----------------------------------------------------------------------------
+# Pieces of the loop
+
+
+def lr_at(step, cfg: Config):
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return cfg.lr
+    frac = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+    decay = 0.5 * (1 + math.cos(math.pi * frac)) if cfg.schedule == "cosine" else 1 - frac
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * decay)
+
+
+def make_optimizer(model, cfg: Config, device):
+    params = [p for p in model.parameters() if p.requires_grad]  # a tied head is one parameter, once
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")
+
+
+def flops_per_token(args: M.ModelArgs, seq_len):
+    """Training FLOPs per token: 6 per weight (forward 2, backward 4) plus attention scores and
+    values, 6 * 2 * n_layers * seq_len * n_heads * head_dim (PaLM appendix B; causal halving ignored)."""
+    n = args.num_params() - args.vocab_size * args.dim  # the embedding lookup is no matmul
+    return 6 * n + 12 * args.n_layers * seq_len * args.n_heads * args.head_dim
+
+
+def peak_flops(device):
+    """Dense bf16 peak of the GPU, for MFU; None where unknown."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, flops in (("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("L40S", 362e12), ("A10", 125e12),
+                       ("4090", 165e12), ("3090", 71e12)):
+        if key in name:
+            return flops
+    return None
+
+
+def to_device(batch, device):
+    return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+
+
+@torch.no_grad()
+def evaluate(model, cfg, d, eval_data, eval_docs, tok, autocast):
+    """Held-out loss over up to eval_batches batches, and accuracy on up to eval_samples prompts."""
+    model.eval()
+    loader = D.Batches(eval_data, eval_docs, cfg.seq_len, cfg.batch_size, tok.pad_id, pack=cfg.pack, shuffle=False)
+    plan = loader.plan(0)
+    loss_sum, n_tok = 0.0, 0
+    for i in range(d.rank, min(len(plan), cfg.eval_batches), d.world):
+        loader.index = i
+        batch = to_device(next(loader), d.device)
+        batch.pop("num_tokens")
+        with autocast:
+            s, n = model(**batch, loss_chunk=cfg.loss_chunk)
+        loss_sum, n_tok = loss_sum + s.item(), n_tok + n
+    correct, asked = 0, 0
+    prompts = [(eval_data.prompts[j], eval_data.references[j]) for j in eval_docs if eval_data.prompts[j] is not None]
+    prompts = prompts[:cfg.eval_samples]
+    mine = prompts[d.rank::d.world]
+    for i in range(0, len(mine), 32):
+        chunk = mine[i:i + 32]
+        with autocast:
+            outs = M.generate(model, [tok.encode(p, bos=True) for p, _ in chunk], cfg.max_new_tokens, eos_id=tok.eos_id)
+        for out, (_, ref) in zip(outs, chunk):
+            correct += D.score_answer(tok.decode(out), ref, cfg.eval_metric)
+            asked += 1
+    loss_sum, n_tok, correct, asked = all_reduce_sum([loss_sum, n_tok, correct, asked], d)
+    model.train()
+    result = {"eval_loss": loss_sum / max(n_tok, 1)}
+    if asked:
+        result["accuracy"] = correct / asked
+    return result
+
+
+def save_checkpoint(path, model, opt, step, loader, d: Dist, cfg):
+    """Everything needed to continue exactly: weights, optimizer, step, data position, every rank's RNG."""
+    rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if d.device.type == "cuda" else None,
+           "python": random.getstate()}
+    rngs = [None] * d.world
+    if d.world > 1:
+        dist.all_gather_object(rngs, rng)
+    else:
+        rngs = [rng]
+    if d.main:
+        state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
+                 "data": loader.state_dict(), "rng": rngs, "config": dataclasses.asdict(cfg), "world": d.world}
+        torch.save(state, path + ".tmp")
+        os.replace(path + ".tmp", path)  # never a half-written checkpoint under the real name
+    if d.world > 1:
+        dist.barrier()
+
+
+def load_checkpoint(path, model, opt, loader, d: Dist):
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no checkpoint to --resume from")
+    state = torch.load(path, map_location=d.device, weights_only=False)
+    if state["world"] != d.world:
+        raise ValueError(f"{path}: saved at world size {state['world']}, resuming at {d.world}; the data order "
+                         f"and RNG streams would differ (re-sharding comes with fsdp.py)")
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    loader.load_state_dict(state["data"])
+    rng = state["rng"][d.rank]
+    torch.set_rng_state(rng["torch"].cpu())
+    if rng["cuda"] is not None:
+        torch.cuda.set_rng_state(rng["cuda"].cpu())
+    random.setstate(rng["python"])
+    return state["step"]
+
+
+# -----------------------------------------------------------------------------
+# Setup and the loop
+
+
+def build_model(cfg: Config, d: Dist):
+    """(model, tokenizer, hf files to copy into exports)."""
+    if cfg.model in M.MODELS:
+        args = dataclasses.replace(M.MODELS[cfg.model])
+        tok = D.load_tokenizer(cfg.tokenizer or None)
+        if tok.vocab_size > args.vocab_size:  # e.g. a preset with a real tokenizer: grow to a multiple of 64
+            args.vocab_size = (tok.vocab_size + 63) // 64 * 64
+        args.bos_token_id, args.eos_token_id = tok.bos_id, tok.eos_id
+        torch.manual_seed(cfg.seed)
+        with torch.device(d.device):
+            model = M.Llama(args)
+            model.init_weights()
+        extra = [os.path.join(cfg.tokenizer, "tokenizer.json")] if cfg.tokenizer else []
+    elif os.path.isdir(cfg.model):
+        model = M.from_pretrained(cfg.model, d.device, torch.float32)
+        tok_dir = cfg.tokenizer or cfg.model
+        tok = D.load_tokenizer(tok_dir, eos_id=model.args.eos_token_id, bos_id=model.args.bos_token_id)
+        extra = [os.path.join(tok_dir, f) for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
+                 if os.path.isfile(os.path.join(tok_dir, f))]
+    else:
+        raise ValueError(f"--model={cfg.model}: neither a preset ({', '.join(M.MODELS)}) nor a folder")
+    if tok.vocab_size > model.args.vocab_size:
+        raise ValueError(f"--tokenizer: {tok.vocab_size} tokens do not fit the model's vocab_size {model.args.vocab_size}")
+    if cfg.seq_len > model.args.max_seq_len:
+        raise ValueError(f"--seq_len={cfg.seq_len} exceeds the model's context of {model.args.max_seq_len} tokens")
+    return model, tok, extra
+
+
+def main(argv):
+    cfg = parse_args(argv)
+    d = init_distributed(cfg.threads)
+    log = print if d.main else (lambda *a, **k: None)
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    model, tok, extra_files = build_model(cfg, d)
+    model.gradient_checkpointing = cfg.grad_checkpointing
+    if cfg.compile:
+        for layer in model.model.layers:
+            layer.compile()
+    n_params = sum(p.numel() for p in model.parameters())
+    log(f"model {cfg.model}: {n_params / 1e6:.2f}M parameters, {model.args.n_layers} layers, dim {model.args.dim}, "
+        f"world {d.world} on {d.device.type}")
+
+    # Data: rank 0 tokenizes files into the cache first, the others then open the same files.
+    cache = cfg.data_cache or os.path.join(cfg.out_dir, "token_cache")
+    if d.main or cfg.data == "arith":
+        docs = D.load_documents(cfg.data, tok, cache)
+    if d.world > 1:
+        dist.barrier()
+    if not d.main and cfg.data != "arith":
+        docs = D.load_documents(cfg.data, tok, cache)
+    train_docs, eval_docs = D.split_documents(len(docs), cfg.eval_frac)
+    loader = D.Batches(docs, train_docs, cfg.seq_len, cfg.batch_size, tok.pad_id, d.rank, d.world, cfg.seed, cfg.pack)
+    loader.plan(0)
+    s = loader.stats
+    log(f"data {cfg.data}: {s['docs']} train docs, {len(eval_docs)} held out, {s['tokens']:,} tokens/epoch, "
+        f"{'packing' if cfg.pack else 'padding'} efficiency {s['efficiency']:.1%}, "
+        f"{s['cropped_tokens']:,} tokens cropped, {s['batches_per_rank']} batches/rank/epoch")
+    if cfg.eval_metric == "auto":
+        cfg.eval_metric = "exact" if cfg.data == "arith" else "last_number"
+
+    opt = make_optimizer(model, cfg, d.device)
+    params = [p for g in opt.param_groups for p in g["params"]]
+    use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and d.device.type == "cuda")
+    autocast = torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=use_bf16)
+    ckpt_path = os.path.join(cfg.out_dir, "checkpoint.pt")
+    start = load_checkpoint(ckpt_path, model, opt, loader, d) if cfg.resume else 0
+    if start:
+        log(f"resumed from {ckpt_path} at step {start}, data epoch {loader.epoch} batch {loader.index}")
+    metrics = open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a" if cfg.resume else "w") if d.main else None
+
+    def record(row):
+        if metrics:
+            metrics.write(json.dumps(row) + "\n")
+            metrics.flush()
+
+    def run_eval(step):
+        if cfg.eval_frac <= 0:
+            return
+        r = evaluate(model, cfg, d, docs, eval_docs, tok, autocast)
+        log(f"eval step {step}: loss {r['eval_loss']:.4f}" + (f" | accuracy {r['accuracy']:.1%}" if "accuracy" in r else ""))
+        record({"step": step, **r})
+
+    if start == 0:
+        run_eval(0)
+    flops_tok, peak = flops_per_token(model.args, cfg.seq_len), peak_flops(d.device)
+    t_start, t_last, tokens_since = time.time(), time.time(), 0
+    for step in range(start, cfg.max_steps):
+        lr = lr_at(step, cfg)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        micro = [next(loader) for _ in range(cfg.grad_accum)]
+        n_real = sum(b.pop("num_tokens") for b in micro)
+        n_target, n_real = all_reduce_sum([sum(int((b["labels"] != D.IGNORE).sum()) for b in micro), n_real], d)
+        loss_sum = 0.0
+        for b in micro:
+            b = to_device(b, d.device)
+            with autocast:
+                s_, _ = model(**b, loss_chunk=cfg.loss_chunk)
+            (s_ / max(n_target, 1)).backward()
+            loss_sum += s_.item()
+        all_reduce_grads(params, d)
+        gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf")).item()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        loss = all_reduce_sum([loss_sum], d)[0] / max(n_target, 1)
+
+        now = time.time()
+        tokens_since += n_real
+        row = {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": gnorm, "tokens_per_s": n_real / (now - t_last)}
+        if peak:
+            row["mfu"] = row["tokens_per_s"] * flops_tok / (peak * d.world)
+            row["peak_mem_gib"] = torch.cuda.max_memory_allocated(d.device) / 2**30
+        t_last = now
+        record(row)
+        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.max_steps:
+            done = step + 1 - start
+            eta = (now - t_start) / done * (cfg.max_steps - step - 1)
+            extra = f" | mfu {row['mfu']:.1%} | mem {row['peak_mem_gib']:.1f}GiB" if peak else ""
+            log(f"step {step + 1:>5}/{cfg.max_steps} {100 * (step + 1) // cfg.max_steps:>3}% | loss {loss:.4f} | "
+                f"lr {lr:.2e} | gnorm {gnorm:.2f} | {tokens_since / (now - t_start):,.0f} tok/s{extra} | "
+                f"eta {int(eta) // 60}:{int(eta) % 60:02d}")
+        if (step + 1) % cfg.eval_every == 0 and step + 1 != cfg.max_steps:
+            run_eval(step + 1)
+        if cfg.save_every and (step + 1) % cfg.save_every == 0:
+            save_checkpoint(ckpt_path, model, opt, step + 1, loader, d, cfg)
+
+    run_eval(cfg.max_steps)
+    log(f"trained {cfg.max_steps - start} steps in {time.time() - t_start:.1f}s")
+    if d.main and cfg.samples:
+        prompts = [docs.prompts[j] for j in eval_docs if docs.prompts[j] is not None][:cfg.samples]
+        gen = torch.Generator(device=d.device).manual_seed(cfg.seed)
+        with autocast:
+            outs = M.generate(model, [tok.encode(p, bos=True) for p in prompts], cfg.max_new_tokens, temperature=0.7,
+                              top_k=50, eos_id=tok.eos_id, generator=gen)
+        for p, out in zip(prompts, outs):
+            log(f"sample: {p!r} -> {tok.decode(out)!r}")
+    save_checkpoint(ckpt_path, model, opt, cfg.max_steps, loader, d, cfg)
+    if d.main and cfg.save_hf:
+        M.save_pretrained(model, os.path.join(cfg.out_dir, "hf"), extra_files=extra_files)
+        log(f"saved {os.path.join(cfg.out_dir, 'hf')} and {ckpt_path}")
+    if metrics:
+        metrics.close()
+    if d.world > 1:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    try:
+        main(sys.argv[1:])
+    except (ValueError, FileNotFoundError) as e:  # bad input: one clear line, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
