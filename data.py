@@ -19,7 +19,9 @@ Two ways to make rows (`Batches`):
   carries its position within its document (restarting at 0) and a document id, and the model
   masks attention so documents never see each other. Documents longer than a row are cut into
   row-sized pieces (text) or truncated (instruction data: a response without its prompt is noise);
-  the log reports both, and packing efficiency = real tokens / slots (typically 95-99% here).
+  the log reports both, and packing efficiency = real tokens / slots. Measured: arith at 64 tokens
+  96.6%; GSM8K (byte tokens, 300-1000 per record) 94% at 2048 but 87% at 1024, where few pairs of
+  documents fit one row (sorting by length first does not help: 76-85%).
 - padding: one document per row, rows of similar length grouped into a batch (sorted within a
   window of 64 batches) and right-padded to the longest, so a plain causal mask is exact.
 
@@ -305,8 +307,8 @@ def pieces_of(data: TokenData, docs, seq_len):
 def pack_first_fit(pieces, seq_len, open_rows=64):
     """Place each piece into the first of the last `open_rows` rows it fits; rows are piece lists.
 
-    Looking back over 64 open rows instead of only the last one lifts packing efficiency on
-    instruction data from ~80% to ~98% at O(64) work per document.
+    Looking back over 64 open rows instead of only the last one (next-fit) fills the holes that
+    short documents leave, at O(64) work per document.
     """
     rows, room = [], []  # room[i] = free slots of rows[first_open + i]
     first_open = 0

@@ -1,0 +1,38 @@
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+SHARED = os.path.join(os.path.dirname(ROOT), "shared")
+
+import model as M  # noqa: E402
+
+
+def small_args(**kw):
+    """A model small enough for a written-out reference; GQA (4 heads over 2 KV heads)."""
+    base = dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=50, ffn_dim=48, max_seq_len=128)
+    base.update(kw)
+    return M.ModelArgs(**base)
+
+
+def small_model(seed=0, **kw):
+    torch.manual_seed(seed)
+    m = M.Llama(small_args(**kw))
+    m.init_weights(std=0.2)  # large weights so that mistakes show up in the logits
+    return m
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+    """The real SmolLM2-135M-Instruct folder, built once per machine by ../shared/models/smollm2.sh."""
+    script = os.path.join(SHARED, "models", "smollm2.sh")
+    if not os.path.isfile(script):
+        pytest.skip("../shared/models/smollm2.sh is absent")
+    r = subprocess.run(["bash", script], capture_output=True, text=True, timeout=900)
+    if r.returncode != 0:
+        pytest.skip(f"could not build SmolLM2: {r.stderr.strip().splitlines()[-1:]}")
+    return r.stdout.strip().splitlines()[-1]

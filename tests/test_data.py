@@ -1,0 +1,178 @@
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import SHARED, small_model
+
+import data as D
+
+RECORDS = [{"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"},
+           {"instruction": "Say hi.", "input": "", "output": "hi there"},
+           {"text": "plain text is trained on everywhere"}]
+
+
+def write_jsonl(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return str(path)
+
+
+def test_alpaca_prompt_tokens_are_masked(tmp_path):
+    tok = D.ByteTokenizer()
+    data = D.load_documents(write_jsonl(tmp_path / "d.jsonl", RECORDS), tok)
+    prompt = ("Below is an instruction that describes a task, paired with an input that provides further context. "
+              "Write a response that appropriately completes the request.\n\n### Instruction:\nAdd the numbers."
+              "\n\n### Input:\n2 and 3\n\n### Response:\n")
+    want = [tok.bos_id] + list(prompt.encode()) + list(b"5") + [tok.eos_id]
+    doc0 = data.tokens[data.offsets[0]:data.offsets[1]]
+    assert doc0.tolist() == want
+    assert data.mask[data.offsets[0]:data.offsets[1]].tolist() == [0] * (1 + len(prompt)) + [1, 1]
+    doc1 = slice(data.offsets[1], data.offsets[2])
+    assert tok.decode(data.tokens[doc1]).endswith("### Instruction:\nSay hi.\n\n### Response:\nhi there")
+    assert "### Input" not in tok.decode(data.tokens[doc1])
+    assert data.mask[data.offsets[2]:data.offsets[3]].all()  # the text record
+    # in a batch: labels are the next token exactly where that token is a target
+    batch = D.collate(data, [[(int(data.offsets[0]), len(want))]], len(want), tok.pad_id, packed=False)
+    labels = batch["labels"][0].tolist()
+    assert labels == [-100] * len(prompt) + [ord("5"), tok.eos_id, -100]
+
+
+def test_hf_tokenizer_masks_the_prompt(smollm2_dir, tmp_path):
+    tok = D.load_tokenizer(smollm2_dir, eos_id=2)
+    data = D.load_documents(write_jsonl(tmp_path / "d.jsonl", RECORDS[:1]), tok)
+    ids, mask = data.tokens[:data.offsets[1]].tolist(), data.mask[:data.offsets[1]].tolist()
+    n_prompt = mask.index(1)
+    assert tok.decode(ids[:n_prompt]) == D.alpaca_prompt("Add the numbers.", "2 and 3")
+    assert ids[n_prompt:] == tok.encode("5") + [2]
+
+
+def test_packed_batch_gives_each_document_the_loss_it_has_alone(tmp_path):
+    tok = D.ByteTokenizer()
+    recs = [{"prompt": f"{i}*{i}=", "completion": str(i * i) * (i % 4 + 1)} for i in range(12)]
+    data = D.load_documents(write_jsonl(tmp_path / "d.jsonl", recs), tok)
+    torch.manual_seed(0)
+    m = small_model(vocab_size=260)
+    loader = D.Batches(data, range(len(data)), 48, 4, tok.pad_id, shuffle=False)
+    batch = next(loader)
+    batch.pop("num_tokens")
+    logits = m(batch["input_ids"], position_ids=batch["position_ids"], doc_ids=batch["doc_ids"])
+    packed = F.cross_entropy(logits.reshape(-1, 260), batch["labels"].reshape(-1), reduction="none").view(-1, 48)
+    seen = 0
+    for b, row in enumerate(loader.plan(0)[0]):
+        col = 0
+        for start, n in row:
+            one = D.collate(data, [[(start, n)]], n, tok.pad_id, packed=False)
+            alone = F.cross_entropy(m(one["input_ids"])[0], one["labels"][0], reduction="none")
+            assert torch.allclose(packed[b, col:col + n], alone, atol=1e-5)
+            col, seen = col + n, seen + 1
+    assert seen > 4  # several documents per row were really packed
+
+
+def test_padded_batches_group_lengths_and_lose_nothing(tmp_path):
+    tok = D.ByteTokenizer()
+    recs = [{"text": "x" * n} for n in np.random.default_rng(0).integers(1, 60, 200)]
+    data = D.load_documents(write_jsonl(tmp_path / "d.jsonl", recs), tok)
+    loader = D.Batches(data, range(len(data)), 64, 8, tok.pad_id, pack=False, seed=3)
+    plan = loader.plan(0)
+    assert sorted(r[0] for b in plan for r in b) == sorted((int(data.offsets[i]), int(data.doc_lengths()[i]))
+                                                          for i in range(200))
+    assert loader.stats["efficiency"] > 0.9  # length grouping keeps padding small
+    batch = next(loader)
+    assert batch["doc_ids"] is None and batch["input_ids"].shape[1] == max(r[0][1] for r in plan[0])
+
+
+def test_packing_is_efficient_and_crops_only_instruction_data(tmp_path):
+    tok = D.ByteTokenizer()
+    long_text = D.load_documents(write_jsonl(tmp_path / "t.jsonl", [{"text": "y" * 300}]), tok)
+    pieces, cropped = D.pieces_of(long_text, [0], 128)
+    assert [n for _, n in pieces] == [128, 128, 46] and cropped == 0
+    long_inst = D.load_documents(write_jsonl(tmp_path / "i.jsonl", [{"prompt": "p", "completion": "z" * 300}]), tok)
+    pieces, cropped = D.pieces_of(long_inst, [0], 128)
+    assert [n for _, n in pieces] == [128] and cropped == 303 - 128
+    data = D.load_documents("arith", tok)
+    loader = D.Batches(data, range(len(data)), 64, 8, tok.pad_id)
+    loader.plan(0)
+    assert loader.stats["efficiency"] > 0.95
+
+
+def test_ranks_get_disjoint_deterministic_shards():
+    tok = D.ByteTokenizer()
+    data = D.load_documents("arith", tok)
+    plans = [D.Batches(data, range(2000), 64, 4, tok.pad_id, rank=r, world=3, seed=7).plan(0) for r in range(3)]
+    starts = [{p[0] for b in plan for row in b for p in row} for plan in plans]
+    assert len(plans[0]) == len(plans[1]) == len(plans[2])
+    assert not (starts[0] & starts[1] or starts[0] & starts[2] or starts[1] & starts[2])
+    again = D.Batches(data, range(2000), 64, 4, tok.pad_id, rank=1, world=3, seed=7).plan(0)
+    assert again == plans[1]
+    other_epoch = D.Batches(data, range(2000), 64, 4, tok.pad_id, rank=1, world=3, seed=7).plan(1)
+    assert other_epoch != plans[1]
+
+
+def test_stream_resumes_at_saved_position():
+    tok = D.ByteTokenizer()
+    data = D.load_documents("arith", tok)
+    a = D.Batches(data, range(300), 64, 4, tok.pad_id)
+    seq = [next(a)["input_ids"] for _ in range(20)]  # crosses an epoch boundary
+    b = D.Batches(data, range(300), 64, 4, tok.pad_id)
+    for _ in range(7):
+        next(b)
+    c = D.Batches(data, range(300), 64, 4, tok.pad_id)
+    c.load_state_dict(b.state_dict())
+    assert all(torch.equal(next(c)["input_ids"], want) for want in seq[7:])
+
+
+def test_token_cache_is_memory_mapped_and_equals_in_memory(tmp_path):
+    tok = D.ByteTokenizer()
+    path = write_jsonl(tmp_path / "d.jsonl", RECORDS * 50)
+    mem = D.load_documents(path, tok)
+    cached = D.load_documents(path, tok, cache_dir=str(tmp_path / "cache"))
+    assert isinstance(cached.tokens, np.memmap)
+    assert np.array_equal(mem.tokens, cached.tokens) and np.array_equal(mem.mask, cached.mask)
+    assert np.array_equal(mem.offsets, cached.offsets) and mem.references == cached.references
+    assert len(os.listdir(tmp_path / "cache")) == 1
+    D.load_documents(path, tok, cache_dir=str(tmp_path / "cache"))  # second time: reused, not rebuilt
+    assert len(os.listdir(tmp_path / "cache")) == 1
+
+
+def test_plain_text_file_is_one_document(tmp_path):
+    (tmp_path / "a.txt").write_text("line one\nline two\n")
+    data = D.load_documents(str(tmp_path / "a.txt"), D.ByteTokenizer())
+    assert len(data) == 1 and D.ByteTokenizer().decode(data.tokens) == "line one\nline two\n"
+
+
+def test_malformed_jsonl_line_names_file_and_line(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"text": "ok"}\n{"text": "broken"\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: not valid JSON"):
+        D.load_documents(str(path), D.ByteTokenizer())
+    path.write_text('{"txt": "wrong key"}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:1: expected a 'text' field"):
+        D.load_documents(str(path), D.ByteTokenizer())
+
+
+def test_missing_tokenizer_json_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="tokenizer.json: not found"):
+        D.load_tokenizer(str(tmp_path))
+
+
+def test_score_answer_exact_and_last_number():
+    assert D.score_answer(" 82", "82") and not D.score_answer("82 ", "28")
+    ref = "She has 3 + 4 = 7 apples.\n#### 1,200"
+    assert D.score_answer("so the answer is 1200.", ref, "last_number")
+    assert not D.score_answer("so 1200 was wrong, it is 12", ref, "last_number")
+
+
+def test_real_gsm8k_file_loads_and_packs(tmp_path):
+    path = os.path.join(SHARED, "data", "gsm8k_train_alpaca.json")
+    if not os.path.isfile(path):
+        pytest.skip("../shared/data is absent")
+    tok = D.ByteTokenizer()
+    data = D.load_documents(path, tok, cache_dir=str(tmp_path))
+    assert len(data) == 7473 and data.references[0].startswith("Natalia sold")
+    loader = D.Batches(data, range(len(data)), 1024, 4, tok.pad_id)
+    loader.plan(0)
+    pieces, _ = D.pieces_of(data, range(len(data)), 1024)
+    next_fit_rows = len(D.pack_first_fit(pieces, 1024, open_rows=1))
+    assert loader.stats["efficiency"] > max(0.85, sum(n for _, n in pieces) / (next_fit_rows * 1024))

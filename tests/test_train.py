@@ -1,0 +1,134 @@
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import ROOT, SHARED
+
+import data as D
+import model as M
+import train
+
+FAST = ["--seq_len=32", "--batch_size=4", "--eval_samples=0", "--samples=0", "--save_hf=false", "--log_every=1",
+        "--warmup_steps=2", "--lr=1e-3"]
+
+
+def losses(out_dir):
+    rows = [json.loads(line) for line in open(os.path.join(out_dir, "metrics.jsonl"))]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def test_unknown_flag_names_the_closest_one():
+    with pytest.raises(ValueError, match=r"unknown flag --lerning_rate; did you mean --lr\?|unknown flag --lerning_rate"):
+        train.parse_args(["--lerning_rate=1"])
+    with pytest.raises(ValueError, match=r"unknown flag --seqlen; did you mean --seq_len\?"):
+        train.parse_args(["--seqlen=8"])
+    with pytest.raises(ValueError, match=r"flag --lr expects float, got 'fast'"):
+        train.parse_args(["--lr=fast"])
+    with pytest.raises(ValueError, match=r"flag --schedule=wsd is not one of cosine, linear, constant"):
+        train.parse_args(["--schedule=wsd"])
+
+
+def test_flags_parse_into_the_config():
+    cfg = train.parse_args(["--lr=2e-4", "--pack=false", "--resume", "--model=llama3-8b"])
+    assert (cfg.lr, cfg.pack, cfg.resume, cfg.model) == (2e-4, False, True, "llama3-8b")
+
+
+def test_command_line_errors_are_one_line():
+    r = subprocess.run([sys.executable, "train.py", "--seqlen=8"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr == "error: unknown flag --seqlen; did you mean --seq_len?\n"
+    r = subprocess.run([sys.executable, "train.py", "--help"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0 and "--seq_len=64" in r.stdout and "tokens per row" in r.stdout
+
+
+def test_schedules_follow_their_formulas():
+    cfg = train.Config(lr=1.0, warmup_steps=10, max_steps=110, min_lr_ratio=0.1)
+    assert train.lr_at(0, cfg) == pytest.approx(0.1) and train.lr_at(9, cfg) == pytest.approx(1.0)
+    assert train.lr_at(60, cfg) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert train.lr_at(110, cfg) == pytest.approx(0.1)
+    cfg.schedule = "linear"
+    assert train.lr_at(35, cfg) == pytest.approx(0.1 + 0.9 * 0.75)
+    cfg.schedule = "constant"
+    assert train.lr_at(100, cfg) == 1.0
+
+
+def test_seq_len_beyond_context_is_refused(tmp_path):
+    with pytest.raises(ValueError, match=r"--seq_len=2048 exceeds the model's context of 1024 tokens"):
+        train.main(["--seq_len=2048", f"--out_dir={tmp_path}"])
+
+
+def test_resume_reproduces_the_uninterrupted_losses(tmp_path, monkeypatch):
+    args = FAST + ["--max_steps=6", "--save_every=3", "--grad_accum=2"]
+    save = train.save_checkpoint
+
+    def keep_step_3(path, model, opt, step, *a):
+        save(path, model, opt, step, *a)
+        if step == 3:
+            shutil.copy(path, str(tmp_path / "step3.pt"))
+
+    monkeypatch.setattr(train, "save_checkpoint", keep_step_3)
+    train.main(args + [f"--out_dir={tmp_path / 'full'}"])
+    os.makedirs(tmp_path / "resumed")
+    shutil.copy(tmp_path / "step3.pt", tmp_path / "resumed" / "checkpoint.pt")
+    train.main(args + [f"--out_dir={tmp_path / 'resumed'}", "--resume"])
+    full, resumed = losses(tmp_path / "full"), losses(tmp_path / "resumed")
+    assert sorted(resumed) == [4, 5, 6]
+    assert all(resumed[s] == full[s] for s in resumed), (full, resumed)
+    a = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=False)["model"]
+    b = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=False)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_two_process_data_parallel_equals_one_process_with_accumulation(tmp_path):
+    args = FAST + ["--max_steps=4", "--eval_every=2"]
+    train.main(args + ["--grad_accum=2", f"--out_dir={tmp_path / 'one'}"])
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        "train.py", *args, f"--out_dir={tmp_path / 'two'}"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert sorted(one) == sorted(two) == [1, 2, 3, 4]
+    assert all(abs(one[s] - two[s]) <= 1e-5 * abs(one[s]) for s in one), (one, two)
+    a = torch.load(tmp_path / "one" / "checkpoint.pt", weights_only=False)["model"]
+    b = torch.load(tmp_path / "two" / "checkpoint.pt", weights_only=False)["model"]
+    assert all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6) for k in a)
+
+
+def test_padding_mode_trains_and_exports(tmp_path):
+    train.main(FAST + ["--max_steps=3", "--pack=false", "--save_hf=true", f"--out_dir={tmp_path}"])
+    m = M.from_pretrained(str(tmp_path / "hf"))
+    assert m.args.vocab_size == 320 and len(losses(tmp_path)) == 3
+
+
+def test_fine_tune_real_checkpoint_and_reload_export(tmp_path, smollm2_dir):
+    """A few full fine-tuning steps on SmolLM2 + GSM8K: loss falls, the export keeps tied weights and loads."""
+    data = os.path.join(SHARED, "data", "gsm8k_train_alpaca.json")
+    if not os.path.isfile(data):
+        pytest.skip("../shared/data is absent")
+    train.main([f"--model={smollm2_dir}", f"--data={data}", "--seq_len=256", "--batch_size=2", "--max_steps=8",
+                "--lr=2e-5", "--warmup_steps=1", "--eval_every=100", "--eval_batches=2", "--eval_samples=0",
+                "--samples=1", "--max_new_tokens=4", "--schedule=constant", "--loss_chunk=128", f"--out_dir={tmp_path}"])
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    evals = [r["eval_loss"] for r in rows if "eval_loss" in r]
+    assert evals[-1] < evals[0]
+    m = M.from_pretrained(str(tmp_path / "hf"))
+    assert m.lm_head.weight is m.model.embed_tokens.weight
+    assert os.path.isfile(tmp_path / "hf" / "tokenizer.json")
+    tok = D.load_tokenizer(str(tmp_path / "hf"), eos_id=m.args.eos_token_id)
+    assert tok.eos_id == 2
+
+
+@pytest.mark.slow
+def test_default_two_process_run_learns_arithmetic(tmp_path):
+    """The README's first command: `torchrun --nproc_per_node=2 train.py`."""
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        "train.py", f"--out_dir={tmp_path}"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    evals = [r for r in rows if "eval_loss" in r]
+    assert evals[-1]["eval_loss"] < evals[0]["eval_loss"] / 4
+    assert evals[-1]["accuracy"] > evals[0]["accuracy"] + 0.05
