@@ -27,7 +27,7 @@ import json
 import math
 import os
 import shutil
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -205,7 +205,9 @@ def document_mask(doc_ids, use_flex: bool):
         def same_doc_causal(b, h, q, kv):
             return (doc_ids[b, q] == doc_ids[b, kv]) & (q >= kv)
         B, T = doc_ids.shape
-        return create_block_mask(same_doc_causal, B, None, T, T, device=doc_ids.device)
+        # _compile: eager construction would evaluate the mask at all B*T*T points before reducing
+        # it to blocks, which is the very tensor we are avoiding; compiled, it works block by block.
+        return create_block_mask(same_doc_causal, B, None, T, T, device=doc_ids.device, _compile=doc_ids.is_cuda)
     return dense_mask(doc_ids, doc_ids, torch.arange(doc_ids.shape[1], device=doc_ids.device))
 
 
@@ -448,8 +450,10 @@ def generate(model: Llama, prompts, max_new_tokens, temperature=0.0, top_k=0, eo
                          f"max_seq_len={model.args.max_seq_len}")
     ids, pos, doc = left_pad(prompts, eos_id if eos_id is not None else 0, device)
     B = ids.shape[0]
-    cache = KVCache(model.args, B, max_len, model.lm_head.weight.dtype if model.lm_head.weight.is_floating_point()
-                    else torch.bfloat16, device) if use_cache else None
+    # Under autocast, keys and values come out in the autocast dtype: store them so, not in fp32.
+    dtype = (torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type)
+             else model.model.embed_tokens.weight.dtype)
+    cache = KVCache(model.args, B, max_len, dtype, device) if use_cache else None
     out = torch.empty((B, 0), dtype=torch.long, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     step_ids, step_pos, step_doc = ids, pos, doc

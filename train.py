@@ -342,13 +342,13 @@ def main(argv):
     # Data: rank 0 tokenizes files into the cache first, the others then open the same files.
     cache = cfg.data_cache or os.path.join(cfg.out_dir, "token_cache")
     if d.main or cfg.data == "arith":
-        docs = D.load_documents(cfg.data, tok, cache)
+        dataset = D.load_documents(cfg.data, tok, cache)
     if d.world > 1:
         dist.barrier()
     if not d.main and cfg.data != "arith":
-        docs = D.load_documents(cfg.data, tok, cache)
-    train_docs, eval_docs = D.split_documents(len(docs), cfg.eval_frac)
-    loader = D.Batches(docs, train_docs, cfg.seq_len, cfg.batch_size, tok.pad_id, d.rank, d.world, cfg.seed, cfg.pack)
+        dataset = D.load_documents(cfg.data, tok, cache)
+    train_docs, eval_docs = D.split_documents(len(dataset), cfg.eval_frac)
+    loader = D.Batches(dataset, train_docs, cfg.seq_len, cfg.batch_size, tok.pad_id, d.rank, d.world, cfg.seed, cfg.pack)
     loader.plan(0)
     s = loader.stats
     log(f"data {cfg.data}: {s['docs']} train docs, {len(eval_docs)} held out, {s['tokens']:,} tokens/epoch, "
@@ -375,7 +375,7 @@ def main(argv):
     def run_eval(step):
         if cfg.eval_frac <= 0:
             return
-        r = evaluate(model, cfg, d, docs, eval_docs, tok, autocast)
+        r = evaluate(model, cfg, d, dataset, eval_docs, tok, autocast)
         log(f"eval step {step}: loss {r['eval_loss']:.4f}" + (f" | accuracy {r['accuracy']:.1%}" if "accuracy" in r else ""))
         record({"step": step, **r})
 
@@ -426,7 +426,7 @@ def main(argv):
     run_eval(cfg.max_steps)
     log(f"trained {cfg.max_steps - start} steps in {time.time() - t_start:.1f}s")
     if d.main and cfg.samples:
-        prompts = [docs.prompts[j] for j in eval_docs if docs.prompts[j] is not None][:cfg.samples]
+        prompts = [dataset.prompts[j] for j in eval_docs if dataset.prompts[j] is not None][:cfg.samples]
         gen = torch.Generator(device=d.device).manual_seed(cfg.seed)
         with autocast:
             outs = M.generate(model, [tok.encode(p, bos=True) for p in prompts], cfg.max_new_tokens, temperature=0.7,
