@@ -199,33 +199,36 @@ class TokenData:
 
 
 def tokenize_records(records, tok):
-    """(record, where) pairs -> lists: tokens, mask, offsets, kind, references, prompts."""
-    tokens, mask, offsets, kinds, refs, prompts = [], [], [0], set(), [], []
+    """(record, where) pairs -> (ids, mask, kind, reference, prompt) per document."""
     for rec, where in records:
         segments, kind, ref = record_segments(rec, where)
-        ids, m = tokenize_segments(tok, segments)
-        tokens += ids
-        mask += m
-        offsets.append(len(tokens))
+        ids, mask = tokenize_segments(tok, segments)
+        yield ids, mask, kind, ref, segments[0][0] if kind == "instruction" else None
+
+
+def in_memory(records, tok):
+    t, m, offsets, kinds, refs, prompts = [], [], [0], set(), [], []
+    for ids, mask, kind, ref, prompt in tokenize_records(records, tok):
+        t += ids
+        m += mask
+        offsets.append(len(t))
         kinds.add(kind)
         refs.append(ref)
-        prompts.append(segments[0][0] if kind == "instruction" else None)
+        prompts.append(prompt)
     if len(offsets) == 1:
         raise ValueError("data: no records found")
-    kind = "text" if kinds == {"text"} else "instruction"
-    return tokens, mask, offsets, kind, refs, prompts
+    return TokenData(np.array(t, np.int32), np.array(m, np.uint8), offsets, "text" if kinds == {"text"} else "instruction",
+                     refs, prompts)
 
 
 def load_documents(source, tok, cache_dir=None):
     """'arith' or a file -> TokenData. Files are tokenized once into `cache_dir` and memory-mapped."""
     if source == "arith":
-        t, m, o, kind, refs, prompts = tokenize_records(((r, "arith") for r in arith_records()), tok)
-        return TokenData(np.array(t, np.int32), np.array(m, np.uint8), o, kind, refs, prompts)
+        return in_memory(((r, "arith") for r in arith_records()), tok)
     if not os.path.isfile(source):
         raise FileNotFoundError(f"{source}: data file not found (or use --data=arith)")
     if cache_dir is None:
-        t, m, o, kind, refs, prompts = tokenize_records(read_records(source), tok)
-        return TokenData(np.array(t, np.int32), np.array(m, np.uint8), o, kind, refs, prompts)
+        return in_memory(read_records(source), tok)
     folder = token_cache_path(source, tok, cache_dir)
     if not os.path.isfile(os.path.join(folder, "meta.json")):
         write_token_cache(source, tok, folder)
@@ -245,15 +248,13 @@ def write_token_cache(source, tok, folder, flush_every=1 << 20):
     os.makedirs(tmp, exist_ok=True)
     offsets, kinds, refs, prompts, buf_t, buf_m = [0], set(), [], [], [], []
     with open(os.path.join(tmp, "tokens.bin"), "wb") as ft, open(os.path.join(tmp, "mask.bin"), "wb") as fm:
-        for rec, where in read_records(source):
-            segments, kind, ref = record_segments(rec, where)
-            ids, m = tokenize_segments(tok, segments)
+        for ids, m, kind, ref, prompt in tokenize_records(read_records(source), tok):
             buf_t += ids
             buf_m += m
             offsets.append(offsets[-1] + len(ids))
             kinds.add(kind)
             refs.append(ref)
-            prompts.append(segments[0][0] if kind == "instruction" else None)
+            prompts.append(prompt)
             if len(buf_t) >= flush_every:
                 ft.write(np.array(buf_t, np.int32).tobytes())
                 fm.write(np.array(buf_m, np.uint8).tobytes())
