@@ -341,12 +341,11 @@ def main(argv):
 
     # Data: rank 0 tokenizes files into the cache first, the others then open the same files.
     cache = cfg.data_cache or os.path.join(cfg.out_dir, "token_cache")
-    if d.main or cfg.data == "arith":
-        dataset = D.load_documents(cfg.data, tok, cache)
-    if d.world > 1:
-        dist.barrier()
-    if not d.main and cfg.data != "arith":
-        dataset = D.load_documents(cfg.data, tok, cache)
+    if d.world > 1 and not d.main:
+        dist.barrier()  # wait for rank 0's cache
+    dataset = D.load_documents(cfg.data, tok, cache)
+    if d.world > 1 and d.main:
+        dist.barrier()  # the cache is written: let the others in
     train_docs, eval_docs = D.split_documents(len(dataset), cfg.eval_frac)
     loader = D.Batches(dataset, train_docs, cfg.seq_len, cfg.batch_size, tok.pad_id, d.rank, d.world, cfg.seed, cfg.pack)
     loader.plan(0)

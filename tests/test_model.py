@@ -204,8 +204,7 @@ def test_non_llama_folder_is_refused(tmp_path):
 
 
 def test_rope_parameters_config_form_is_read():
-    cfg = small_args().__dict__ | {}
-    hf = M.ModelArgs(**cfg).to_hf_config()
+    hf = small_args().to_hf_config()
     hf.pop("rope_theta"), hf.pop("rope_scaling")
     hf["rope_parameters"] = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
                              "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
