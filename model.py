@@ -531,25 +531,57 @@ def iter_checkpoint(path, expected_shapes):
         with safe_open(file, "pt") as f:
             for name in names:
                 shape = tuple(f.get_slice(name).get_shape())
-                if shape != tuple(expected_shapes[name]):
+                if expected_shapes[name] is not None and shape != tuple(expected_shapes[name]):
                     raise ValueError(f"{os.path.basename(file)}: tensor {name} has shape {list(shape)}, "
                                      f"config.json implies {list(expected_shapes[name])}")
                 yield name, f.get_tensor(name)
 
 
-def from_pretrained(path, device="cpu", dtype=torch.float32) -> Llama:
-    """Build on the meta device (no memory), then assign each checkpoint tensor in `dtype`."""
+def checkpoint_shapes(model: Llama):
+    """Name -> shape of every tensor the checkpoint must hold. A module may list its own (quant.py's
+    Linear4bit expects bitsandbytes' tensors); None means "any shape" (checked by the module)."""
+    shapes = {}
+    for name, module in model.named_modules():
+        prefix = name + "." if name else ""
+        if hasattr(module, "checkpoint_shapes"):
+            shapes.update(module.checkpoint_shapes(prefix))
+        else:
+            shapes.update({prefix + k: tuple(p.shape) for k, p in module.named_parameters(recurse=False)})
+    if model.args.tie_embeddings:
+        shapes.pop("lm_head.weight")  # stored once, as the embedding
+    return shapes
+
+
+def owner_of(model: nn.Module, name):
+    """'model.layers.0.mlp.up_proj.weight.absmax' -> (the up_proj module, 'weight.absmax')."""
+    parts = name.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        try:
+            return model.get_submodule(".".join(parts[:i])), ".".join(parts[i:])
+        except AttributeError:
+            continue
+    raise ValueError(f"no module owns tensor {name!r}")
+
+
+def from_pretrained(path, device="cpu", dtype=torch.float32, prepare=None) -> Llama:
+    """Build on the meta device (no memory), then load the checkpoint one tensor at a time.
+
+    prepare(model) may swap modules of the meta model first: quant.quantize_model turns Linear into
+    Linear4bit. A module with a `load_tensor` method takes its own tensors (Linear4bit quantizes
+    each weight as it arrives), so peak memory is the finished model plus one tensor in flight.
+    """
     args = read_hf_config(path)
     with torch.device("meta"):
         model = Llama(args)
-    shapes = {k: v.shape for k, v in model.state_dict().items()}
+    if prepare is not None:
+        prepare(model)
+    for name, t in iter_checkpoint(path, checkpoint_shapes(model)):
+        module, leaf = owner_of(model, name)
+        if hasattr(module, "load_tensor"):
+            module.load_tensor(leaf, t, device, dtype, where=path)
+        else:
+            setattr(module, leaf, nn.Parameter(t.to(device, dtype)))
     if args.tie_embeddings:
-        shapes.pop("lm_head.weight")
-    state = {name: t.to(device=device, dtype=dtype) for name, t in iter_checkpoint(path, shapes)}
-    if args.tie_embeddings:
-        state["lm_head.weight"] = state["model.embed_tokens.weight"]
-    model.load_state_dict(state, assign=True, strict=True)
-    if args.tie_embeddings:  # assign=True replaced both parameters; make them one object again
         model.lm_head.weight = model.model.embed_tokens.weight
     model.inv_freq = rope_frequencies(args, device)
     return model

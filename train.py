@@ -29,7 +29,9 @@ import torch
 import torch.distributed as dist
 
 import data as D
+import lora as L
 import model as M
+import quant as Q
 
 
 @dataclass
@@ -37,6 +39,11 @@ class Config:
     # model
     model: str = "tiny"  # a preset from model.MODELS (random init) or a Hugging Face Llama folder to load
     tokenizer: str = ""  # folder with tokenizer.json; '' = the model folder's, or bytes for a preset
+    train_type: str = "full"  # full | lora | qlora (LoRA on an NF4 4-bit base) | dora | qdora (DoRA on NF4)
+    lora_rank: int = 8  # r of the adapters
+    lora_alpha: float = 16.0  # adapters' output is scaled by lora_alpha / lora_rank
+    lora_dropout: float = 0.0  # dropout on the adapters' input
+    lora_target: str = "all-linear"  # Linear layers to adapt: all-linear (all but lm_head) or e.g. q_proj,v_proj
     # data
     data: str = "arith"  # 'arith' (built-in sums), or a .txt / .jsonl / .json file (text or Alpaca records)
     seq_len: int = 64  # tokens per row
@@ -119,10 +126,13 @@ def parse_args(argv) -> Config:
             raise ValueError(f"flag --{name} needs a value: --{name}=...")
         setattr(cfg, name, parse_value(name, types[name], text) if eq else True)
     for name, allowed in (("schedule", ("cosine", "linear", "constant")), ("precision", ("auto", "bf16", "fp32")),
-                          ("eval_metric", ("auto", "exact", "last_number"))):
+                          ("eval_metric", ("auto", "exact", "last_number")),
+                          ("train_type", ("full", "lora", "qlora", "dora", "qdora"))):
         if getattr(cfg, name) not in allowed:
             raise ValueError(f"flag --{name}={getattr(cfg, name)} is not one of {', '.join(allowed)}")
-    for name in ("seq_len", "batch_size", "grad_accum", "max_steps", "log_every", "eval_every"):
+    if not 0 <= cfg.lora_dropout < 1:
+        raise ValueError(f"flag --lora_dropout must be in [0, 1), got {cfg.lora_dropout}")
+    for name in ("seq_len", "batch_size", "grad_accum", "max_steps", "log_every", "eval_every", "lora_rank"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"flag --{name} must be at least 1, got {getattr(cfg, name)}")
     return cfg
@@ -173,6 +183,9 @@ def all_reduce_grads(params, d: Dist):
     """Plain data parallelism: sum gradients over ranks in one flat buffer (fsdp.py replaces this)."""
     if d.world == 1:
         return
+    for p in params:
+        if p.grad is None:  # e.g. a parameter this rank's batch did not reach: it still takes part
+            p.grad = torch.zeros_like(p)
     grads = [p.grad for p in params]
     flat = torch.cat([g.reshape(-1) for g in grads])
     dist.all_reduce(flat)
@@ -201,11 +214,13 @@ def make_optimizer(model, cfg: Config, device):
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")
 
 
-def flops_per_token(args: M.ModelArgs, seq_len):
-    """Training FLOPs per token: 6 per weight (forward 2, backward 4) plus attention scores and
-    values, 6 * 2 * n_layers * seq_len * n_heads * head_dim (PaLM appendix B; causal halving ignored)."""
+def flops_per_token(args: M.ModelArgs, seq_len, frozen_base=False, adapter_params=0):
+    """Training FLOPs per token actually needed: per weight 2 forward + 2 for the input gradient
+    + 2 for the weight gradient, where a frozen base weight (LoRA) skips the last 2; adapters cost
+    the full 6. Plus attention scores and values, 6 * 2 * n_layers * seq_len * n_heads * head_dim
+    (PaLM appendix B; causal halving ignored)."""
     n = args.num_params() - args.vocab_size * args.dim  # the embedding lookup is no matmul
-    return 6 * n + 12 * args.n_layers * seq_len * args.n_heads * args.head_dim
+    return (4 if frozen_base else 6) * n + 6 * adapter_params + 12 * args.n_layers * seq_len * args.n_heads * args.head_dim
 
 
 def peak_flops(device):
@@ -257,6 +272,14 @@ def evaluate(model, cfg, d, eval_data, eval_docs, tok, autocast):
     return result
 
 
+def model_state(model):
+    """What checkpoint.pt keeps of the model: all of it, or with adapters only the trainable tensors
+    (the frozen base is reloaded from --model on resume)."""
+    if L.lora_layers(model):
+        return {k: v.detach() for k, v in model.named_parameters() if v.requires_grad}
+    return model.state_dict()
+
+
 def save_checkpoint(path, model, opt, step, loader, d: Dist, cfg):
     """Everything needed to continue exactly: weights, optimizer, step, data position, every rank's RNG."""
     rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if d.device.type == "cuda" else None,
@@ -267,7 +290,7 @@ def save_checkpoint(path, model, opt, step, loader, d: Dist, cfg):
     else:
         rngs = [rng]
     if d.main:
-        state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
+        state = {"model": model_state(model), "optimizer": opt.state_dict(), "step": step,
                  "data": loader.state_dict(), "rng": rngs, "config": dataclasses.asdict(cfg), "world": d.world}
         torch.save(state, path + ".tmp")
         os.replace(path + ".tmp", path)  # never a half-written checkpoint under the real name
@@ -282,7 +305,11 @@ def load_checkpoint(path, model, opt, loader, d: Dist):
     if state["world"] != d.world:
         raise ValueError(f"{path}: saved at world size {state['world']}, resuming at {d.world}; the data order "
                          f"and RNG streams would differ (re-sharding comes with fsdp.py)")
-    model.load_state_dict(state["model"])
+    missing, unexpected = model.load_state_dict(state["model"], strict=not L.lora_layers(model))
+    trainable = {k for k, v in model.named_parameters() if v.requires_grad}
+    if unexpected or trainable - set(state["model"]):
+        raise ValueError(f"{path}: saved with a different --train_type or --lora_target "
+                         f"({len(unexpected)} unexpected, {len(trainable - set(state['model']))} missing tensors)")
     opt.load_state_dict(state["optimizer"])
     loader.load_state_dict(state["data"])
     rng = state["rng"][d.rank]
@@ -298,7 +325,12 @@ def load_checkpoint(path, model, opt, loader, d: Dist):
 
 
 def build_model(cfg: Config, d: Dist):
-    """(model, tokenizer, hf files to copy into exports)."""
+    """(model, tokenizer, hf files to copy into exports). For qlora/qdora each Linear but lm_head is
+    quantized to NF4 as the checkpoint streams in; for every adapter type the base is then frozen
+    and the --lora_target layers get adapters."""
+    quantize = cfg.train_type in ("qlora", "qdora")
+    # A frozen base can live in bf16 on a GPU; what trains (full weights, adapters) stays fp32.
+    base_dtype = torch.bfloat16 if cfg.train_type != "full" and d.device.type == "cuda" else torch.float32
     if cfg.model in M.MODELS:
         args = dataclasses.replace(M.MODELS[cfg.model])
         tok = D.load_tokenizer(cfg.tokenizer or None)
@@ -309,9 +341,16 @@ def build_model(cfg: Config, d: Dist):
         with torch.device(d.device):
             model = M.Llama(args)
             model.init_weights()
+        if quantize:
+            Q.quantize_model(model)
         extra = [os.path.join(cfg.tokenizer, "tokenizer.json")] if cfg.tokenizer else []
     elif os.path.isdir(cfg.model):
-        model = M.from_pretrained(cfg.model, d.device, torch.float32)
+        if Q.is_prequantized(cfg.model):
+            if not quantize:
+                raise ValueError(f"--model={cfg.model} holds 4-bit bitsandbytes weights: use --train_type=qlora or qdora")
+            model = Q.load_prequantized(cfg.model, d.device, base_dtype)
+        else:
+            model = M.from_pretrained(cfg.model, d.device, base_dtype, prepare=Q.quantize_model if quantize else None)
         tok_dir = cfg.tokenizer or cfg.model
         tok = D.load_tokenizer(tok_dir, eos_id=model.args.eos_token_id, bos_id=model.args.bos_token_id)
         extra = [os.path.join(tok_dir, f) for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
@@ -322,7 +361,24 @@ def build_model(cfg: Config, d: Dist):
         raise ValueError(f"--tokenizer: {tok.vocab_size} tokens do not fit the model's vocab_size {model.args.vocab_size}")
     if cfg.seq_len > model.args.max_seq_len:
         raise ValueError(f"--seq_len={cfg.seq_len} exceeds the model's context of {model.args.max_seq_len} tokens")
+    if cfg.train_type != "full":
+        L.add_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target,
+                   dora=cfg.train_type in ("dora", "qdora"))
     return model, tok, extra
+
+
+def describe(model):
+    """One log line: parameters (a 4-bit weight counts as its in * out), trainable share, frozen bytes."""
+    params = {id(p): p for p in model.parameters()}.values()  # a tied head once
+    q_bytes, q_params, other = Q.base_bytes(model)
+    total = sum(p.numel() for p in params) + q_params
+    trainable = sum(p.numel() for p in params if p.requires_grad)
+    line = f"{total / 1e6:.2f}M parameters, {trainable / 1e6:.3f}M trainable ({trainable / total:.2%})"
+    if trainable < total:
+        line += f"; frozen base {(q_bytes + other) / 2**20:.1f} MiB"
+        if q_params:
+            line += f" ({q_bytes / 2**20:.1f} MiB NF4 for {q_params / 1e6:.2f}M weights = {8 * q_bytes / q_params:.3f} bits each)"
+    return line
 
 
 def main(argv):
@@ -335,8 +391,7 @@ def main(argv):
     if cfg.compile:
         for layer in model.model.layers:
             layer.compile()
-    n_params = sum(p.numel() for p in model.parameters())
-    log(f"model {cfg.model}: {n_params / 1e6:.2f}M parameters, {model.args.n_layers} layers, dim {model.args.dim}, "
+    log(f"model {cfg.model} ({cfg.train_type}): {describe(model)}; {model.args.n_layers} layers, dim {model.args.dim}, "
         f"world {d.world} on {d.device.type}")
 
     # Data: rank 0 tokenizes files into the cache first, the others then open the same files.
@@ -380,7 +435,9 @@ def main(argv):
 
     if start == 0:
         run_eval(0)
-    flops_tok, peak = flops_per_token(model.args, cfg.seq_len), peak_flops(d.device)
+    adapter_params = sum(p.numel() for n, p in model.named_parameters() if ".lora_" in n)
+    flops_tok = flops_per_token(model.args, cfg.seq_len, cfg.train_type != "full", adapter_params)
+    peak = peak_flops(d.device)
     t_start, t_last, tokens_since = time.time(), time.time(), 0
     for step in range(start, cfg.max_steps):
         lr = lr_at(step, cfg)
@@ -433,9 +490,15 @@ def main(argv):
         for p, out in zip(prompts, outs):
             log(f"sample: {p!r} -> {tok.decode(out)!r}")
     save_checkpoint(ckpt_path, model, opt, cfg.max_steps, loader, d, cfg)
+    log(f"saved {ckpt_path}")
+    if d.main and cfg.train_type != "full":
+        L.save_adapter(model, os.path.join(cfg.out_dir, "adapter"), cfg.model if os.path.isdir(cfg.model) else "")
+        log(f"saved the adapter (PEFT layout) to {os.path.join(cfg.out_dir, 'adapter')}")
     if d.main and cfg.save_hf:
+        if cfg.train_type != "full":  # the adapters folded into dense weights (dequantized when 4-bit)
+            model = L.merge_and_unload(model)
         M.save_pretrained(model, os.path.join(cfg.out_dir, "hf"), extra_files=extra_files)
-        log(f"saved {os.path.join(cfg.out_dir, 'hf')} and {ckpt_path}")
+        log(f"saved {os.path.join(cfg.out_dir, 'hf')}" + (" (merged)" if cfg.train_type != "full" else ""))
     if metrics:
         metrics.close()
     if d.world > 1:

@@ -5,6 +5,11 @@ import sys
 import pytest
 import torch
 
+# Triton kernels run on CPU through Triton's interpreter; it is chosen when a kernel is defined,
+# so this must happen before anything imports kernels/.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 SHARED = os.path.join(os.path.dirname(ROOT), "shared")

@@ -11,6 +11,7 @@ from conftest import ROOT, SHARED
 
 import data as D
 import model as M
+import quant as Q
 import train
 
 FAST = ["--seq_len=32", "--batch_size=4", "--eval_samples=0", "--samples=0", "--save_hf=false", "--log_every=1",
@@ -61,8 +62,9 @@ def test_seq_len_beyond_context_is_refused(tmp_path):
         train.main(["--seq_len=2048", f"--out_dir={tmp_path}"])
 
 
-def test_resume_reproduces_the_uninterrupted_losses(tmp_path, monkeypatch):
-    args = FAST + ["--max_steps=6", "--save_every=3", "--grad_accum=2"]
+@pytest.mark.parametrize("train_type", ["full", "qdora"])
+def test_resume_reproduces_the_uninterrupted_losses(tmp_path, monkeypatch, train_type):
+    args = FAST + ["--max_steps=6", "--save_every=3", "--grad_accum=2", f"--train_type={train_type}"]
     save = train.save_checkpoint
 
     def keep_step_3(path, model, opt, step, *a):
@@ -96,6 +98,23 @@ def test_two_process_data_parallel_equals_one_process_with_accumulation(tmp_path
     a = torch.load(tmp_path / "one" / "checkpoint.pt", weights_only=False)["model"]
     b = torch.load(tmp_path / "two" / "checkpoint.pt", weights_only=False)["model"]
     assert all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6) for k in a)
+
+
+def test_qlora_run_on_tiny_lowers_the_loss_on_a_4bit_base(tmp_path):
+    cfg = train.parse_args(["--train_type=qlora"])
+    model, _, _ = train.build_model(cfg, train.Dist(0, 0, 1, torch.device("cpu")))
+    q_bytes, q_params, _ = Q.base_bytes(model)
+    assert q_params == 4 * (2 * 256 * 256 + 2 * 256 * 128 + 3 * 256 * 688)  # every Linear of the 4 blocks
+    assert abs(8 * q_bytes / q_params / 4.127 - 1) < 0.05
+    assert type(model.lm_head) is torch.nn.Linear  # the head stays dense, as in QLoRA
+    train.main(FAST + ["--train_type=qlora", "--max_steps=30", "--lr=1e-2", "--eval_every=100", "--save_hf=true",
+                       f"--out_dir={tmp_path}"])
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    evals = [r["eval_loss"] for r in rows if "eval_loss" in r]
+    assert evals[-1] < evals[0] - 0.5
+    assert os.path.isfile(tmp_path / "adapter" / "adapter_model.safetensors")
+    merged = M.from_pretrained(str(tmp_path / "hf"))  # the merged export is a plain dense folder
+    assert not any(isinstance(m, Q.Linear4bit) for m in merged.modules())
 
 
 def test_padding_mode_trains_and_exports(tmp_path):

@@ -1,0 +1,88 @@
+"""NF4 dequantization: packed 4-bit codes and blockwise scales -> a bf16 / fp16 / fp32 weight.
+
+The layout is bitsandbytes' (quant.py explains where it comes from):
+    packed   uint8 [ceil(n/2)]   two 4-bit codes per byte, element 2i in the high nibble
+    absmax   one scale per `blocksize` elements: fp32, or with double quantization uint8 codes
+             into `nested_code` (256 values) scaled by `nested_absmax` (fp32, one per
+             `nested_blocksize` scales) plus `offset` (fp32 scalar)
+    weight[e] = code[nibble e] * scale[e // blocksize]
+
+Every product and sum is done in fp32 in the same order as bitsandbytes, so the result is bit
+for bit what bitsandbytes returns; the cast to the output dtype happens last.
+
+`dequantize_nf4` dispatches: Triton on CUDA, else `dequantize_nf4_reference`.
+"""
+
+import torch
+
+from kernels import HAS_TRITON, use_triton
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+
+def block_scales_reference(absmax, nested_absmax, nested_code, nested_blocksize, offset):
+    """The fp32 scale of every block: absmax itself, or decoded from its 8-bit double quantization."""
+    if nested_absmax is None:
+        return absmax.float()
+    n = absmax.numel()
+    pad = (-n) % nested_blocksize
+    codes = nested_code[torch.cat([absmax, absmax.new_zeros(pad)]).int()].view(-1, nested_blocksize)
+    return (codes * nested_absmax[:, None]).view(-1)[:n] + offset
+
+
+def dequantize_nf4_reference(packed, absmax, code, blocksize, shape, dtype,
+                             nested_absmax=None, nested_code=None, nested_blocksize=256, offset=None):
+    n = shape.numel()
+    scales = block_scales_reference(absmax, nested_absmax, nested_code, nested_blocksize, offset)
+    q = torch.stack((packed >> 4, packed & 0xF), dim=-1).view(-1)  # high nibble first
+    q = torch.cat([q, q.new_zeros(scales.numel() * blocksize - q.numel())])  # whole blocks
+    w = code[q.int()].view(-1, blocksize) * scales[:, None]
+    return w.view(-1)[:n].view(shape).to(dtype)
+
+
+if HAS_TRITON:
+    @triton.jit
+    def _dequantize_nf4_kernel(packed_ptr, absmax_ptr, code_ptr, nested_ptr, nested_code_ptr, offset_ptr, out_ptr,
+                               n, n_bytes, BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr,
+                               NESTED: tl.constexpr, BYTES: tl.constexpr):
+        # One program turns BYTES packed bytes into 2 * BYTES outputs. Both codes of a byte share a
+        # block (blocksize is even), so the block scale is decoded once per byte.
+        pid = tl.program_id(0)
+        i = pid * BYTES + tl.arange(0, BYTES)
+        live = i < n_bytes
+        byte = tl.load(packed_ptr + i, mask=live, other=0)
+        block = i // (BLOCKSIZE // 2)
+        if NESTED:
+            q = tl.load(absmax_ptr + block, mask=live, other=0).to(tl.int32)
+            scale = tl.load(nested_code_ptr + q) * tl.load(nested_ptr + block // NESTED_BLOCKSIZE, mask=live, other=0.0)
+            scale = scale + tl.load(offset_ptr)
+        else:
+            scale = tl.load(absmax_ptr + block, mask=live, other=0.0)
+        hi = tl.load(code_ptr + (byte >> 4).to(tl.int32)) * scale
+        lo = tl.load(code_ptr + (byte & 0xF).to(tl.int32)) * scale
+        out = tl.reshape(tl.join(hi, lo), (2 * BYTES,))  # interleave: hi of byte i at 2i, lo at 2i + 1
+        o = 2 * pid * BYTES + tl.arange(0, 2 * BYTES)
+        tl.store(out_ptr + o, out.to(out_ptr.dtype.element_ty), mask=o < n)
+
+
+def dequantize_nf4_triton(packed, absmax, code, blocksize, shape, dtype,
+                          nested_absmax=None, nested_code=None, nested_blocksize=256, offset=None, bytes_per_program=1024):
+    n = shape.numel()
+    out = torch.empty(shape, dtype=dtype, device=packed.device)
+    nested = nested_absmax is not None
+    dummy = code  # an unused pointer argument still needs a tensor
+    grid = (triton.cdiv(packed.numel(), bytes_per_program),)
+    # enable_fp_fusion=False: a fused multiply-add would round once where bitsandbytes rounds twice.
+    _dequantize_nf4_kernel[grid](packed, absmax, code, nested_absmax if nested else dummy,
+                                 nested_code if nested else dummy, offset if nested else dummy, out, n, packed.numel(),
+                                 BLOCKSIZE=blocksize, NESTED_BLOCKSIZE=nested_blocksize, NESTED=nested,
+                                 BYTES=bytes_per_program, enable_fp_fusion=False)
+    return out
+
+
+def dequantize_nf4(packed, absmax, code, blocksize, shape, dtype,
+                   nested_absmax=None, nested_code=None, nested_blocksize=256, offset=None):
+    fn = dequantize_nf4_triton if use_triton("nf4", packed) else dequantize_nf4_reference
+    return fn(packed, absmax, code, blocksize, shape, dtype, nested_absmax, nested_code, nested_blocksize, offset)

@@ -1,0 +1,233 @@
+"""LoRA and DoRA adapters on any nn.Linear or quant.Linear4bit, saved in PEFT's layout.
+
+    add_lora(model, rank=8, alpha=16, targets="all-linear", dora=False)  # freeze the base, wrap targets
+    save_adapter(model, "out/adapter")     # adapter_config.json + adapter_model.safetensors
+    load_adapter(model, "out/adapter")     # onto a freshly loaded base (plain or 4-bit)
+    merge_and_unload(model)                # a plain dense model again, ready for save_pretrained
+
+LoRA (Hu et al. 2021): the frozen W gets a trainable low-rank update,
+    y = W x + (alpha / r) * B A dropout(x),     A: [r, in] Kaiming-uniform,  B: [out, r] zeros,
+so a fresh adapter changes nothing and only r * (in + out) numbers per layer train.
+
+DoRA (Liu et al. 2024) splits the updated weight into a direction and a learned per-row
+magnitude m (initialised to the row norms of W):
+    W' = m * (W + s B A) / ||W + s B A||_row,        s = alpha / r
+As in the paper (section 4.3) and PEFT, the norm is treated as a constant in backward, which saves
+keeping a dense [out, in] tensor for the gradient. It is computed from the dequantized weight
+when the base is 4-bit (QDoRA).
+
+The wrapper keeps PEFT's module names (`base_layer`, `lora_A`, `lora_B`,
+`lora_magnitude_vector`), so `base_model.model.` + our state-dict key is PEFT's key, and an adapter
+trained here loads in PEFT (and the other way round).
+"""
+
+import json
+import math
+import os
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import model as M
+from quant import Linear4bit, dequantize_model
+
+
+class LoRALinear(nn.Module):
+    def __init__(self, base_layer, rank, alpha, dropout=0.0, dora=False):
+        super().__init__()
+        self.base_layer = base_layer
+        for p in base_layer.parameters():
+            p.requires_grad_(False)
+        device = base_layer.weight.device
+        self.rank, self.alpha, self.scaling = rank, alpha, alpha / rank
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        # Adapters train in fp32 whatever the base's dtype; autocast casts them for the matmuls.
+        self.lora_A = nn.Linear(base_layer.in_features, rank, bias=False, device=device, dtype=torch.float32)
+        self.lora_B = nn.Linear(rank, base_layer.out_features, bias=False, device=device, dtype=torch.float32)
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # nn.Linear's own init, as PEFT
+        nn.init.zeros_(self.lora_B.weight)
+        self.lora_magnitude_vector = None
+        if dora:
+            self.lora_magnitude_vector = nn.Parameter(self.dense_weight().norm(dim=1))
+        self.merged = False
+
+    @property
+    def in_features(self):
+        return self.base_layer.in_features
+
+    @property
+    def out_features(self):
+        return self.base_layer.out_features
+
+    def base_weight(self, dtype=torch.float32):
+        b = self.base_layer
+        return b.dequantize(dtype) if isinstance(b, Linear4bit) else b.weight.to(dtype)
+
+    @torch.no_grad()
+    def dense_weight(self):
+        """W + s B A in fp32 (times m / ||.|| for DoRA): what the layer computes, as one matrix."""
+        w = self.base_weight(torch.float32) + self.scaling * (self.lora_B.weight.float() @ self.lora_A.weight.float())
+        if self.lora_magnitude_vector is not None:
+            w = w * (self.lora_magnitude_vector.float() / w.norm(dim=1))[:, None]
+        return w
+
+    def forward(self, x):
+        y = self.base_layer(x)
+        if self.merged:
+            return y
+        xd = self.lora_dropout(x)
+        lora = self.lora_B(self.lora_A(xd)) * self.scaling
+        if self.lora_magnitude_vector is None:
+            return y + lora.to(y.dtype)
+        with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
+            w = self.base_weight(torch.float32)
+            norm = (w + self.scaling * (self.lora_B.weight.float() @ self.lora_A.weight.float())).norm(dim=1)
+        g = self.lora_magnitude_vector / norm  # gradient flows to m only; the norm is a constant
+        if isinstance(self.lora_dropout, nn.Identity) or not self.training:
+            wx = y if self.base_layer.bias is None else y - self.base_layer.bias
+        else:  # W x on the same dropped-out input the adapter saw, as PEFT does
+            wx = F.linear(xd, w.to(xd.dtype))
+        return (y + (g - 1) * wx + g * lora).to(y.dtype)
+
+    # In-place merge for a dense base (a 4-bit base cannot hold W + BA exactly: use merge_and_unload).
+
+    @torch.no_grad()
+    def merge(self):
+        if isinstance(self.base_layer, Linear4bit):
+            raise ValueError("merge: a 4-bit base cannot hold the merged weight; use lora.merge_and_unload(model)")
+        if not self.merged:
+            w = self.base_layer.weight
+            self._unmerged = w.detach().clone() if self.lora_magnitude_vector is not None else None
+            w.copy_(self.dense_weight().to(w.dtype))
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self):
+        if self.merged:
+            w = self.base_layer.weight
+            if self._unmerged is not None:  # DoRA's row scaling is not cheaply invertible: restore the copy
+                w.copy_(self._unmerged)
+            else:
+                w.sub_((self.scaling * (self.lora_B.weight.float() @ self.lora_A.weight.float())).to(w.dtype))
+            self.merged, self._unmerged = False, None
+
+
+def linear_names(model):
+    """Leaf names of the Linear layers LoRA can target ('all-linear' = these, lm_head excluded as PEFT does)."""
+    return sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                   if isinstance(m, (nn.Linear, Linear4bit)) and not n.endswith("lm_head") and ".lora_" not in n})
+
+
+def add_lora(model, rank=8, alpha=16.0, dropout=0.0, targets="all-linear", dora=False):
+    """Freeze every parameter, then wrap the target Linear layers in LoRALinear. Returns the wrapped names."""
+    if rank < 1:
+        raise ValueError(f"--lora_rank must be at least 1, got {rank}")
+    available = linear_names(model)
+    wanted = available if targets in ("all-linear", ["all-linear"]) else \
+        [t.strip() for t in (targets.split(",") if isinstance(targets, str) else targets) if t.strip()]
+    unknown = [t for t in wanted if t not in available]
+    if unknown or not wanted:
+        raise ValueError(f"--lora_target: no Linear layer named {unknown[0] if unknown else '(empty)'!r}; "
+                         f"choose from {','.join(available)} or all-linear")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    wrapped = []
+    for name, module in list(model.named_modules()):
+        if isinstance(module, (nn.Linear, Linear4bit)) and name.rsplit(".", 1)[-1] in wanted and not name.endswith("lm_head"):
+            parent, _, leaf = name.rpartition(".")
+            setattr(model.get_submodule(parent), leaf, LoRALinear(module, rank, alpha, dropout, dora))
+            wrapped.append(name)
+    model.lora_config = {"r": rank, "lora_alpha": alpha, "lora_dropout": dropout, "target_modules": sorted(wanted),
+                         "use_dora": dora}
+    return wrapped
+
+
+def lora_layers(model):
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
+
+
+# -----------------------------------------------------------------------------
+# PEFT layout
+
+
+def adapter_state_dict(model):
+    """PEFT's keys: base_model.model.<our name>, e.g. ...q_proj.lora_A.weight, ...q_proj.lora_magnitude_vector."""
+    return {"base_model.model." + k: v.detach() for k, v in model.named_parameters() if v.requires_grad}
+
+
+def adapter_config(model, base_model_name_or_path=""):
+    c = model.lora_config
+    return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path,
+            "r": c["r"], "lora_alpha": c["lora_alpha"], "lora_dropout": c["lora_dropout"],
+            "target_modules": c["target_modules"], "use_dora": c["use_dora"], "use_rslora": False, "bias": "none",
+            "fan_in_fan_out": False, "init_lora_weights": True, "inference_mode": True, "modules_to_save": None,
+            "layers_to_transform": None, "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {},
+            "revision": None}
+
+
+def save_adapter(model, path, base_model_name_or_path=""):
+    """adapter_config.json + adapter_model.safetensors, written to a temp folder and renamed into place."""
+    from safetensors.torch import save_file
+    tmp = path.rstrip("/") + ".tmp"
+    os.makedirs(tmp, exist_ok=True)
+    with open(os.path.join(tmp, "adapter_config.json"), "w") as f:
+        json.dump(adapter_config(model, base_model_name_or_path), f, indent=2)
+    state = {k: v.to("cpu").contiguous() for k, v in adapter_state_dict(model).items()}
+    save_file(state, os.path.join(tmp, "adapter_model.safetensors"), metadata={"format": "pt"})
+    M.replace_dir(tmp, path.rstrip("/"))
+
+
+def load_adapter(model, path, dropout=None):
+    """Wrap the model as adapter_config.json says and load the adapter's tensors (names and shapes checked)."""
+    from safetensors.torch import load_file
+    cfg_path = os.path.join(path, "adapter_config.json")
+    if not os.path.isfile(cfg_path):
+        raise FileNotFoundError(f"{path}: no adapter_config.json (expected a PEFT LoRA adapter folder)")
+    with open(cfg_path) as f:
+        cfg = json.load(f)
+    if cfg.get("peft_type") != "LORA":
+        raise ValueError(f"{cfg_path}: peft_type {cfg.get('peft_type')!r}, only LORA adapters are supported")
+    for key in ("use_rslora", "fan_in_fan_out"):
+        if cfg.get(key):
+            raise ValueError(f"{cfg_path}: {key}=true is not supported")
+    if cfg.get("rank_pattern") or cfg.get("alpha_pattern") or cfg.get("modules_to_save") or cfg.get("bias", "none") != "none":
+        raise ValueError(f"{cfg_path}: per-layer rank/alpha patterns, modules_to_save and trained biases are not supported")
+    if not lora_layers(model):
+        add_lora(model, cfg["r"], cfg["lora_alpha"], cfg.get("lora_dropout", 0.0) if dropout is None else dropout,
+                 cfg["target_modules"], cfg.get("use_dora", False))
+    file = os.path.join(path, "adapter_model.safetensors")
+    state = load_file(file)
+    mine = dict(model.named_parameters())
+    expected = {k for k, v in mine.items() if v.requires_grad}
+    for key, t in state.items():
+        name = key.removeprefix("base_model.model.").replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B.")
+        if name not in expected:
+            raise ValueError(f"{file}: unexpected tensor {key!r} for this model and adapter_config.json")
+        if t.shape != mine[name].shape:
+            raise ValueError(f"{file}: {key} has shape {list(t.shape)}, the model expects {list(mine[name].shape)}")
+        with torch.no_grad():
+            mine[name].copy_(t)
+        expected.discard(name)
+    if expected:
+        raise ValueError(f"{file}: missing {len(expected)} adapter tensors, first {sorted(expected)[0]!r}")
+    return model
+
+
+@torch.no_grad()
+def merge_and_unload(model, dtype=torch.float32):
+    """Replace every LoRALinear by a dense nn.Linear holding its merged weight, and every remaining
+    Linear4bit by its dequantized weight: a plain model that save_pretrained writes as an HF folder."""
+    for name, module in lora_layers(model):
+        module.unmerge()
+        base = module.base_layer
+        dense = nn.Linear(module.in_features, module.out_features, bias=base.bias is not None,
+                          device=base.weight.device, dtype=dtype)
+        dense.weight.copy_(module.dense_weight())
+        if base.bias is not None:
+            dense.bias.copy_(base.bias)
+        dense.requires_grad_(False)
+        parent, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(parent), leaf, dense)
+    dequantize_model(model, dtype)
+    return model

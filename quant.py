@@ -1,0 +1,297 @@
+"""NF4 4-bit weights (QLoRA, Dettmers et al. 2023), stored exactly as bitsandbytes stores them.
+
+    model = from_pretrained(path, device, prepare=quantize_model)   # quantize layer by layer while loading
+    model = load_prequantized(path, device)                         # a folder saved by transformers + bitsandbytes
+    y = Linear4bit(...)(x)                                          # dequantize, matmul; nothing dense kept for backward
+
+How NF4 works. A weight is cut into blocks of 64 consecutive elements (row-major). Each block is
+divided by its absolute maximum, which puts it in [-1, 1], and every element becomes the index of
+the nearest of 16 fixed values: NormalFloat4, the quantiles of a standard normal rescaled to
+[-1, 1] with an exact zero, so that normally distributed weights use all 16 codes equally often.
+Two codes are packed per byte. That is 4 bits per element plus one fp32 absmax per 64 elements
+(0.5 bits). Double quantization stores the absmax values themselves in 8 bits: subtract their
+mean (`offset`), cut them into blocks of 256, divide each block by its own absmax (kept in fp32)
+and round to bitsandbytes' 8-bit "dynamic" code. Bits per parameter:
+4 + 8/64 + 32/(64*256) = 4.127.
+
+The bitsandbytes layout, which this file reproduces bit for bit (tests/test_quant.py checks it
+against bitsandbytes when it is installed, and against bytes it produced when it is not):
+    weight            uint8 [n/2]       element 2i in the high nibble of byte i, 2i+1 in the low
+    absmax            uint8 [n/64]      (fp32 without double quantization)
+    nested_absmax     fp32  [n/64/256]  rounded up; the last block may be short
+    offset            fp32  scalar      the mean of the fp32 absmax values
+    quant_map, nested_quant_map         the 16 NF4 values and the 256 dynamic values (constants here)
+In a checkpoint these sit under `<module>.weight`, `<module>.weight.absmax`, ... with a JSON
+tensor `<module>.weight.quant_state.bitsandbytes__nf4` holding shape, block sizes and offset.
+
+Dequantization (kernels/nf4.py) runs as a Triton kernel on CUDA and in PyTorch elsewhere.
+"""
+
+import json
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import model as M
+from kernels.nf4 import dequantize_nf4
+
+# The 16 NormalFloat4 values as bitsandbytes ships them (QLoRA appendix E; 0 is exact, 8 positive
+# and 7 negative quantiles so that both -1 and 1 exist).
+NF4_CODE = torch.tensor([
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0])
+
+
+def dynamic_code():
+    """bitsandbytes' signed 8-bit "dynamic" code (Dettmers 2015, arXiv:1511.04561): for each
+    decade 10**(e-6), e = 0..6, 2**e values spread evenly over [0.1, 1] of it, both signs; plus 0
+    and 1. The same float32 arithmetic as bitsandbytes, so the 256 values match it bit for bit."""
+    values = [0.0, 1.0]
+    for e in range(7):
+        edges = torch.linspace(0.1, 1, 2**e + 1, dtype=torch.float32)
+        mids = (edges[:-1] + edges[1:]) / 2
+        values += (10 ** (e - 6) * mids).tolist() + (-(10 ** (e - 6)) * mids).tolist()
+    return torch.tensor(sorted(values), dtype=torch.float32)
+
+
+DYNAMIC_CODE = dynamic_code()
+_codes = {}
+
+
+def codes_on(device):
+    """(NF4_CODE, DYNAMIC_CODE) on a device, made once: every layer shares them."""
+    device = torch.device(device)
+    if device not in _codes:
+        _codes[device] = (NF4_CODE.to(device), DYNAMIC_CODE.to(device))
+    return _codes[device]
+
+
+# -----------------------------------------------------------------------------
+# Quantize
+
+
+def quantize_blockwise(x, code, blocksize):
+    """Each element -> index of the nearest value in `code` after dividing by its block's absmax.
+
+    Returns (codes uint8 [n], absmax fp32 [ceil(n / blocksize)]). Like bitsandbytes: multiply by
+    the reciprocal of absmax, clamp to [-1, 1], and a value exactly halfway goes to the lower code.
+    """
+    x = x.reshape(-1).float()
+    n = x.numel()
+    blocks = torch.cat([x, x.new_zeros((-n) % blocksize)]).view(-1, blocksize)
+    absmax = blocks.abs().amax(dim=1)
+    scaled = (blocks * (1.0 / absmax.clamp(min=1e-38))[:, None]).clamp(-1, 1).view(-1)[:n]
+    q = torch.bucketize(scaled, (code[:-1] + code[1:]) / 2, out_int32=True)
+    return q.to(torch.uint8), absmax
+
+
+def quantize_nf4(w, blocksize=64, double_quant=True, nested_blocksize=256, chunk=2**24):
+    """A float weight -> dict(weight, absmax, nested_absmax, offset) in the bitsandbytes layout.
+
+    `chunk` elements are quantized at a time so the fp32 temporaries stay small next to a 70B
+    layer's 235M-element MLP weight.
+    """
+    nf4, dynamic = codes_on(w.device)
+    flat = w.reshape(-1)
+    chunk = chunk // blocksize * blocksize
+    parts = [quantize_blockwise(flat[i:i + chunk], nf4, blocksize) for i in range(0, flat.numel(), chunk)]
+    q = torch.cat([p[0] for p in parts])
+    absmax = torch.cat([p[1] for p in parts])
+    if q.numel() % 2:
+        q = torch.cat([q, q.new_zeros(1)])
+    packed = (q[0::2] << 4) | q[1::2]
+    if not double_quant:
+        return {"weight": packed, "absmax": absmax, "nested_absmax": None, "offset": None}
+    offset = absmax.mean()
+    qabsmax, nested_absmax = quantize_blockwise(absmax - offset, dynamic, nested_blocksize)
+    return {"weight": packed, "absmax": qabsmax, "nested_absmax": nested_absmax, "offset": offset}
+
+
+# -----------------------------------------------------------------------------
+# The 4-bit Linear
+
+
+class NF4Matmul(torch.autograd.Function):
+    """y = x W^T + b with W dequantized on the fly. Backward dequantizes W again instead of saving
+    it, so a 4-bit model's weights never sit in memory densely between forward and backward. W is
+    frozen: the only gradient is the input's (which LoRA needs)."""
+
+    @staticmethod
+    def forward(ctx, x, layer):
+        ctx.layer = layer  # the module, not its tensors: nothing is saved for backward
+        return F.linear(x, layer.dequantize(x.dtype), layer.bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad @ ctx.layer.dequantize(grad.dtype), None
+
+
+class Linear4bit(nn.Module):
+    """A frozen nn.Linear whose weight is NF4. Its buffers are the bitsandbytes tensors above."""
+
+    def __init__(self, in_features, out_features, bias=False, blocksize=64, double_quant=True,
+                 nested_blocksize=256, device=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.blocksize, self.nested_blocksize, self.double_quant = blocksize, nested_blocksize, double_quant
+        self.prequantized = False  # True: the checkpoint holds bitsandbytes tensors, not a float weight
+        n = in_features * out_features
+        n_blocks = math.ceil(n / blocksize)
+        self.register_buffer("weight", torch.empty((n + 1) // 2, dtype=torch.uint8, device=device))
+        self.register_buffer("absmax", torch.empty(n_blocks, dtype=torch.uint8 if double_quant else torch.float32, device=device))
+        self.register_buffer("nested_absmax", torch.empty(math.ceil(n_blocks / nested_blocksize), device=device) if double_quant else None)
+        self.register_buffer("offset", torch.zeros((), device=device) if double_quant else None)
+        self.bias = nn.Parameter(torch.zeros(out_features, device=device), requires_grad=False) if bias else None
+
+    @property
+    def shape(self):
+        return torch.Size((self.out_features, self.in_features))
+
+    def set_weight(self, w):
+        """Quantize a float [out, in] weight into this module's buffers, on w's device."""
+        if tuple(w.shape) != tuple(self.shape):
+            raise ValueError(f"Linear4bit: weight of shape {list(w.shape)}, expected {list(self.shape)}")
+        for k, v in quantize_nf4(w, self.blocksize, self.double_quant, self.nested_blocksize).items():
+            if v is not None:
+                setattr(self, k, v)
+
+    def dequantize(self, dtype=torch.bfloat16):
+        nf4, dynamic = codes_on(self.weight.device)
+        return dequantize_nf4(self.weight, self.absmax, nf4, self.blocksize, self.shape, dtype,
+                              self.nested_absmax, dynamic, self.nested_blocksize, self.offset)
+
+    def forward(self, x):
+        if torch.is_autocast_enabled(x.device.type):  # a custom Function is not autocast by itself
+            x = x.to(torch.get_autocast_dtype(x.device.type))
+        return NF4Matmul.apply(x, self)
+
+    def extra_repr(self):
+        return f"in_features={self.in_features}, out_features={self.out_features}, nf4, blocksize={self.blocksize}, double_quant={self.double_quant}"
+
+    # Loading, called by model.from_pretrained for each of this module's checkpoint tensors.
+
+    def checkpoint_shapes(self, prefix):
+        shapes = {prefix + "weight": (self.out_features, self.in_features)}
+        if self.prequantized:  # shapes of the rest depend on the block sizes in the JSON: checked later
+            shapes = {prefix + "weight": ((self.in_features * self.out_features + 1) // 2, 1)}
+            shapes.update({prefix + "weight." + k: None for k in ("absmax", "quant_map", "quant_state.bitsandbytes__nf4")})
+            if self.double_quant:
+                shapes.update({prefix + "weight." + k: None for k in ("nested_absmax", "nested_quant_map")})
+        if self.bias is not None:
+            shapes[prefix + "bias"] = (self.out_features,)
+        return shapes
+
+    def load_tensor(self, leaf, t, device, dtype, where="checkpoint"):
+        if leaf == "bias":
+            self.bias = nn.Parameter(t.to(device, dtype), requires_grad=False)
+        elif leaf == "weight" and not self.prequantized:
+            self.set_weight(t.to(device))  # the float weight is dropped after this: layer-by-layer peak
+        elif leaf == "weight":
+            self.weight = t.reshape(-1).to(device)
+        elif leaf in ("weight.absmax", "weight.nested_absmax"):
+            setattr(self, leaf.split(".")[1], t.to(device))
+        elif leaf in ("weight.quant_map", "weight.nested_quant_map"):
+            expected = NF4_CODE if leaf == "weight.quant_map" else DYNAMIC_CODE
+            if not torch.equal(t.float().cpu(), expected):
+                raise ValueError(f"{where}: {leaf} is not the standard {'NF4' if expected is NF4_CODE else 'dynamic 8-bit'} code")
+        elif leaf == "weight.quant_state.bitsandbytes__nf4":
+            state = json.loads(bytes(t.tolist()).decode("utf-8"))
+            if list(state["shape"]) != [self.out_features, self.in_features]:
+                raise ValueError(f"{where}: quant_state shape {state['shape']}, config.json implies {[self.out_features, self.in_features]}")
+            self.blocksize = state["blocksize"]
+            if self.double_quant:
+                self.nested_blocksize = state["nested_blocksize"]
+                self.offset = torch.tensor(state["nested_offset"], dtype=torch.float32, device=device)
+        else:
+            raise ValueError(f"{where}: unexpected tensor {leaf!r} for a 4-bit Linear")
+
+
+def quantize_model(model, skip=("lm_head",), blocksize=64, double_quant=True):
+    """Replace every nn.Linear (but those whose name ends in `skip`) by a Linear4bit, in place.
+
+    On a meta-device model (from_pretrained's `prepare`) the new modules are empty and get filled
+    as the checkpoint streams in; otherwise each weight is quantized right away.
+    """
+    for name, module in list(model.named_modules()):
+        if isinstance(module, nn.Linear) and not name.endswith(tuple(skip)):
+            q = Linear4bit(module.in_features, module.out_features, module.bias is not None, blocksize, double_quant,
+                           device=module.weight.device)
+            if module.weight.device.type != "meta":
+                q.set_weight(module.weight.detach())
+                if module.bias is not None:
+                    q.bias = nn.Parameter(module.bias.detach().clone(), requires_grad=False)
+            parent, _, leaf = name.rpartition(".")
+            setattr(model.get_submodule(parent), leaf, q)
+    return model
+
+
+@torch.no_grad()
+def dequantize_model(model, dtype=torch.float32):
+    """The inverse swap: every Linear4bit becomes an nn.Linear holding its dequantized weight."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, Linear4bit):
+            dense = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
+                              device=module.weight.device, dtype=dtype)
+            dense.weight.copy_(module.dequantize(dtype))
+            if module.bias is not None:
+                dense.bias.copy_(module.bias)
+            dense.requires_grad_(False)
+            parent, _, leaf = name.rpartition(".")
+            setattr(model.get_submodule(parent), leaf, dense)
+    return model
+
+
+def is_prequantized(path):
+    """Does this HF folder hold bitsandbytes 4-bit weights (quantization_config in config.json)?"""
+    with open(f"{path}/config.json") as f:
+        return (json.load(f).get("quantization_config") or {}).get("quant_method") == "bitsandbytes"
+
+
+def load_prequantized(path, device="cpu", dtype=torch.float32):
+    """Load a 4-bit folder saved by transformers + bitsandbytes (quantization_config in config.json)."""
+    with open(f"{path}/config.json") as f:
+        qc = json.load(f).get("quantization_config") or {}
+    if qc.get("quant_method") != "bitsandbytes" or not qc.get("load_in_4bit") or qc.get("bnb_4bit_quant_type", "fp4") != "nf4":
+        raise ValueError(f"{path}/config.json: quantization_config is not bitsandbytes 4-bit nf4")
+    quantized = {name.removesuffix(".weight.quant_state.bitsandbytes__nf4") for name in M.safetensors_files(path)
+                 if name.endswith(".weight.quant_state.bitsandbytes__nf4")}
+
+    def prepare(model):
+        for name in quantized:
+            old = model.get_submodule(name)
+            q = Linear4bit(old.in_features, old.out_features, old.bias is not None,
+                           double_quant=qc.get("bnb_4bit_use_double_quant", False), device="meta")
+            q.prequantized = True
+            parent, _, leaf = name.rpartition(".")
+            setattr(model.get_submodule(parent), leaf, q)
+
+    model = M.from_pretrained(path, device, dtype, prepare=prepare)
+    for name, module in model.named_modules():
+        if isinstance(module, Linear4bit):
+            n_blocks = math.ceil(module.in_features * module.out_features / module.blocksize)
+            if module.absmax.numel() != n_blocks or (module.double_quant and module.nested_absmax.numel() != math.ceil(n_blocks / module.nested_blocksize)):
+                raise ValueError(f"{path}: {name}.weight.absmax does not fit blocksize {module.blocksize}")
+    return model
+
+
+# -----------------------------------------------------------------------------
+# Accounting
+
+
+def base_bytes(model):
+    """(bytes of Linear4bit tensors, their number of weights, bytes of every other frozen tensor)."""
+    q_bytes, q_params, other = 0, 0, 0
+    for module in model.modules():
+        if isinstance(module, Linear4bit):
+            q_bytes += sum(b.numel() * b.element_size() for b in module.buffers(recurse=False))
+            q_params += module.in_features * module.out_features
+    seen = set()
+    for t in list(model.parameters()) + [b for m in model.modules() if not isinstance(m, Linear4bit) for b in m.buffers(recurse=False)]:
+        if not t.requires_grad and id(t) not in seen:
+            seen.add(id(t))
+            other += t.numel() * t.element_size()
+    return q_bytes, q_params, other
