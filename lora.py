@@ -166,14 +166,15 @@ def adapter_config(model, base_model_name_or_path=""):
             "revision": None}
 
 
-def save_adapter(model, path, base_model_name_or_path=""):
-    """adapter_config.json + adapter_model.safetensors, written to a temp folder and renamed into place."""
+def save_adapter(model, path, base_model_name_or_path="", state=None):
+    """adapter_config.json + adapter_model.safetensors, written to a temp folder and renamed into place.
+    state: the PEFT-named tensors when the model cannot list them itself (fsdp.export_adapter)."""
     from safetensors.torch import save_file
     tmp = path.rstrip("/") + ".tmp"
     os.makedirs(tmp, exist_ok=True)
     with open(os.path.join(tmp, "adapter_config.json"), "w") as f:
         json.dump(adapter_config(model, base_model_name_or_path), f, indent=2)
-    state = {k: v.to("cpu").contiguous() for k, v in adapter_state_dict(model).items()}
+    state = {k: v.to("cpu").contiguous() for k, v in (state or adapter_state_dict(model)).items()}
     save_file(state, os.path.join(tmp, "adapter_model.safetensors"), metadata={"format": "pt"})
     M.replace_dir(tmp, path.rstrip("/"))
 

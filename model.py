@@ -341,6 +341,23 @@ class Llama(nn.Module):
                 nn.init.normal_(p, std=std * scale)
         self.inv_freq = rope_frequencies(self.args, self.inv_freq.device)
 
+    def rope_and_mask(self, input_ids, position_ids=None, doc_ids=None, cache=None, dtype=torch.float32):
+        """What every block needs besides x: RoPE cos/sin for each token, and the attention mask."""
+        B, T = input_ids.shape
+        if position_ids is None:
+            start = cache.pos if cache is not None else 0
+            position_ids = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
+        cos, sin = rope_cos_sin(self.inv_freq, position_ids, dtype)
+        if cache is not None:
+            cache.doc[:, cache.pos:cache.pos + T] = 0 if doc_ids is None else doc_ids
+            q_slot = torch.arange(cache.pos, cache.pos + T, device=input_ids.device)
+            mask = dense_mask(cache.doc[:, cache.pos:cache.pos + T], cache.doc[:, :cache.pos + T], q_slot)
+        elif doc_ids is not None:
+            mask = document_mask(doc_ids, use_flex=input_ids.is_cuda and create_block_mask is not None)
+        else:
+            mask = None
+        return cos, sin, mask
+
     def hidden_states(self, input_ids, position_ids=None, doc_ids=None, cache=None):
         """input_ids (B, T) -> final-normed hidden states (B, T, dim).
 
@@ -348,27 +365,15 @@ class Llama(nn.Module):
         doc_ids: per-token document id; None means one document per row (plain causal mask).
         cache: a KVCache; tokens go into slots cache.pos .. cache.pos + T - 1.
         """
-        B, T = input_ids.shape
-        if position_ids is None:
-            start = cache.pos if cache is not None else 0
-            position_ids = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
         x = self.model.embed_tokens(input_ids)
-        cos, sin = rope_cos_sin(self.inv_freq, position_ids, x.dtype)
-        if cache is not None:
-            cache.doc[:, cache.pos:cache.pos + T] = 0 if doc_ids is None else doc_ids
-            q_slot = torch.arange(cache.pos, cache.pos + T, device=x.device)
-            mask = dense_mask(cache.doc[:, cache.pos:cache.pos + T], cache.doc[:, :cache.pos + T], q_slot)
-        elif doc_ids is not None:
-            mask = document_mask(doc_ids, use_flex=x.is_cuda and create_block_mask is not None)
-        else:
-            mask = None
+        cos, sin, mask = self.rope_and_mask(input_ids, position_ids, doc_ids, cache, x.dtype)
         for layer in self.model.layers:
             if self.gradient_checkpointing and self.training:
                 x = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, mask, cache)
         if cache is not None:
-            cache.pos += T
+            cache.pos += input_ids.shape[1]
         return self.model.norm(x)
 
     def forward(self, input_ids, labels=None, position_ids=None, doc_ids=None, cache=None, loss_chunk=0):
@@ -435,11 +440,12 @@ def sample(logits, temperature, top_k, generator=None):
 
 @torch.no_grad()
 def generate(model: Llama, prompts, max_new_tokens, temperature=0.0, top_k=0, eos_id=None,
-             use_cache=True, generator=None):
+             use_cache=True, generator=None, stop_early=True):
     """Continue each prompt (a list of token ids); returns the new tokens of each, cut after eos.
 
     use_cache=False recomputes the whole sequence every step: slow, and the reference the cached
-    path is tested against.
+    path is tested against. stop_early=False runs all max_new_tokens steps even when every row has
+    ended, so that sharded ranks (fsdp.py), which gather weights together, take the same steps.
     """
     was_training = model.training
     model.eval()
@@ -470,7 +476,7 @@ def generate(model: Llama, prompts, max_new_tokens, temperature=0.0, top_k=0, eo
             done |= nxt == eos_id
         out = torch.cat([out, nxt[:, None]], 1)
         step_ids, step_pos, step_doc = nxt[:, None], step_pos[:, -1:] + 1, torch.zeros_like(nxt[:, None])
-        if done.all():
+        if stop_early and done.all():
             break
     model.train(was_training)
     result = []

@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 import data as D
+import fsdp as F
 import lora as L
 import model as M
 import quant as Q
@@ -69,6 +70,12 @@ class Config:
     grad_checkpointing: bool = False  # recompute each block in backward instead of storing activations
     loss_chunk: int = 0  # >0: cross-entropy over this many tokens at a time (never all [tokens, vocab] logits)
     threads: int = 0  # CPU threads per process; 0 = cores / processes on this machine
+    # sharding (fsdp.py)
+    fsdp: bool = False  # shard weights, gradients and optimizer state over ranks (else plain data parallel)
+    prefetch: int = 1  # units whose all-gather is issued ahead of the one computing
+    reduce_dtype: str = "fp32"  # fp32 | bf16: dtype gradients are reduce-scattered in
+    reduce_every_micro: bool = True  # reduce-scatter after every micro-batch (false: only the last; keeps full grads)
+    offload: bool = False  # keep shards and optimizer state in pinned CPU memory
     # logging, eval, saving
     out_dir: str = "out"
     log_every: int = 10  # print a log line every N steps (metrics.jsonl gets every step)
@@ -127,7 +134,7 @@ def parse_args(argv) -> Config:
         setattr(cfg, name, parse_value(name, types[name], text) if eq else True)
     for name, allowed in (("schedule", ("cosine", "linear", "constant")), ("precision", ("auto", "bf16", "fp32")),
                           ("eval_metric", ("auto", "exact", "last_number")),
-                          ("train_type", ("full", "lora", "qlora", "dora", "qdora"))):
+                          ("train_type", ("full", "lora", "qlora", "dora", "qdora")), ("reduce_dtype", ("fp32", "bf16"))):
         if getattr(cfg, name) not in allowed:
             raise ValueError(f"flag --{name}={getattr(cfg, name)} is not one of {', '.join(allowed)}")
     if not 0 <= cfg.lora_dropout < 1:
@@ -241,27 +248,32 @@ def to_device(batch, device):
 
 @torch.no_grad()
 def evaluate(model, cfg, d, eval_data, eval_docs, tok, autocast):
-    """Held-out loss over up to eval_batches batches, and accuracy on up to eval_samples prompts."""
+    """Held-out loss over up to eval_batches batches, and accuracy on up to eval_samples prompts.
+    Under --fsdp every rank must run the same forwards (they gather weights together), so a rank
+    with less work repeats a batch or prompt and ignores the result."""
     model.eval()
     loader = D.Batches(eval_data, eval_docs, cfg.seq_len, cfg.batch_size, tok.pad_id, pack=cfg.pack, shuffle=False)
-    plan = loader.plan(0)
+    n_batches = min(len(loader.plan(0)), cfg.eval_batches)
     loss_sum, n_tok = 0.0, 0
-    for i in range(d.rank, min(len(plan), cfg.eval_batches), d.world):
-        loader.index = i
+    for i in range(d.rank, math.ceil(n_batches / d.world) * d.world if cfg.fsdp else n_batches, d.world):
+        loader.index = min(i, n_batches - 1)
         batch = to_device(next(loader), d.device)
         batch.pop("num_tokens")
         with autocast:
             s, n = model(**batch, loss_chunk=cfg.loss_chunk)
-        loss_sum, n_tok = loss_sum + s.item(), n_tok + n
+        if i < n_batches:
+            loss_sum, n_tok = loss_sum + s.item(), n_tok + n
     correct, asked = 0, 0
     prompts = [(eval_data.prompts[j], eval_data.references[j]) for j in eval_docs if eval_data.prompts[j] is not None]
     prompts = prompts[:cfg.eval_samples]
     mine = prompts[d.rank::d.world]
-    for i in range(0, len(mine), 32):
-        chunk = mine[i:i + 32]
+    n_chunks = math.ceil(math.ceil(len(prompts) / d.world) / 32) if cfg.fsdp else math.ceil(len(mine) / 32)
+    for i in range(0, 32 * n_chunks, 32):
+        chunk = mine[i:i + 32] or prompts[:1]  # an empty share repeats a prompt (fsdp)
         with autocast:
-            outs = M.generate(model, [tok.encode(p, bos=True) for p, _ in chunk], cfg.max_new_tokens, eos_id=tok.eos_id)
-        for out, (_, ref) in zip(outs, chunk):
+            outs = M.generate(model, [tok.encode(p, bos=True) for p, _ in chunk], cfg.max_new_tokens, eos_id=tok.eos_id,
+                              stop_early=not cfg.fsdp)
+        for out, (_, ref) in zip(outs, mine[i:i + 32]):
             correct += D.score_answer(tok.decode(out), ref, cfg.eval_metric)
             asked += 1
     loss_sum, n_tok, correct, asked = all_reduce_sum([loss_sum, n_tok, correct, asked], d)
@@ -312,12 +324,15 @@ def load_checkpoint(path, model, opt, loader, d: Dist):
                          f"({len(unexpected)} unexpected, {len(trainable - set(state['model']))} missing tensors)")
     opt.load_state_dict(state["optimizer"])
     loader.load_state_dict(state["data"])
-    rng = state["rng"][d.rank]
+    set_rng(state["rng"][d.rank])
+    return state["step"]
+
+
+def set_rng(rng):
     torch.set_rng_state(rng["torch"].cpu())
     if rng["cuda"] is not None:
         torch.cuda.set_rng_state(rng["cuda"].cpu())
     random.setstate(rng["python"])
-    return state["step"]
 
 
 # -----------------------------------------------------------------------------
@@ -411,12 +426,39 @@ def main(argv):
     if cfg.eval_metric == "auto":
         cfg.eval_metric = "exact" if cfg.data == "arith" else "last_number"
 
-    opt = make_optimizer(model, cfg, d.device)
-    params = [p for g in opt.param_groups for p in g["params"]]
     use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and d.device.type == "cuda")
     autocast = torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=use_bf16)
-    ckpt_path = os.path.join(cfg.out_dir, "checkpoint.pt")
-    start = load_checkpoint(ckpt_path, model, opt, loader, d) if cfg.resume else 0
+    sharded = None
+    if cfg.fsdp:
+        sharded = F.Sharded(model, d, cfg.prefetch, cfg.grad_checkpointing, torch.bfloat16 if use_bf16 else torch.float32,
+                            torch.bfloat16 if cfg.reduce_dtype == "bf16" else torch.float32, cfg.offload)
+        opt = torch.optim.AdamW(sharded.param_groups(cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                                fused=d.device.type == "cuda" and not cfg.offload)
+        shard_bytes = sum(g.shard.numel() * g.shard.element_size() for u in sharded.units for g in u.groups)
+        log(f"fsdp: {len(sharded.units)} units, {shard_bytes / 2**20:.1f} MiB of shards on this rank, prefetch "
+            f"{cfg.prefetch}, checkpointing {cfg.grad_checkpointing}, reduce in {cfg.reduce_dtype}")
+    else:
+        opt = make_optimizer(model, cfg, d.device)
+    params = [p for g in opt.param_groups for p in g["params"]]
+    ckpt_path = os.path.join(cfg.out_dir, "checkpoint" if cfg.fsdp else "checkpoint.pt")
+    start = 0
+    def save(step):
+        if sharded:
+            rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
+                   "cuda": torch.cuda.get_rng_state() if d.device.type == "cuda" else None}
+            F.save_sharded(ckpt_path, sharded, {"optimizer": opt.state_dict(), "step": step, "data": loader.state_dict(),
+                                                "rng": rng, "config": dataclasses.asdict(cfg)})
+        else:
+            save_checkpoint(ckpt_path, model, opt, step, loader, d, cfg)
+
+    if cfg.resume and cfg.fsdp:
+        state = F.load_sharded(ckpt_path, sharded)
+        opt.load_state_dict(state["optimizer"])
+        loader.load_state_dict(state["data"])
+        set_rng(state["rng"])
+        start = state["step"]
+    elif cfg.resume:
+        start = load_checkpoint(ckpt_path, model, opt, loader, d)
     if start:
         log(f"resumed from {ckpt_path} at step {start}, data epoch {loader.epoch} batch {loader.index}")
     metrics = open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a" if cfg.resume else "w") if d.main else None
@@ -447,14 +489,23 @@ def main(argv):
         n_real = sum(b.pop("num_tokens") for b in micro)
         n_target, n_real = all_reduce_sum([sum(int((b["labels"] != D.IGNORE).sum()) for b in micro), n_real], d)
         loss_sum = 0.0
-        for b in micro:
+        for k, b in enumerate(micro):
             b = to_device(b, d.device)
-            with autocast:
-                s_, _ = model(**b, loss_chunk=cfg.loss_chunk)
-            (s_ / max(n_target, 1)).backward()
+            if sharded:
+                sync = cfg.reduce_every_micro or k == len(micro) - 1
+                s_, _ = sharded.forward_backward(**b, loss_chunk=cfg.loss_chunk, loss_scale=1 / max(n_target, 1),
+                                                 sync=sync, autocast=autocast)
+            else:
+                with autocast:
+                    s_, _ = model(**b, loss_chunk=cfg.loss_chunk)
+                (s_ / max(n_target, 1)).backward()
             loss_sum += s_.item()
-        all_reduce_grads(params, d)
-        gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf")).item()
+        max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+        if sharded:
+            gnorm = sharded.clip_grad_norm_(max_norm).item()
+        else:
+            all_reduce_grads(params, d)
+            gnorm = torch.nn.utils.clip_grad_norm_(params, max_norm).item()
         opt.step()
         opt.zero_grad(set_to_none=True)
         loss = all_reduce_sum([loss_sum], d)[0] / max(n_target, 1)
@@ -477,24 +528,31 @@ def main(argv):
         if (step + 1) % cfg.eval_every == 0 and step + 1 != cfg.max_steps:
             run_eval(step + 1)
         if cfg.save_every and (step + 1) % cfg.save_every == 0:
-            save_checkpoint(ckpt_path, model, opt, step + 1, loader, d, cfg)
+            save(step + 1)
 
     run_eval(cfg.max_steps)
     log(f"trained {cfg.max_steps - start} steps in {time.time() - t_start:.1f}s")
-    if d.main and cfg.samples:
-        prompts = [dataset.prompts[j] for j in eval_docs if dataset.prompts[j] is not None][:cfg.samples]
+    prompts = [dataset.prompts[j] for j in eval_docs if dataset.prompts[j] is not None][:cfg.samples]
+    if prompts and (d.main or cfg.fsdp):  # sharded: every rank takes part in the gathers
         gen = torch.Generator(device=d.device).manual_seed(cfg.seed)
         with autocast:
             outs = M.generate(model, [tok.encode(p, bos=True) for p in prompts], cfg.max_new_tokens, temperature=0.7,
-                              top_k=50, eos_id=tok.eos_id, generator=gen)
+                              top_k=50, eos_id=tok.eos_id, generator=gen, stop_early=not cfg.fsdp)
         for p, out in zip(prompts, outs):
             log(f"sample: {p!r} -> {tok.decode(out)!r}")
-    save_checkpoint(ckpt_path, model, opt, cfg.max_steps, loader, d, cfg)
+    save(cfg.max_steps)
     log(f"saved {ckpt_path}")
-    if d.main and cfg.train_type != "full":
-        L.save_adapter(model, os.path.join(cfg.out_dir, "adapter"), cfg.model if os.path.isdir(cfg.model) else "")
+    base_name = cfg.model if os.path.isdir(cfg.model) else ""
+    if sharded:  # gathered unit by unit; every rank joins, rank 0 writes
+        if cfg.train_type != "full":
+            F.export_adapter(sharded, os.path.join(cfg.out_dir, "adapter"), base_name)
+        if cfg.save_hf:
+            F.export_hf(sharded, os.path.join(cfg.out_dir, "hf"), extra_files)
+        log(f"saved {cfg.out_dir}/" + ("adapter and hf" if cfg.train_type != "full" else "hf") if cfg.save_hf else "")
+    elif d.main and cfg.train_type != "full":
+        L.save_adapter(model, os.path.join(cfg.out_dir, "adapter"), base_name)
         log(f"saved the adapter (PEFT layout) to {os.path.join(cfg.out_dir, 'adapter')}")
-    if d.main and cfg.save_hf:
+    if d.main and cfg.save_hf and not sharded:
         if cfg.train_type != "full":  # the adapters folded into dense weights (dequantized when 4-bit)
             model = L.merge_and_unload(model)
         M.save_pretrained(model, os.path.join(cfg.out_dir, "hf"), extra_files=extra_files)

@@ -1,0 +1,486 @@
+"""Fully sharded data parallelism (FSDP), written out over torch.distributed collectives.
+
+    sharded = Sharded(model, dist_state, prefetch=1, checkpointing=True)
+    loss_sum, n = sharded.forward_backward(batch, loss_scale=1 / n_global, sync=True)
+    sharded.clip_grad_norm_(1.0); opt.step()          # opt = AdamW(sharded.parameters())
+
+The idea. Each rank of W keeps 1/W of every weight. A *unit* (the embedding + final norm + head,
+and each transformer block) is all-gathered just before it computes and freed right after, so at
+any moment a rank holds its shards plus one or two full units. Gradients of a unit are
+reduce-scattered as soon as its backward is done, so each rank ends with the summed gradient of
+its own shard only, and the optimizer updates only that shard.
+
+Storage. A unit's tensors are flattened into one buffer per *group* of tensors that share a
+dtype and a role: trainable weights (fp32 master shard, gathered in `param_dtype`), frozen float
+weights (norms, embeddings: kept and gathered as loaded), and NF4 tensors (packed bytes and their
+scales, gathered byte for byte). A buffer is padded to a multiple of W; rank r keeps the slice
+[r * n / W, (r + 1) * n / W). The full buffer is a tensor whose storage is resized to the full size
+to gather and to zero to free; module attributes are views into it. Tied weights (SmolLM2's
+embedding and head) are one tensor in the outer unit, so they stay tied.
+
+The loop (forward_backward), in order; each collective is issued and waited for on a named line:
+    forward:  outer (embedding) -> block 0 ... block L-1 -> outer (norm, head, loss)
+              before unit i computes, the gathers of units i+1 .. i+prefetch are issued (async)
+    backward: outer (head) -> block L-1 ... block 0 -> outer (embedding)
+              re-gather the unit (prefetching the next ones), recompute its forward when
+              checkpointing, backward through it, issue its reduce-scatter (async), free it
+    then wait for every reduce-scatter and add the results into the shards' .grad
+With checkpointing only block inputs are kept between forward and backward; without it each
+block's autograd graph is kept, and its saved tensors are views of the freed buffers, valid again
+once the unit is re-gathered before its backward.
+
+On CUDA gathers run on a side stream so that the next unit's all-gather overlaps this unit's
+compute. On CPU (gloo) the same code runs, with async work handles instead of streams.
+"""
+
+import math
+import os
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+import model as M
+from quant import Linear4bit
+
+
+class FlatGroup:
+    """Tensors of one unit sharing a dtype and a role, flattened into one sharded buffer."""
+
+    def __init__(self, tensors, trainable, param_dtype, rank, world, device, offload):
+        # tensors: list of (tensor, [(module, attribute name), ...]); a tied tensor has two owners
+        self.owners = [owners for _, owners in tensors]
+        self.shapes = [t.shape for t, _ in tensors]
+        self.numels = [t.numel() for t, _ in tensors]
+        self.numel = sum(self.numels)
+        self.shard_numel = math.ceil(self.numel / world)
+        self.trainable, self.rank, self.world, self.device = trainable, rank, world, device
+        storage_dtype = torch.float32 if trainable else tensors[0][0].dtype
+        self.gather_dtype = param_dtype if trainable else storage_dtype
+        lo, hi = rank * self.shard_numel, (rank + 1) * self.shard_numel
+        shard = torch.zeros(self.shard_numel, dtype=storage_dtype, device="cpu" if offload else device)
+        # Copy this rank's slice, tensor by tensor, never building the whole flat buffer.
+        start = 0
+        for t, _ in tensors:
+            a, b = max(lo, start), min(hi, start + t.numel())
+            if a < b:
+                shard[a - lo:b - lo] = t.detach().reshape(-1)[a - start:b - start].to(shard.device, storage_dtype)
+            start += t.numel()
+        if offload and device.type == "cuda":
+            shard = shard.pin_memory()
+        self.shard = nn.Parameter(shard, requires_grad=trainable)
+        self.full = torch.empty(self.shard_numel * world, dtype=self.gather_dtype, device=device)
+        self.full.requires_grad_(trainable)  # its views are what modules compute with; grads land in full.grad
+
+    def gather(self):
+        """Issue the all-gather of the full buffer (async); returns the work handle."""
+        with torch.no_grad():
+            self.full.untyped_storage().resize_(self.full.numel() * self.full.element_size())
+            shard = self.shard.detach().to(self.device, self.gather_dtype, non_blocking=True)
+            # .data: writing the gathered values must not bump the version counter that autograd
+            # checks on tensors saved from this buffer in an earlier forward.
+            if self.world == 1:
+                self.full.data.copy_(shard)
+                return None
+            return dist.all_gather_into_tensor(self.full.data, shard, async_op=True)
+
+    def gather_master(self):
+        """The full fp32 master values (blocking), whatever dtype the compute copy is gathered in."""
+        full = torch.empty(self.shard_numel * self.world, dtype=torch.float32, device=self.device)
+        shard = self.shard.detach().to(self.device)
+        if self.world == 1:
+            return full.copy_(shard)
+        dist.all_gather_into_tensor(full, shard)
+        return full
+
+    def bind(self, full=None):
+        """Point every owner's attribute at its view of the (gathered) full buffer."""
+        full = self.full if full is None else full
+        start = 0
+        for owners, shape, n in zip(self.owners, self.shapes, self.numels):
+            view = full[start:start + n].view(shape)
+            for module, name in owners:
+                setattr(module, name, view)
+            start += n
+
+    def free(self):
+        self.full.untyped_storage().resize_(0)
+
+    def reduce_scatter(self, reduce_dtype):
+        """Issue the reduce-scatter (sum) of full.grad into this rank's slice (async): (work, output)."""
+        grad = self.full.grad.to(reduce_dtype)
+        self.full.grad = None
+        out = torch.empty(self.shard_numel, dtype=reduce_dtype, device=self.device)
+        if self.world == 1:
+            return None, out.copy_(grad)
+        return dist.reduce_scatter_tensor(out, grad, async_op=True), out
+
+    def accumulate(self, out):
+        g = out.to(self.shard.device, torch.float32)
+        self.shard.grad = g if self.shard.grad is None else self.shard.grad + g
+
+
+class Unit:
+    """The tensors of some modules (a block, or embedding + norm + head), in FlatGroups."""
+
+    def __init__(self, name, modules, trainable_dtype, rank, world, device, offload):
+        self.name, self.state, self.works, self.pending = name, "free", [], []
+        seen, groups = {}, {}
+        for module in modules:
+            for sub in module.modules():
+                for k, t in list(sub._parameters.items()) + list(sub._buffers.items()):
+                    if t is None:
+                        continue
+                    if id(t) not in seen:
+                        seen[id(t)] = (t, [])
+                        key = (t.dtype, t.requires_grad, t.requires_grad and t.dim() >= 2)
+                        groups.setdefault(key, []).append(seen[id(t)])
+                    seen[id(t)][1].append((sub, k))
+        self.groups = []
+        for (dtype, trainable, decay), tensors in groups.items():
+            g = FlatGroup(tensors, trainable, trainable_dtype, rank, world, device, offload)
+            g.decay = decay
+            self.groups.append(g)
+        # The modules now compute with plain attributes (views into the gathered buffers).
+        for _, owners in seen.values():
+            for sub, k in owners:
+                sub._parameters.pop(k, None)
+                sub._buffers.pop(k, None)
+        for g in self.groups:
+            g.bind()  # views made while the buffer has memory; they stay valid objects once it is freed
+            g.free()
+
+    @property
+    def trainable(self):
+        return any(g.trainable for g in self.groups)
+
+
+class Sharded:
+    def __init__(self, model: M.Llama, d, prefetch=1, checkpointing=True, param_dtype=torch.float32,
+                 reduce_dtype=torch.float32, offload=False, log_events=False):
+        """d: train.Dist (rank, world, device). Shards `model` in place; the model must be on d.device."""
+        self.model, self.d, self.prefetch, self.checkpointing = model, d, prefetch, checkpointing
+        self.reduce_dtype = reduce_dtype
+        m = model.model
+        make = lambda name, mods: Unit(name, mods, param_dtype, d.rank, d.world, d.device, offload)  # noqa: E731
+        self.outer = make("outer", [m.embed_tokens, m.norm, model.lm_head])
+        self.blocks = [make(f"block{i}", [layer]) for i, layer in enumerate(m.layers)]
+        self.units = [self.outer] + self.blocks
+        self.stream = torch.cuda.Stream(d.device) if d.device.type == "cuda" else None
+        self.events = [] if log_events else None  # ("gather" | "wait" | "compute" | "free" | "reduce", unit)
+        self.managed = False  # True inside forward_backward; else hooks gather on demand (eval, generate)
+        for unit in self.units:
+            for module in ([m.embed_tokens, m.norm, model.lm_head] if unit is self.outer else [m.layers[int(unit.name[5:])]]):
+                module.register_forward_pre_hook(lambda mod, args, u=unit: self._on_demand(u))
+                module.register_forward_hook(lambda mod, args, out, u=unit: self._release(u))
+
+    # -- the four moves on a unit --------------------------------------------------------
+
+    def log(self, what, unit):
+        if self.events is not None:
+            self.events.append((what, unit.name, sum(u.state != "free" for u in self.units)))
+
+    def issue_gather(self, unit):
+        if unit.state != "free":
+            return
+        unit.state = "pending"
+        self.log("gather", unit)
+        if self.stream is not None:  # on the side stream, after what the compute stream has queued
+            self.stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(self.stream):
+                unit.works = [g.gather() for g in unit.groups]  # <- all_gather_into_tensor issued
+        else:
+            unit.works = [g.gather() for g in unit.groups]  # <- all_gather_into_tensor issued
+
+    def wait_gather(self, unit):
+        self.issue_gather(unit)
+        if unit.state == "ready":
+            return
+        for w in unit.works:  # <- all-gathers waited for
+            if w is not None:
+                w.wait()
+        if self.stream is not None:
+            torch.cuda.current_stream().wait_stream(self.stream)
+            for g in unit.groups:  # the caching allocator must not reuse this memory while compute uses it
+                g.full.record_stream(torch.cuda.current_stream())
+        unit.works, unit.state = [], "ready"
+        for g in unit.groups:
+            g.bind()
+        self.log("wait", unit)
+
+    def free(self, unit):
+        if unit.state == "free":
+            return
+        for g in unit.groups:
+            g.free()
+        unit.state = "free"
+        self.log("free", unit)
+
+    def issue_reduce(self, unit):
+        for g in unit.groups:
+            if g.trainable and g.full.grad is not None:
+                work, out = g.reduce_scatter(self.reduce_dtype)  # <- reduce_scatter_tensor issued
+                unit.pending.append((g, work, out))
+        self.log("reduce", unit)
+
+    def finish_reduces(self):
+        for unit in self.units:
+            for g, work, out in unit.pending:
+                if work is not None:
+                    work.wait()  # <- reduce-scatters waited for
+                g.accumulate(out)
+            unit.pending = []
+
+    def _on_demand(self, unit):
+        if not self.managed:
+            self.wait_gather(unit)
+
+    def _release(self, unit):
+        if not self.managed:
+            self.free(unit)
+
+    # -- the training step -----------------------------------------------------------------
+
+    def run(self, schedule, i):
+        """Step i of the schedule (a list of (unit, fn)): prefetch the next units, wait for this one,
+        compute, and free it unless it comes back within the prefetch window."""
+        upcoming = [u for u, _ in schedule[i + 1:i + 1 + self.prefetch]]
+        for u in upcoming:
+            self.issue_gather(u)  # prefetch: issued before this unit computes
+        unit, fn = schedule[i]
+        self.wait_gather(unit)
+        self.log("compute", unit)
+        out = fn()
+        if unit not in upcoming:
+            self.free(unit)
+        return out
+
+    def forward_backward(self, input_ids, labels, position_ids=None, doc_ids=None, loss_chunk=0, loss_scale=1.0,
+                         sync=True, autocast=None):
+        """One micro-batch: the loss (summed over target tokens; and the token count), and the
+        backward of loss * loss_scale. sync=True reduce-scatters the gradients into the shards'
+        .grad; sync=False keeps the full gradients for the next micro-batch (accumulation without
+        communication until the last micro-batch)."""
+        m, ckpt, s = self.model, self.checkpointing, {}
+        autocast = autocast or torch.autocast(input_ids.device.type, enabled=False)
+        saved = []  # per block: (input leaf, output, RNG state before its forward)
+
+        def embed():
+            with autocast:
+                s["emb"] = m.model.embed_tokens(input_ids)
+            s["cos"], s["sin"], s["mask"] = m.rope_and_mask(input_ids, position_ids, doc_ids, None, s["emb"].dtype)
+            s["x"] = s["emb"].detach().requires_grad_(True)
+
+        def block(j):
+            def fn():
+                x = s["x"]
+                rng = torch.get_rng_state(), (torch.cuda.get_rng_state(x.device) if x.is_cuda else None)
+                with torch.set_grad_enabled(not ckpt), autocast:  # checkpointing: no graph, only x is kept
+                    y = m.model.layers[j](x, s["cos"], s["sin"], s["mask"])
+                saved.append((x, y, rng))
+                s["x"] = y.detach().requires_grad_(True)
+            return fn
+
+        def head():
+            with autocast:
+                s["loss"], s["n"] = M.cross_entropy_sum(m.model.norm(s["x"]), m.lm_head, labels, loss_chunk)
+            (s["loss"] * loss_scale).backward()  # norm + head backward: the outer unit is still gathered
+            s["grad"] = s["x"].grad
+
+        def back_block(j):
+            def fn():
+                x, y, (cpu_rng, cuda_rng) = saved[j]
+                if ckpt:  # recompute the block's forward with the same dropout masks, keeping the graph
+                    with torch.random.fork_rng(devices=[x.device] if x.is_cuda else []):
+                        torch.set_rng_state(cpu_rng)
+                        if cuda_rng is not None:
+                            torch.cuda.set_rng_state(cuda_rng, x.device)
+                        with torch.enable_grad(), autocast:
+                            y = m.model.layers[j](x, s["cos"], s["sin"], s["mask"])
+                y.backward(s["grad"])
+                s["grad"] = x.grad
+            return fn
+
+        def back_embed():
+            if s["emb"].requires_grad:  # a trainable embedding (full fine-tuning)
+                s["emb"].backward(s["grad"])
+
+        L = len(self.blocks)
+        schedule = ([(self.outer, embed)] + [(self.blocks[j], block(j)) for j in range(L)] + [(self.outer, head)]
+                    + [(self.blocks[j], back_block(j)) for j in reversed(range(L))] + [(self.outer, back_embed)])
+        last = {id(u): i for i, (u, _) in enumerate(schedule)}  # the step after which a unit's gradient is complete
+        self.managed = True
+        for i in range(len(schedule)):
+            self.run(schedule, i)
+            unit = schedule[i][0]
+            if sync and i > L and last[id(unit)] == i and unit.trainable:
+                self.issue_reduce(unit)  # async; the next unit's backward overlaps it
+        if sync:
+            self.finish_reduces()
+        self.managed = False
+        return s["loss"].detach(), s["n"]
+
+    # -- optimizer side -----------------------------------------------------------------
+
+    def parameters(self):
+        return [g.shard for u in self.units for g in u.groups if g.trainable]
+
+    def param_groups(self, weight_decay):
+        groups = [g for u in self.units for g in u.groups if g.trainable]
+        return [{"params": [g.shard for g in groups if g.decay], "weight_decay": weight_decay},
+                {"params": [g.shard for g in groups if not g.decay], "weight_decay": 0.0}]
+
+    def clip_grad_norm_(self, max_norm):
+        """Clip by the norm of the whole gradient: sum of squares over local shards, summed over ranks."""
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        sq = sum((g.float().pow(2).sum() for g in grads), torch.zeros((), device=self.d.device)).to(self.d.device)
+        if self.d.world > 1:
+            dist.all_reduce(sq)
+        norm = sq.sqrt()
+        scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+        for g in grads:
+            g.mul_(scale.to(g.device))
+        return norm
+
+    # -- whole tensors, one unit at a time --------------------------------------------------
+
+    @torch.no_grad()
+    def gathered_units(self):
+        """Yield each unit gathered (every rank must iterate), trainable tensors as fp32 masters."""
+        for unit in self.units:
+            self.wait_gather(unit)
+            for g in unit.groups:
+                if g.trainable:
+                    g.bind(g.gather_master())
+            yield unit
+            self.free(unit)
+
+
+def trainable_state(sharded: Sharded):
+    """Name -> full fp32 tensor of every trainable tensor (our parameter names); every rank joins."""
+    names = {id(mod): name for name, mod in sharded.model.named_modules()}
+    state = {}
+    for unit in sharded.gathered_units():
+        for g in unit.groups:
+            if g.trainable:
+                for owners in g.owners:
+                    module, attr = owners[0]
+                    state[(names[id(module)] + "." + attr).lstrip(".")] = getattr(module, attr).detach().cpu().clone()
+    return state
+
+
+def unit_modules(sharded, unit):
+    m = sharded.model
+    if unit is sharded.outer:
+        return [("model.embed_tokens", m.model.embed_tokens), ("model.norm", m.model.norm), ("lm_head", m.lm_head)]
+    j = int(unit.name[5:])
+    return [(f"model.layers.{j}", m.model.layers[j])]
+
+
+def dense_tensors(prefix, module):
+    """HF name -> dense tensor for the leaves under `module`: adapters merged, NF4 dequantized."""
+    import lora as L
+    if isinstance(module, L.LoRALinear):
+        yield prefix + ".weight", module.dense_weight()
+        if module.base_layer.bias is not None:
+            yield prefix + ".bias", module.base_layer.bias
+        return
+    if isinstance(module, Linear4bit):
+        yield prefix + ".weight", module.dequantize(torch.float32)
+        if module.bias is not None:
+            yield prefix + ".bias", module.bias
+        return
+    children = list(module.named_children())
+    if not children:
+        for k in ("weight", "bias"):
+            t = getattr(module, k, None)
+            if isinstance(t, torch.Tensor):
+                yield f"{prefix}.{k}", t
+    for name, child in children:
+        yield from dense_tensors(f"{prefix}.{name}", child)
+
+
+def export_hf(sharded: Sharded, path, extra_files=(), dtype=torch.bfloat16):
+    """The trained model as an HF folder: one safetensors file per unit, so rank 0 holds one unit at
+    a time (adapters merged, NF4 dequantized). Every rank must call this (it joins the gathers)."""
+    import json
+    import shutil
+    from safetensors.torch import save_file
+    main, n = sharded.d.rank == 0, len(sharded.units)
+    tmp = path.rstrip("/") + ".tmp"
+    if main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    weight_map, total = {}, 0
+    for i, unit in enumerate(sharded.gathered_units()):
+        state = {name: t.detach().to("cpu", dtype).contiguous().clone() for prefix, mod in unit_modules(sharded, unit)
+                 for name, t in dense_tensors(prefix, mod)}
+        if sharded.model.args.tie_embeddings:
+            state.pop("lm_head.weight", None)
+        if main:
+            file = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            save_file(state, os.path.join(tmp, file), metadata={"format": "pt"})
+            weight_map.update({k: file for k in state})
+            total += sum(v.numel() * v.element_size() for v in state.values())
+    if not main:
+        return
+    cfg = sharded.model.args.to_hf_config()
+    cfg["torch_dtype"] = str(dtype).removeprefix("torch.")
+    json.dump(cfg, open(os.path.join(tmp, "config.json"), "w"), indent=2)
+    json.dump({"metadata": {"total_size": total}, "weight_map": weight_map},
+              open(os.path.join(tmp, "model.safetensors.index.json"), "w"), indent=2)
+    for src in extra_files:
+        shutil.copy(src, tmp)
+    M.replace_dir(tmp, path.rstrip("/"))
+
+
+def export_adapter(sharded: Sharded, path, base_model_name_or_path=""):
+    """The trained adapters in PEFT's layout (fp32 masters), written by rank 0."""
+    import lora as L
+    state = {"base_model.model." + k: v for k, v in trainable_state(sharded).items()}
+    if sharded.d.rank == 0:
+        L.save_adapter(sharded.model, path, base_model_name_or_path, state=state)
+
+
+# -- sharded, resumable checkpoints: each rank its shards and optimizer state --------------
+
+
+def save_sharded(path, sharded: Sharded, extra):
+    """<path>/rank<r>.pt per rank, each written to a temp name and renamed; then rank 0 writes
+    <path>/done.json, so a folder without it is an interrupted save."""
+    import json
+    os.makedirs(path, exist_ok=True)
+    if sharded.d.rank == 0 and os.path.exists(os.path.join(path, "done.json")):
+        os.remove(os.path.join(path, "done.json"))
+    if sharded.d.world > 1:
+        dist.barrier()
+    layout = [(u.name, g.numel, str(g.shard.dtype)) for u in sharded.units for g in u.groups]
+    state = {"shards": [g.shard.detach().cpu() for u in sharded.units for g in u.groups], "layout": layout,
+             "world": sharded.d.world, **extra}
+    file = os.path.join(path, f"rank{sharded.d.rank}.pt")
+    torch.save(state, file + ".tmp")
+    os.replace(file + ".tmp", file)
+    if sharded.d.world > 1:
+        dist.barrier()
+    if sharded.d.rank == 0:
+        json.dump({"world": sharded.d.world}, open(os.path.join(path, "done.json"), "w"))
+
+
+def load_sharded(path, sharded: Sharded):
+    """Restore this rank's shards; returns the rest of what save_sharded stored (optimizer, step, ...)."""
+    import json
+    done = os.path.join(path, "done.json")
+    if not os.path.isfile(done):
+        raise FileNotFoundError(f"{path}: no complete sharded checkpoint (done.json missing)")
+    world = json.load(open(done))["world"]
+    if world != sharded.d.world:
+        raise ValueError(f"{path}: saved at world size {world}, resuming at {sharded.d.world}")
+    state = torch.load(os.path.join(path, f"rank{sharded.d.rank}.pt"), map_location="cpu", weights_only=False)
+    groups = [g for u in sharded.units for g in u.groups]
+    layout = [(u.name, g.numel, str(g.shard.dtype)) for u in sharded.units for g in u.groups]
+    if [tuple(x) for x in state["layout"]] != layout:
+        raise ValueError(f"{path}: saved for a different model, --train_type or --lora_target")
+    with torch.no_grad():
+        for g, t in zip(groups, state["shards"]):
+            g.shard.copy_(t)
+    return state

@@ -1,0 +1,108 @@
+"""Run by tests/test_fsdp.py under torchrun: sharded training of small models, results to a file.
+
+    torchrun --nproc_per_node=W tests/fsdp_worker.py OUT_FILE
+"""
+import itertools
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import fsdp as F  # noqa: E402
+import lora as L  # noqa: E402
+import quant as Q  # noqa: E402
+from conftest import small_model  # noqa: E402
+from train import Dist  # noqa: E402
+
+CONFIGS = list(itertools.product(["full", "lora", "qlora"], [1, 2], [False, True]))  # type, micro-batches, checkpointing
+STEPS, B, T = 3, 2, 12
+
+
+def build(train_type, tie=False):
+    m = small_model(seed=0, tie_embeddings=tie)
+    if train_type == "qlora":
+        Q.quantize_model(m)
+    if train_type != "full":
+        torch.manual_seed(1)
+        L.add_lora(m, rank=4, alpha=8, targets="all-linear", dora=False)
+    return m
+
+
+def batch(step, micro, rank):
+    g = torch.Generator().manual_seed(1000 * step + 10 * micro + rank)
+    ids = torch.randint(0, 50, (B, T), generator=g)
+    labels = torch.randint(0, 50, (B, T), generator=g)
+    labels[torch.rand(B, T, generator=g) < 0.3] = -100
+    return ids, labels
+
+
+def n_targets(step, accum, world):
+    return sum(int((batch(step, k, r)[1] != -100).sum()) for k in range(accum) for r in range(world))
+
+
+def fsdp2_losses(d):
+    """The same full fine-tuning with PyTorch's own FSDP2 (fully_shard), for comparison."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    mesh = init_device_mesh("cpu", (d.world,))
+    m = build("full", tie=True)
+    for layer in m.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(m, mesh=mesh)
+    params = list(m.parameters())
+    opt = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
+                             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}], lr=1e-2)
+    losses = []
+    for step in range(STEPS):
+        n = n_targets(step, 1, d.world)
+        ids, labels = batch(step, 0, d.rank)
+        s, _ = m(ids, labels=labels)
+        (s / n * d.world).backward()  # FSDP2 averages gradients over ranks; ours sums
+        dist.all_reduce(s := s.detach().clone())
+        losses.append(s.item() / n)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return losses
+
+
+def main(out):
+    dist.init_process_group("gloo")
+    torch.set_num_threads(1)
+    d = Dist(dist.get_rank(), dist.get_rank(), dist.get_world_size(), torch.device("cpu"))
+    results = {}
+    for train_type, accum, ckpt in CONFIGS:
+        model = build(train_type, tie=train_type == "full")
+        sharded = F.Sharded(model, d, prefetch=1, checkpointing=ckpt, log_events=True)
+        opt = torch.optim.AdamW(sharded.param_groups(0.1), lr=1e-2)
+        losses = []
+        for step in range(STEPS):
+            n = n_targets(step, accum, d.world)
+            total = torch.zeros(())
+            for k in range(accum):
+                ids, labels = batch(step, k, d.rank)
+                s, _ = sharded.forward_backward(ids, labels, loss_scale=1 / n, sync=k == accum - 1)
+                total += s
+            dist.all_reduce(total)
+            losses.append(total.item() / n)
+            sharded.clip_grad_norm_(1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        shard_bytes = sum(g.shard.numel() * g.shard.element_size() for u in sharded.units for g in u.groups)
+        padded = sum(g.shard_numel * d.world * g.shard.element_size() for u in sharded.units for g in u.groups)
+        results[(train_type, accum, ckpt)] = {"losses": losses, "state": F.trainable_state(sharded),
+                                              "events": sharded.events, "shard_bytes": shard_bytes, "padded_bytes": padded}
+        if (train_type, accum, ckpt) == ("qlora", 1, True):
+            F.export_hf(sharded, out + ".hf", dtype=torch.float32)
+            F.export_adapter(sharded, out + ".adapter")
+    results["fsdp2"] = fsdp2_losses(d)
+    if d.rank == 0:
+        torch.save(results, out)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

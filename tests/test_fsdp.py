@@ -1,0 +1,107 @@
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import ROOT, small_model
+from fsdp_worker import CONFIGS, STEPS, batch, build, n_targets
+
+import lora as L
+import model as M
+import quant as Q
+
+
+@pytest.fixture(scope="module", params=[1, 2, 3])
+def run(request, tmp_path_factory):
+    """Sharded results for every config at world size 1, 2 and 3 (3 does not divide the buffers: padding)."""
+    world = request.param
+    out = str(tmp_path_factory.mktemp(f"w{world}") / "results.pt")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
+                        os.path.join(ROOT, "tests", "fsdp_worker.py"), out], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return world, out, torch.load(out, weights_only=False)
+
+
+def unsharded(train_type, accum, world):
+    """The same steps in one process on the whole global batch: the reference."""
+    m = build(train_type, tie=train_type == "full")
+    params = [p for p in m.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
+                             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}], lr=1e-2)
+    losses = []
+    for step in range(STEPS):
+        n, total = n_targets(step, accum, world), 0.0
+        for k in range(accum):
+            for r in range(world):
+                ids, labels = batch(step, k, r)
+                s, _ = m(ids, labels=labels)
+                (s / n).backward()
+                total += s.item()
+        losses.append(total / n)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return m, losses
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"{c[0]}-accum{c[1]}-{'ckpt' if c[2] else 'nockpt'}")
+def test_sharded_training_equals_unsharded(run, config):
+    world, _, results = run
+    model, losses = unsharded(config[0], config[1], world)
+    got = results[config]
+    assert got["losses"] == pytest.approx(losses, rel=1e-5)
+    mine = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert set(got["state"]) == set(mine)
+    for name, p in mine.items():
+        # Adam divides by sqrt(v): where a gradient is within rounding of zero (LoRA's A after a
+        # step with B = 0) reduction-order noise moves a weight by up to ~1% of lr = 1e-2.
+        torch.testing.assert_close(got["state"][name], p.detach(), rtol=1e-5, atol=2e-4, msg=name)
+
+
+def test_sharded_full_fine_tuning_equals_pytorch_fsdp2(run):
+    _, _, results = run
+    assert results["fsdp2"] == pytest.approx(results[("full", 1, False)]["losses"], rel=1e-5)
+
+
+def test_each_rank_holds_a_world_th_of_the_bytes(run):
+    world, _, results = run
+    for config in CONFIGS:
+        model = build(config[0], tie=config[0] == "full")
+        tensors = {id(t): t for t in list(model.parameters()) + list(model.buffers()) if t is not model.inv_freq}
+        true_bytes = sum(t.numel() * (4 if t.requires_grad else t.element_size()) for t in tensors.values())
+        got = results[config]
+        assert got["shard_bytes"] * world == got["padded_bytes"]
+        assert true_bytes <= got["padded_bytes"] < true_bytes + 5 * 3 * world * 4  # 5 units, <= 3 groups, fp32 pad
+
+
+def test_prefetch_issues_the_next_gather_before_computing(run):
+    _, _, results = run
+    events = results[("lora", 1, True)]["events"]
+    computes = [i for i, e in enumerate(events) if e[0] == "compute"]
+    order = [events[i][1] for i in computes[:7]]  # one micro-batch: forward, then backward
+    assert order == ["outer", "block0", "block1", "outer", "block1", "block0", "outer"]
+    gathered, nxt = set(), iter([events[i][1] for i in computes[1:]] + [None])
+    for what, unit, _ in events:
+        if what == "gather":
+            gathered.add(unit)
+        elif what == "free":
+            gathered.discard(unit)
+        elif what == "compute":
+            following = next(nxt)
+            assert following is None or following in gathered  # its all-gather was issued before this unit ran
+    assert max(e[2] for e in events) <= 1 + 1  # prefetch 1: at most two units gathered at once
+
+
+def test_exports_load_in_one_process_with_the_same_logits(run):
+    world, out, _ = run
+    if world != 2:
+        pytest.skip("exported once, at world size 2")
+    model, _ = unsharded("qlora", 1, 2)
+    x = torch.randint(0, 50, (2, 9))
+    with torch.no_grad():
+        ref = model(x)
+        torch.testing.assert_close(M.from_pretrained(out + ".hf")(x), ref, rtol=1e-5, atol=1e-5)
+        fresh = Q.quantize_model(small_model(seed=0))  # the base the worker started from, no adapters
+        L.load_adapter(fresh, out + ".adapter")
+        torch.testing.assert_close(fresh(x), ref, rtol=1e-5, atol=1e-5)
