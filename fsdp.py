@@ -123,8 +123,10 @@ class FlatGroup:
 class Unit:
     """The tensors of some modules (a block, or embedding + norm + head), in FlatGroups."""
 
-    def __init__(self, name, modules, trainable_dtype, rank, world, device, offload):
+    def __init__(self, name, modules, trainable_dtype, rank, world, device, offload, materialize=None):
         self.name, self.state, self.works, self.pending = name, "free", [], []
+        if materialize is not None:  # load this unit's weights now (the model was built on the meta device)
+            materialize(modules)
         seen, groups = {}, {}
         for module in modules:
             for sub in module.modules():
@@ -157,12 +159,14 @@ class Unit:
 
 class Sharded:
     def __init__(self, model: M.Llama, d, prefetch=1, checkpointing=True, param_dtype=torch.float32,
-                 reduce_dtype=torch.float32, offload=False, log_events=False):
-        """d: train.Dist (rank, world, device). Shards `model` in place; the model must be on d.device."""
+                 reduce_dtype=torch.float32, offload=False, log_events=False, materialize=None):
+        """d: train.Dist (rank, world, device). Shards `model` in place. The model is either on
+        d.device already, or on the meta device with materialize(modules) loading one unit's
+        modules at a time (stream_from_pretrained), so the whole model never exists on any rank."""
         self.model, self.d, self.prefetch, self.checkpointing = model, d, prefetch, checkpointing
         self.reduce_dtype = reduce_dtype
         m = model.model
-        make = lambda name, mods: Unit(name, mods, param_dtype, d.rank, d.world, d.device, offload)  # noqa: E731
+        make = lambda name, mods: Unit(name, mods, param_dtype, d.rank, d.world, d.device, offload, materialize)  # noqa: E731
         self.outer = make("outer", [m.embed_tokens, m.norm, model.lm_head])
         self.blocks = [make(f"block{i}", [layer]) for i, layer in enumerate(m.layers)]
         self.units = [self.outer] + self.blocks
@@ -354,6 +358,20 @@ class Sharded:
                     g.bind(g.gather_master())
             yield unit
             self.free(unit)
+
+
+def stream_from_pretrained(model: M.Llama, path, device, dtype, then=None):
+    """A `materialize` for Sharded: read just the given modules' tensors from the HF folder (NF4
+    targets quantize as they arrive), then call then(modules) (e.g. to add adapters)."""
+    shapes = M.checkpoint_shapes(model)  # taken now: sharded modules stop listing their parameters
+    names = {id(mod): name for name, mod in model.named_modules()}
+
+    def materialize(modules):
+        prefixes = tuple(names[id(mod)] + "." for mod in modules)
+        M.load_tensors(model, path, device, dtype, only={k for k in shapes if k.startswith(prefixes)}, shapes=shapes)
+        if then is not None:
+            then(modules)
+    return materialize
 
 
 def trainable_state(sharded: Sharded):

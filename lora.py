@@ -34,7 +34,7 @@ from quant import Linear4bit, dequantize_model
 
 
 class LoRALinear(nn.Module):
-    def __init__(self, base_layer, rank, alpha, dropout=0.0, dora=False):
+    def __init__(self, base_layer, rank, alpha, dropout=0.0, dora=False, generator=None):
         super().__init__()
         self.base_layer = base_layer
         for p in base_layer.parameters():
@@ -45,7 +45,10 @@ class LoRALinear(nn.Module):
         # Adapters train in fp32 whatever the base's dtype; autocast casts them for the matmuls.
         self.lora_A = nn.Linear(base_layer.in_features, rank, bias=False, device=device, dtype=torch.float32)
         self.lora_B = nn.Linear(rank, base_layer.out_features, bias=False, device=device, dtype=torch.float32)
-        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # nn.Linear's own init, as PEFT
+        a = torch.empty(rank, base_layer.in_features)  # drawn on the CPU: the same numbers on every device
+        nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)  # nn.Linear's own init, as PEFT
+        with torch.no_grad():
+            self.lora_A.weight.copy_(a)
         nn.init.zeros_(self.lora_B.weight)
         self.lora_magnitude_vector = None
         if dora:
@@ -116,11 +119,12 @@ class LoRALinear(nn.Module):
 def linear_names(model):
     """Leaf names of the Linear layers LoRA can target ('all-linear' = these, lm_head excluded as PEFT does)."""
     return sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
-                   if isinstance(m, (nn.Linear, Linear4bit)) and not n.endswith("lm_head") and ".lora_" not in n})
+                   if isinstance(m, (nn.Linear, Linear4bit)) and n and not n.endswith("lm_head") and ".lora_" not in n})
 
 
-def add_lora(model, rank=8, alpha=16.0, dropout=0.0, targets="all-linear", dora=False):
-    """Freeze every parameter, then wrap the target Linear layers in LoRALinear. Returns the wrapped names."""
+def add_lora(model, rank=8, alpha=16.0, dropout=0.0, targets="all-linear", dora=False, generator=None):
+    """Freeze every parameter, then wrap the target Linear layers in LoRALinear. Returns the wrapped names.
+    generator: draws the A matrices (the global RNG if None)."""
     if rank < 1:
         raise ValueError(f"--lora_rank must be at least 1, got {rank}")
     available = linear_names(model)
@@ -136,7 +140,7 @@ def add_lora(model, rank=8, alpha=16.0, dropout=0.0, targets="all-linear", dora=
     for name, module in list(model.named_modules()):
         if isinstance(module, (nn.Linear, Linear4bit)) and name.rsplit(".", 1)[-1] in wanted and not name.endswith("lm_head"):
             parent, _, leaf = name.rpartition(".")
-            setattr(model.get_submodule(parent), leaf, LoRALinear(module, rank, alpha, dropout, dora))
+            setattr(model.get_submodule(parent), leaf, LoRALinear(module, rank, alpha, dropout, dora, generator))
             wrapped.append(name)
     model.lora_config = {"r": rank, "lora_alpha": alpha, "lora_dropout": dropout, "target_modules": sorted(wanted),
                          "use_dora": dora}

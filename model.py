@@ -519,8 +519,9 @@ def safetensors_files(path):
         return {k: single for k in f.keys()}
 
 
-def iter_checkpoint(path, expected_shapes):
-    """Yield (name, tensor) from an HF folder, one file open at a time, checking names and shapes."""
+def iter_checkpoint(path, expected_shapes, only=None):
+    """Yield (name, tensor) from an HF folder, one file open at a time, checking names and shapes.
+    only: a set of names to read (the rest is checked but not loaded): one shard unit's tensors."""
     from safetensors import safe_open
     where = safetensors_files(path)
     missing = [k for k in expected_shapes if k not in where]
@@ -532,7 +533,8 @@ def iter_checkpoint(path, expected_shapes):
             continue  # older exports save this buffer; it is recomputed from the config
         if name not in expected_shapes:
             raise ValueError(f"{file}: unexpected tensor {name!r} for a Llama model of this config")
-        by_file.setdefault(file, []).append(name)
+        if only is None or name in only:
+            by_file.setdefault(file, []).append(name)
     for file, names in by_file.items():
         with safe_open(file, "pt") as f:
             for name in names:
@@ -576,21 +578,32 @@ def from_pretrained(path, device="cpu", dtype=torch.float32, prepare=None) -> Ll
     Linear4bit. A module with a `load_tensor` method takes its own tensors (Linear4bit quantizes
     each weight as it arrives), so peak memory is the finished model plus one tensor in flight.
     """
-    args = read_hf_config(path)
+    model = empty_from_pretrained(path, prepare)
+    load_tensors(model, path, device, dtype)
+    model.inv_freq = rope_frequencies(model.args, device)
+    return model
+
+
+def empty_from_pretrained(path, prepare=None) -> Llama:
+    """The model of an HF folder's config.json on the meta device: shapes, no memory."""
     with torch.device("meta"):
-        model = Llama(args)
+        model = Llama(read_hf_config(path))
     if prepare is not None:
         prepare(model)
-    for name, t in iter_checkpoint(path, checkpoint_shapes(model)):
+    return model
+
+
+def load_tensors(model: Llama, path, device, dtype, only=None, shapes=None):
+    """Assign checkpoint tensors (all, or the names in `only`) to a meta-device model, one at a time.
+    shapes: checkpoint_shapes(model) taken before anything was loaded (fsdp.py loads unit by unit)."""
+    for name, t in iter_checkpoint(path, shapes or checkpoint_shapes(model), only):
         module, leaf = owner_of(model, name)
         if hasattr(module, "load_tensor"):
             module.load_tensor(leaf, t, device, dtype, where=path)
         else:
             setattr(module, leaf, nn.Parameter(t.to(device, dtype)))
-    if args.tie_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
-    model.inv_freq = rope_frequencies(args, device)
-    return model
+        if name == "model.embed_tokens.weight" and model.args.tie_embeddings:
+            model.lm_head.weight = model.model.embed_tokens.weight
 
 
 def replace_dir(tmp, final):

@@ -364,6 +364,8 @@ def build_model(cfg: Config, d: Dist):
             if not quantize:
                 raise ValueError(f"--model={cfg.model} holds 4-bit bitsandbytes weights: use --train_type=qlora or qdora")
             model = Q.load_prequantized(cfg.model, d.device, base_dtype)
+        elif cfg.fsdp:  # meta model now; each unit is read, quantized and sharded in turn (fsdp.Sharded)
+            model = M.empty_from_pretrained(cfg.model, prepare=Q.quantize_model if quantize else None)
         else:
             model = M.from_pretrained(cfg.model, d.device, base_dtype, prepare=Q.quantize_model if quantize else None)
         tok_dir = cfg.tokenizer or cfg.model
@@ -376,10 +378,26 @@ def build_model(cfg: Config, d: Dist):
         raise ValueError(f"--tokenizer: {tok.vocab_size} tokens do not fit the model's vocab_size {model.args.vocab_size}")
     if cfg.seq_len > model.args.max_seq_len:
         raise ValueError(f"--seq_len={cfg.seq_len} exceeds the model's context of {model.args.max_seq_len} tokens")
-    if cfg.train_type != "full":
-        L.add_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target,
-                   dora=cfg.train_type in ("dora", "qdora"))
+    gen = torch.Generator().manual_seed(cfg.seed)  # adapters start the same on every rank, sharded or not
+    if model.inv_freq.is_meta:  # --fsdp from a folder: adapters are added unit by unit as it loads
+        model.materialize = F.stream_from_pretrained(model, cfg.model, d.device, base_dtype,
+                                                     then=lambda modules: add_adapters(modules, cfg, gen))
+        model.inv_freq = M.rope_frequencies(model.args, d.device)
+    else:
+        add_adapters([model], cfg, gen)
     return model, tok, extra
+
+
+def add_adapters(modules, cfg, generator):
+    """Freeze and wrap the --lora_target layers of these modules (nothing for --train_type=full)."""
+    if cfg.train_type == "full":
+        return
+    for module in modules:
+        if L.linear_names(module):
+            L.add_lora(module, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target,
+                       dora=cfg.train_type in ("dora", "qdora"), generator=generator)
+        else:  # embedding, final norm, head: frozen
+            module.requires_grad_(False)
 
 
 def describe(model):
@@ -406,8 +424,8 @@ def main(argv):
     if cfg.compile:
         for layer in model.model.layers:
             layer.compile()
-    log(f"model {cfg.model} ({cfg.train_type}): {describe(model)}; {model.args.n_layers} layers, dim {model.args.dim}, "
-        f"world {d.world} on {d.device.type}")
+    log(f"model {cfg.model} ({cfg.train_type}): " + ("" if hasattr(model, "materialize") else f"{describe(model)}; ")
+        + f"{model.args.n_layers} layers, dim {model.args.dim}, world {d.world} on {d.device.type}")
 
     # Data: rank 0 tokenizes files into the cache first, the others then open the same files.
     cache = cfg.data_cache or os.path.join(cfg.out_dir, "token_cache")
@@ -431,11 +449,18 @@ def main(argv):
     sharded = None
     if cfg.fsdp:
         sharded = F.Sharded(model, d, cfg.prefetch, cfg.grad_checkpointing, torch.bfloat16 if use_bf16 else torch.float32,
-                            torch.bfloat16 if cfg.reduce_dtype == "bf16" else torch.float32, cfg.offload)
+                            torch.bfloat16 if cfg.reduce_dtype == "bf16" else torch.float32, cfg.offload,
+                            materialize=getattr(model, "materialize", None))
+        if cfg.train_type != "full":
+            model.lora_config = next(mod.lora_config for mod in model.modules() if hasattr(mod, "lora_config"))
         opt = torch.optim.AdamW(sharded.param_groups(cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                                 fused=d.device.type == "cuda" and not cfg.offload)
-        shard_bytes = sum(g.shard.numel() * g.shard.element_size() for u in sharded.units for g in u.groups)
-        log(f"fsdp: {len(sharded.units)} units, {shard_bytes / 2**20:.1f} MiB of shards on this rank, prefetch "
+        groups = [g for u in sharded.units for g in u.groups]
+        trainable = sum(g.numel for g in groups if g.trainable)
+        frozen = sum(g.numel * g.shard.element_size() for g in groups if not g.trainable)
+        shard_bytes = sum(g.shard.numel() * g.shard.element_size() for g in groups)
+        log(f"fsdp: {len(sharded.units)} units; {trainable / 1e6:.3f}M trainable parameters, frozen tensors "
+            f"{frozen / 2**20:.1f} MiB in all; {shard_bytes / 2**20:.1f} MiB of shards on this rank; prefetch "
             f"{cfg.prefetch}, checkpointing {cfg.grad_checkpointing}, reduce in {cfg.reduce_dtype}")
     else:
         opt = make_optimizer(model, cfg, d.device)

@@ -105,3 +105,37 @@ def test_exports_load_in_one_process_with_the_same_logits(run):
         fresh = Q.quantize_model(small_model(seed=0))  # the base the worker started from, no adapters
         L.load_adapter(fresh, out + ".adapter")
         torch.testing.assert_close(fresh(x), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_streamed_fsdp_run_equals_data_parallel_and_resumes(tmp_path, smollm2_dir):
+    """train.py end to end on 2 processes, QLoRA from an HF folder with tied embeddings: --fsdp
+    (each unit read, quantized and sharded in turn) gives the losses of plain data parallelism, and
+    a sharded checkpoint resumed at step 3 gives steps 4-6 of the uninterrupted run."""
+    import json
+    import shutil
+    from safetensors.torch import load_file
+    cfg = json.load(open(os.path.join(smollm2_dir, "config.json")))
+    model = small_model(seed=7, vocab_size=cfg["vocab_size"], dim=64, tie_embeddings=True, max_seq_len=256)
+    model.args.bos_token_id, model.args.eos_token_id = cfg["bos_token_id"], cfg["eos_token_id"]
+    M.save_pretrained(model, str(tmp_path / "base"), dtype=torch.float32,
+                      extra_files=[os.path.join(smollm2_dir, "tokenizer.json")])
+    common = ["train.py", f"--model={tmp_path / 'base'}", "--train_type=qlora", "--seq_len=32", "--batch_size=2",
+              "--grad_accum=2", "--schedule=constant", "--warmup_steps=2", "--lr=1e-2", "--eval_every=100",
+              "--eval_batches=2", "--eval_samples=2", "--max_new_tokens=3", "--samples=1", "--save_hf=false"]
+
+    def launch(*args):
+        r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                            *common, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+
+    def losses(out):
+        return [json.loads(line)["loss"] for line in open(out / "metrics.jsonl") if '"loss"' in line]
+
+    launch("--max_steps=6", f"--out_dir={tmp_path / 'dp'}")
+    launch("--max_steps=3", "--fsdp", f"--out_dir={tmp_path / 'fsdp'}")
+    launch("--max_steps=6", "--fsdp", "--resume", f"--out_dir={tmp_path / 'fsdp'}")
+    assert losses(tmp_path / "fsdp") == pytest.approx(losses(tmp_path / "dp"), rel=1e-5)
+    a = load_file(str(tmp_path / "dp" / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "fsdp" / "adapter" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=2e-4) for k in a)
+    shutil.rmtree(tmp_path / "base")
