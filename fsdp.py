@@ -120,6 +120,29 @@ class FlatGroup:
         self.shard.grad = g if self.shard.grad is None else self.shard.grad + g
 
 
+def group_tensors(modules):
+    """The distinct tensors (parameters, and buffers such as NF4 codes) under `modules`, grouped by
+    (dtype, trainable, decayed): {key: [(tensor, [(owner module, attribute), ...]), ...]}."""
+    seen, groups = {}, {}
+    for module in modules:
+        for sub in module.modules():
+            for k, t in list(sub._parameters.items()) + list(sub._buffers.items()):
+                if t is None:
+                    continue
+                if id(t) not in seen:
+                    seen[id(t)] = (t, [])
+                    key = (t.dtype, t.requires_grad, t.requires_grad and t.dim() >= 2)
+                    groups.setdefault(key, []).append(seen[id(t)])
+                seen[id(t)][1].append((sub, k))
+    return groups
+
+
+def unit_module_lists(model):
+    """The shard units: (name, modules). The outer unit holds what is not in a block."""
+    m = model.model
+    return [("outer", [m.embed_tokens, m.norm, model.lm_head])] + [(f"block{i}", [layer]) for i, layer in enumerate(m.layers)]
+
+
 class Unit:
     """The tensors of some modules (a block, or embedding + norm + head), in FlatGroups."""
 
@@ -127,24 +150,14 @@ class Unit:
         self.name, self.state, self.works, self.pending = name, "free", [], []
         if materialize is not None:  # load this unit's weights now (the model was built on the meta device)
             materialize(modules)
-        seen, groups = {}, {}
-        for module in modules:
-            for sub in module.modules():
-                for k, t in list(sub._parameters.items()) + list(sub._buffers.items()):
-                    if t is None:
-                        continue
-                    if id(t) not in seen:
-                        seen[id(t)] = (t, [])
-                        key = (t.dtype, t.requires_grad, t.requires_grad and t.dim() >= 2)
-                        groups.setdefault(key, []).append(seen[id(t)])
-                    seen[id(t)][1].append((sub, k))
+        groups = group_tensors(modules)
         self.groups = []
         for (dtype, trainable, decay), tensors in groups.items():
             g = FlatGroup(tensors, trainable, trainable_dtype, rank, world, device, offload)
             g.decay = decay
             self.groups.append(g)
         # The modules now compute with plain attributes (views into the gathered buffers).
-        for _, owners in seen.values():
+        for _, owners in [entry for tensors in groups.values() for entry in tensors]:
             for sub, k in owners:
                 sub._parameters.pop(k, None)
                 sub._buffers.pop(k, None)
@@ -166,10 +179,9 @@ class Sharded:
         self.model, self.d, self.prefetch, self.checkpointing = model, d, prefetch, checkpointing
         self.reduce_dtype = reduce_dtype
         m = model.model
-        make = lambda name, mods: Unit(name, mods, param_dtype, d.rank, d.world, d.device, offload, materialize)  # noqa: E731
-        self.outer = make("outer", [m.embed_tokens, m.norm, model.lm_head])
-        self.blocks = [make(f"block{i}", [layer]) for i, layer in enumerate(m.layers)]
-        self.units = [self.outer] + self.blocks
+        self.units = [Unit(name, mods, param_dtype, d.rank, d.world, d.device, offload, materialize)
+                      for name, mods in unit_module_lists(model)]
+        self.outer, self.blocks = self.units[0], self.units[1:]
         self.stream = torch.cuda.Stream(d.device) if d.device.type == "cuda" else None
         self.events = [] if log_events else None  # ("gather" | "wait" | "compute" | "free" | "reduce", unit)
         self.managed = False  # True inside forward_backward; else hooks gather on demand (eval, generate)
@@ -458,6 +470,57 @@ def export_adapter(sharded: Sharded, path, base_model_name_or_path=""):
     state = {"base_model.model." + k: v for k, v in trainable_state(sharded).items()}
     if sharded.d.rank == 0:
         L.save_adapter(sharded.model, path, base_model_name_or_path, state=state)
+
+
+# -- the memory plan: what a rank will hold, from a meta-device model ----------------------
+
+
+def plan_memory(model, world, batch_size, seq_len, prefetch=1, checkpointing=True, param_bytes=2, reduce_every_micro=True,
+                offload=False, loss_chunk=0):
+    """Predicted bytes per rank, by category, without allocating (the model may be on the meta device).
+
+    Weights follow the same grouping and padding as Sharded. Activations are an estimate from the
+    tensors a Llama block keeps for backward, per token: the fp32 inputs of the two RMSNorms (2 x 4 x
+    dim), the bf16 inputs of the projections and attention (x, q, k, v, attention output: 4 x dim
+    + 2 x kv_dim, times 2 bytes), and of the MLP (x, gate, up, silu(gate) * up: dim + 3 x ffn, times
+    2 bytes) plus the attention log-sum-exp; with checkpointing only each block's input (2 x dim
+    bytes) is kept, plus one block's worth during its recompute.
+    """
+    a = model.args
+    shards = grads = optim = full_grads = 0
+    unit_sizes = []
+    for _, modules in unit_module_lists(model):
+        unit_full = unit_trainable = 0
+        for (dtype, trainable, _), tensors in group_tensors(modules).items():
+            numel = sum(t.numel() for t, _ in tensors)
+            shard = math.ceil(numel / world)
+            size = torch.empty((), dtype=dtype).element_size()
+            shards += shard * (4 if trainable else size)
+            unit_full += shard * world * (param_bytes if trainable else size)
+            if trainable:
+                grads += shard * 4
+                optim += shard * 8  # AdamW's exp_avg and exp_avg_sq in fp32
+                unit_trainable += shard * world * param_bytes
+        unit_sizes.append(unit_full)
+        full_grads = full_grads + unit_trainable if not reduce_every_micro else max(full_grads, unit_trainable)
+    # Units in flight: the current one and `prefetch` ahead, along the forward + backward schedule.
+    L = a.n_layers
+    order = [0] + list(range(1, L + 1)) + [0] + list(range(L, 0, -1)) + [0]
+    gathered = max(sum(unit_sizes[u] for u in set(order[i:i + prefetch + 1])) for i in range(len(order)))
+    tokens = batch_size * seq_len
+    kv = a.n_kv_heads * a.head_dim
+    per_block = tokens * (8 * a.dim + 2 * (4 * a.dim + 2 * kv) + 2 * (a.dim + 3 * a.ffn_dim) + 4 * a.n_heads)
+    acts = a.n_layers * (tokens * 2 * a.dim if checkpointing else per_block) + (per_block if checkpointing else 0)
+    # A 4-bit weight is dequantized to the compute dtype one at a time, in forward and in backward.
+    dequant = max([m.in_features * m.out_features * param_bytes for m in model.modules() if isinstance(m, Linear4bit)] + [0])
+    rows = loss_chunk if 0 < loss_chunk < tokens else tokens
+    logits = rows * a.vocab_size * 4 * 2  # fp32 logits and their gradient
+    gpu = {"weight shards": 0 if offload else shards, "gathered units": gathered,
+           "gradients": (0 if offload else grads) + full_grads, "optimizer": 0 if offload else optim,
+           "activations": acts, "dequantized weight": dequant, "logits": logits}
+    gpu["total"] = sum(gpu.values())
+    cpu = {"weight shards": shards, "gradients": grads, "optimizer": optim} if offload else {}
+    return gpu, cpu
 
 
 # -- sharded, resumable checkpoints: each rank its shards and optimizer state --------------

@@ -76,6 +76,8 @@ class Config:
     reduce_dtype: str = "fp32"  # fp32 | bf16: dtype gradients are reduce-scattered in
     reduce_every_micro: bool = True  # reduce-scatter after every micro-batch (false: only the last; keeps full grads)
     offload: bool = False  # keep shards and optimizer state in pinned CPU memory
+    dry_run: bool = False  # print the per-rank memory plan (meta device, nothing allocated) and exit
+    plan_world: int = 0  # world size for --dry_run; 0 = this launch's
     # logging, eval, saving
     out_dir: str = "out"
     log_every: int = 10  # print a log line every N steps (metrics.jsonl gets every step)
@@ -414,8 +416,39 @@ def describe(model):
     return line
 
 
+def dry_run(cfg: Config, d: Dist):
+    """Build the model on the meta device (quantized, with adapters, as configured) and print what
+    each rank would hold on the GPU (and on the CPU with --offload)."""
+    meta = Dist(0, 0, 1, torch.device("meta"))
+    if cfg.model in M.MODELS:
+        with torch.device("meta"):
+            model = M.Llama(dataclasses.replace(M.MODELS[cfg.model]))
+        if cfg.train_type in ("qlora", "qdora"):
+            Q.quantize_model(model)
+    else:
+        model = M.empty_from_pretrained(cfg.model, Q.quantize_model if cfg.train_type in ("qlora", "qdora") else None)
+    add_adapters([model], cfg, torch.Generator().manual_seed(0))
+    world = cfg.plan_world or d.world
+    use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and torch.cuda.is_available())
+    if use_bf16 and cfg.train_type != "full":  # a frozen base is loaded in bf16 on the GPU (build_model)
+        for p in model.parameters():
+            if not p.requires_grad:
+                p.data = p.data.to(torch.bfloat16)
+    gpu, cpu = F.plan_memory(model, world, cfg.batch_size, cfg.seq_len, cfg.prefetch, cfg.grad_checkpointing,
+                             2 if use_bf16 else 4, cfg.reduce_every_micro, cfg.offload, cfg.loss_chunk)
+    del meta
+    print(f"memory plan: {cfg.model} {cfg.train_type}, world {world}, batch {cfg.batch_size} x {cfg.seq_len}, "
+          f"checkpointing {cfg.grad_checkpointing}, prefetch {cfg.prefetch}, offload {cfg.offload}, "
+          f"loss_chunk {cfg.loss_chunk}; {describe(model)}")
+    print("per rank, GPU:" + "".join(f"\n  {k:<20}{v / 2**30:8.2f} GiB" for k, v in gpu.items()))
+    if cpu:
+        print("per rank, CPU (pinned):" + "".join(f"\n  {k:<20}{v / 2**30:8.2f} GiB" for k, v in cpu.items()))
+
+
 def main(argv):
     cfg = parse_args(argv)
+    if cfg.dry_run:
+        return dry_run(cfg, Dist(0, 0, int(os.environ.get("WORLD_SIZE", 1)), torch.device("meta")))
     d = init_distributed(cfg.threads)
     log = print if d.main else (lambda *a, **k: None)
     os.makedirs(cfg.out_dir, exist_ok=True)

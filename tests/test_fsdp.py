@@ -139,3 +139,23 @@ def test_streamed_fsdp_run_equals_data_parallel_and_resumes(tmp_path, smollm2_di
     b = load_file(str(tmp_path / "fsdp" / "adapter" / "adapter_model.safetensors"))
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=2e-4) for k in a)
     shutil.rmtree(tmp_path / "base")
+
+
+def test_memory_plan_predicts_the_shards_each_rank_holds(run):
+    import fsdp as F
+    world, _, results = run
+    for config in CONFIGS:
+        with torch.device("meta"):
+            model = build(config[0], tie=config[0] == "full")
+        gpu, _ = F.plan_memory(model, world, batch_size=2, seq_len=12, param_bytes=4)
+        assert gpu["weight shards"] == results[config]["shard_bytes"], config
+
+
+def test_dry_run_plans_llama2_70b_qlora_without_allocating(capsys):
+    import train
+    train.main(["--dry_run", "--model=llama2-70b", "--train_type=qlora", "--plan_world=2", "--batch_size=1",
+                "--seq_len=2048", "--grad_checkpointing", "--precision=bf16", "--offload"])
+    out = capsys.readouterr().out
+    assert "68451.04M weights = 4.127 bits each" in out and "per rank, CPU (pinned):" in out
+    total = float(out.split("total")[1].split("GiB")[0])
+    assert 3 < total < 8  # offloaded: the GPU holds units in flight and activations, not the 17 GiB of shards
