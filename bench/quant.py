@@ -123,7 +123,6 @@ def step_table(device, preset, seq_len, batch_size):
         base = q_bytes + other  # every frozen tensor: NF4 buffers, and bf16/fp32 weights
         peak = f"{torch.cuda.max_memory_allocated() / 2**30:.2f}" if device.type == "cuda" else "-"
         rows.append([kind, f"{t * 1e3:.0f}", f"{batch_size * seq_len / t:,.0f}", f"{base / 2**30:.3f}", peak])
-        del model, opt
     table(f"3. One step of {preset}, {batch_size} x {seq_len} tokens, rank 16 on all linear layers, activation "
           f"checkpointing, on {device.type}", ["", "ms/step", "tok/s", "frozen base GiB", "peak GiB"], rows)
 
