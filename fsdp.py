@@ -548,20 +548,41 @@ def save_sharded(path, sharded: Sharded, extra):
 
 
 def load_sharded(path, sharded: Sharded):
-    """Restore this rank's shards; returns the rest of what save_sharded stored (optimizer, step, ...)."""
+    """Restore this rank's shards; returns the rest of what save_sharded stored (optimizer, step, ...).
+
+    Saved at another world size, the checkpoint is re-sharded on the fly: every rank memory-maps all
+    the old rank files and copies out its new slice of each buffer and of each AdamW state tensor.
+    The data position becomes the same global position (rank_index * old_world / new_world), and a
+    new rank takes the RNG state of the old rank with its number (or rank 0's)."""
     import json
     done = os.path.join(path, "done.json")
     if not os.path.isfile(done):
         raise FileNotFoundError(f"{path}: no complete sharded checkpoint (done.json missing)")
-    world = json.load(open(done))["world"]
-    if world != sharded.d.world:
-        raise ValueError(f"{path}: saved at world size {world}, resuming at {sharded.d.world}")
-    state = torch.load(os.path.join(path, f"rank{sharded.d.rank}.pt"), map_location="cpu", weights_only=False)
+    world, d = json.load(open(done))["world"], sharded.d
     groups = [g for u in sharded.units for g in u.groups]
     layout = [(u.name, g.numel, str(g.shard.dtype)) for u in sharded.units for g in u.groups]
-    if [tuple(x) for x in state["layout"]] != layout:
+    files = [os.path.join(path, f"rank{r}.pt") for r in range(world)]
+    old = [torch.load(f, map_location="cpu", weights_only=False, mmap=True) for f in files]
+    if [tuple(x) for x in old[0]["layout"]] != layout:
         raise ValueError(f"{path}: saved for a different model, --train_type or --lora_target")
+
+    def reshard(pieces, g):
+        if world == d.world:
+            return pieces[d.rank]
+        full = torch.cat([p.reshape(-1) for p in pieces])[:g.numel]
+        lo = d.rank * g.shard_numel
+        mine = full[lo:lo + g.shard_numel]
+        return torch.cat([mine, mine.new_zeros(g.shard_numel - mine.numel())])
+
     with torch.no_grad():
-        for g, t in zip(groups, state["shards"]):
-            g.shard.copy_(t)
+        for i, g in enumerate(groups):
+            g.shard.copy_(reshard([o["shards"][i] for o in old], g))
+    state = dict(old[d.rank if d.rank < world else 0])
+    trainable = [g for grp in sharded.param_groups(0.0) for g_shard in grp["params"] for g in groups if g.shard is g_shard]
+    opt = state["optimizer"]
+    opt["state"] = {k: {name: (reshard([o["optimizer"]["state"][k][name] for o in old], trainable[k])
+                               if torch.is_tensor(v) and v.dim() == 1 else v) for name, v in s.items()}
+                    for k, s in opt["state"].items()}
+    if world != d.world:
+        state["data"] = dict(state["data"], index=state["data"]["index"] * world // d.world)
     return state

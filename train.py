@@ -89,7 +89,7 @@ class Config:
     samples: int = 3  # held-out prompts answered (temperature 0.7, top-k 50) and printed at the end
     save_every: int = 0  # write the resumable checkpoint every N steps; 0 = only at the end
     save_hf: bool = True  # write the trained model to <out_dir>/hf at the end
-    resume: bool = False  # continue from <out_dir>/checkpoint.pt
+    resume: bool = False  # continue from <out_dir>/checkpoint.pt (--fsdp: <out_dir>/checkpoint/, any world size)
 
 
 # -----------------------------------------------------------------------------

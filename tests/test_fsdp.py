@@ -110,7 +110,8 @@ def test_exports_load_in_one_process_with_the_same_logits(run):
 def test_streamed_fsdp_run_equals_data_parallel_and_resumes(tmp_path, smollm2_dir):
     """train.py end to end on 2 processes, QLoRA from an HF folder with tied embeddings: --fsdp
     (each unit read, quantized and sharded in turn) gives the losses of plain data parallelism, and
-    a sharded checkpoint resumed at step 3 gives steps 4-6 of the uninterrupted run."""
+    a sharded checkpoint resumed at step 3 gives steps 4-6 of the uninterrupted run, also when
+    resumed on 1 process (re-sharded) with twice the accumulation, which sees the same batches."""
     import json
     import shutil
     from safetensors.torch import load_file
@@ -123,8 +124,8 @@ def test_streamed_fsdp_run_equals_data_parallel_and_resumes(tmp_path, smollm2_di
               "--grad_accum=2", "--schedule=constant", "--warmup_steps=2", "--lr=1e-2", "--eval_every=100",
               "--eval_batches=2", "--eval_samples=2", "--max_new_tokens=3", "--samples=1", "--save_hf=false"]
 
-    def launch(*args):
-        r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+    def launch(*args, world=2):
+        r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
                             *common, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, r.stderr[-3000:]
 
@@ -133,8 +134,11 @@ def test_streamed_fsdp_run_equals_data_parallel_and_resumes(tmp_path, smollm2_di
 
     launch("--max_steps=6", f"--out_dir={tmp_path / 'dp'}")
     launch("--max_steps=3", "--fsdp", f"--out_dir={tmp_path / 'fsdp'}")
+    shutil.copytree(tmp_path / "fsdp", tmp_path / "one")
     launch("--max_steps=6", "--fsdp", "--resume", f"--out_dir={tmp_path / 'fsdp'}")
+    launch("--max_steps=6", "--fsdp", "--resume", "--grad_accum=4", f"--out_dir={tmp_path / 'one'}", world=1)
     assert losses(tmp_path / "fsdp") == pytest.approx(losses(tmp_path / "dp"), rel=1e-5)
+    assert losses(tmp_path / "one") == pytest.approx(losses(tmp_path / "dp"), rel=1e-5)
     a = load_file(str(tmp_path / "dp" / "adapter" / "adapter_model.safetensors"))
     b = load_file(str(tmp_path / "fsdp" / "adapter" / "adapter_model.safetensors"))
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=2e-4) for k in a)
