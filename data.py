@@ -78,6 +78,9 @@ class HFTokenizer:
     def encode(self, text, bos=False):
         return self.tok.encode(text, add_special_tokens=bos).ids
 
+    def has_token(self, text):
+        return self.tok.token_to_id(text) is not None
+
     def decode(self, ids):
         return self.tok.decode(ids, skip_special_tokens=True)
 
@@ -113,20 +116,78 @@ def alpaca_prompt(instruction, input=""):
     return ALPACA_PROMPT_NO_INPUT.format(instruction=instruction)
 
 
-def record_segments(rec, where):
-    """One record -> ([(text, trainable)], kind, reference answer or None). `where` names it in errors."""
+# Chat formats, written out. Each turn is a header (never trained on) and its content closed by the
+# end-of-turn token (trained on in assistant turns only, so the model learns to stop). bos, where a
+# model has one (Llama 3's <|begin_of_text|>), is added by the tokenizer, not written here. No
+# system turn is invented: SmolLM2's template adds a default one, training data rarely wants it.
+CHAT_FORMATS = {
+    "chatml": ("<|im_start|>{role}\n", "{content}<|im_end|>\n"),  # SmolLM2, Qwen
+    "llama3": ("<|start_header_id|>{role}<|end_header_id|>\n\n", "{content}<|eot_id|>"),  # Llama 3 instruct
+}
+ROLES = ("system", "user", "assistant")
+
+
+def detect_format(tok):
+    """The chat format a tokenizer's special tokens imply; alpaca when it has none of them."""
+    has = getattr(tok, "has_token", lambda t: False)
+    return "chatml" if has("<|im_start|>") else "llama3" if has("<|start_header_id|>") else "alpaca"
+
+
+def chat_turns(rec, where):
+    """A record as (role, content) turns: {"messages": [{"role", "content"}, ...]}, or an Alpaca /
+    prompt-completion record as one user turn and one assistant turn."""
+    if "messages" in rec:
+        turns = []
+        for i, msg in enumerate(rec["messages"]):
+            if not isinstance(msg, dict) or "role" not in msg or "content" not in msg:
+                raise ValueError(f"{where}: messages[{i}] must be an object with 'role' and 'content'")
+            if msg["role"] not in ROLES:
+                raise ValueError(f"{where}: messages[{i}] has unknown role {msg['role']!r}; expected one of {', '.join(ROLES)}")
+            turns.append((msg["role"], str(msg["content"])))
+        if not turns or turns[-1][0] != "assistant":
+            raise ValueError(f"{where}: a chat record must end with an assistant message")
+        return turns
+    if "instruction" in rec and "output" in rec:
+        user = str(rec["instruction"]) + ("\n\n" + str(rec["input"]) if rec.get("input") else "")
+        return [("user", user), ("assistant", str(rec["output"]))]
+    return [("user", str(rec["prompt"])), ("assistant", str(rec["completion"]))]
+
+
+def chat_segments(turns, fmt):
+    header, body = CHAT_FORMATS[fmt]
+    segments = []
+    for role, content in turns:
+        segments += [(header.format(role=role), False), (body.format(content=content), role == "assistant")]
+    return segments
+
+
+def chat_prompt(turns, fmt):
+    """The text a model continues to answer: the turns so far and an open assistant header."""
+    return "".join(text for text, _ in chat_segments(turns, fmt)) + CHAT_FORMATS[fmt][0].format(role="assistant")
+
+
+def record_segments(rec, where, fmt="alpaca"):
+    """One record -> ([(text, trainable)], kind, reference answer or None, add_eos).
+
+    fmt: alpaca (instruction data in the Alpaca prompt, prompt/completion verbatim; eos appended)
+    or a chat format (every conversational record as turns; the end-of-turn tokens are in the text).
+    `where` names the record in errors."""
     if not isinstance(rec, dict):
         raise ValueError(f"{where}: expected a JSON object, got {type(rec).__name__}")
-    if "instruction" in rec and "output" in rec:
+    if "text" in rec and not ({"instruction", "prompt", "messages"} & set(rec)):
+        return [(str(rec["text"]), True)], "text", None, True
+    if not ({"instruction", "output"} <= set(rec) or {"prompt", "completion"} <= set(rec) or "messages" in rec):
+        raise ValueError(f"{where}: expected a 'text' field, Alpaca fields 'instruction' and 'output', "
+                         f"'prompt' and 'completion', or 'messages', got keys {sorted(rec)}")
+    if fmt in CHAT_FORMATS:
+        turns = chat_turns(rec, where)
+        return chat_segments(turns, fmt), "instruction", turns[-1][1], False
+    if "messages" in rec:
+        raise ValueError(f"{where}: a 'messages' record needs a chat format (--chat_format=chatml or llama3)")
+    if "instruction" in rec:
         prompt = alpaca_prompt(str(rec["instruction"]), str(rec.get("input") or ""))
-        return [(prompt, False), (str(rec["output"]), True)], "instruction", str(rec["output"])
-    if "prompt" in rec and "completion" in rec:
-        return [(str(rec["prompt"]), False), (str(rec["completion"]), True)], "instruction", str(rec["completion"])
-    if "text" in rec:
-        return [(str(rec["text"]), True)], "text", None
-    raise ValueError(f"{where}: expected a 'text' field, Alpaca fields 'instruction' and 'output', or "
-                     f"'prompt' and 'completion', "
-                     f"got keys {sorted(rec)}")
+        return [(prompt, False), (str(rec["output"]), True)], "instruction", str(rec["output"]), True
+    return [(str(rec["prompt"]), False), (str(rec["completion"]), True)], "instruction", str(rec["completion"]), True
 
 
 def arith_records(n=10000, seed=1234):
@@ -165,14 +226,14 @@ def read_records(path):
         raise ValueError(f"{path}: unknown data file type, expected .txt, .jsonl or .json (or 'arith')")
 
 
-def tokenize_segments(tok, segments):
-    """Segments -> (ids, mask) with bos at the start and a trainable eos at the end."""
+def tokenize_segments(tok, segments, add_eos=True):
+    """Segments -> (ids, mask) with bos at the start and (add_eos) a trainable eos at the end."""
     ids, mask = [], []
     for i, (text, trainable) in enumerate(segments):
         piece = tok.encode(text, bos=(i == 0))
         ids += piece
         mask += [trainable] * len(piece)
-    if tok.eos_id is not None:
+    if add_eos and tok.eos_id is not None:
         ids.append(tok.eos_id)
         mask.append(True)  # the model must learn to stop
     return ids, mask
@@ -198,17 +259,20 @@ class TokenData:
         return np.diff(self.offsets)
 
 
-def tokenize_records(records, tok):
-    """(record, where) pairs -> (ids, mask, kind, reference, prompt) per document."""
+def tokenize_records(records, tok, fmt="alpaca"):
+    """(record, where) pairs -> (ids, mask, kind, reference, prompt) per document. The prompt (for
+    accuracy by generation) is the text before the last trained segment."""
     for rec, where in records:
-        segments, kind, ref = record_segments(rec, where)
-        ids, mask = tokenize_segments(tok, segments)
-        yield ids, mask, kind, ref, segments[0][0] if kind == "instruction" else None
+        segments, kind, ref, add_eos = record_segments(rec, where, fmt)
+        ids, mask = tokenize_segments(tok, segments, add_eos)
+        last = max(i for i, (_, trainable) in enumerate(segments) if trainable)
+        prompt = "".join(text for text, _ in segments[:last]) if kind == "instruction" else None
+        yield ids, mask, kind, ref, prompt
 
 
-def in_memory(records, tok):
+def in_memory(records, tok, fmt="alpaca"):
     t, m, offsets, kinds, refs, prompts = [], [], [0], set(), [], []
-    for ids, mask, kind, ref, prompt in tokenize_records(records, tok):
+    for ids, mask, kind, ref, prompt in tokenize_records(records, tok, fmt):
         t += ids
         m += mask
         offsets.append(len(t))
@@ -221,34 +285,38 @@ def in_memory(records, tok):
                      refs, prompts)
 
 
-def load_documents(source, tok, cache_dir=None):
-    """'arith' or a file -> TokenData. Files are tokenized once into `cache_dir` and memory-mapped."""
+def load_documents(source, tok, cache_dir=None, fmt="alpaca"):
+    """'arith' or a file -> TokenData. Files are tokenized once into `cache_dir` and memory-mapped.
+    fmt: alpaca, chatml or llama3 (how instruction and chat records become text)."""
+    if fmt not in ("alpaca", *CHAT_FORMATS):
+        raise ValueError(f"--chat_format={fmt} is not one of alpaca, {', '.join(CHAT_FORMATS)}")
     if source == "arith":
-        return in_memory(((r, "arith") for r in arith_records()), tok)
+        return in_memory(((r, "arith") for r in arith_records()), tok, fmt)
     if not os.path.isfile(source):
         raise FileNotFoundError(f"{source}: data file not found (or use --data=arith)")
     if cache_dir is None:
-        return in_memory(read_records(source), tok)
-    folder = token_cache_path(source, tok, cache_dir)
+        return in_memory(read_records(source), tok, fmt)
+    folder = token_cache_path(source, tok, cache_dir, fmt)
     if not os.path.isfile(os.path.join(folder, "meta.json")):
-        write_token_cache(source, tok, folder)
+        write_token_cache(source, tok, folder, fmt)
     return open_token_cache(folder)
 
 
-def token_cache_path(source, tok, cache_dir):
+def token_cache_path(source, tok, cache_dir, fmt="alpaca"):
     st = os.stat(source)
-    key = f"{os.path.abspath(source)}|{st.st_size}|{st.st_mtime_ns}|{tok.fingerprint()}|{ALPACA_PROMPT}"
+    key = (f"{os.path.abspath(source)}|{st.st_size}|{st.st_mtime_ns}|{tok.fingerprint()}|{ALPACA_PROMPT}|{fmt}|"
+           f"{CHAT_FORMATS.get(fmt)}")
     name = os.path.basename(source) + "-" + hashlib.sha1(key.encode()).hexdigest()[:12]
     return os.path.join(cache_dir, name)
 
 
-def write_token_cache(source, tok, folder, flush_every=1 << 20):
+def write_token_cache(source, tok, folder, fmt="alpaca", flush_every=1 << 20):
     """Stream records into tokens.bin (int32) / mask.bin (uint8), flushing every ~1M tokens."""
     tmp = folder + ".tmp"
     os.makedirs(tmp, exist_ok=True)
     offsets, kinds, refs, prompts, buf_t, buf_m = [0], set(), [], [], [], []
     with open(os.path.join(tmp, "tokens.bin"), "wb") as ft, open(os.path.join(tmp, "mask.bin"), "wb") as fm:
-        for ids, m, kind, ref, prompt in tokenize_records(read_records(source), tok):
+        for ids, m, kind, ref, prompt in tokenize_records(read_records(source), tok, fmt):
             buf_t += ids
             buf_m += m
             offsets.append(offsets[-1] + len(ids))

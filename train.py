@@ -46,7 +46,8 @@ class Config:
     lora_dropout: float = 0.0  # dropout on the adapters' input
     lora_target: str = "all-linear"  # Linear layers to adapt: all-linear (all but lm_head) or e.g. q_proj,v_proj
     # data
-    data: str = "arith"  # 'arith' (built-in sums), or a .txt / .jsonl / .json file (text or Alpaca records)
+    data: str = "arith"  # 'arith' (built-in sums), or a .txt / .jsonl / .json file (text, Alpaca or chat records)
+    chat_format: str = "auto"  # alpaca | chatml | llama3; auto = from the tokenizer's special tokens
     seq_len: int = 64  # tokens per row
     batch_size: int = 16  # rows per micro-batch on each rank
     grad_accum: int = 1  # micro-batches per optimizer step
@@ -89,6 +90,12 @@ class Config:
     samples: int = 3  # held-out prompts answered (temperature 0.7, top-k 50) and printed at the end
     save_every: int = 0  # write the resumable checkpoint every N steps; 0 = only at the end
     save_hf: bool = True  # write the trained model to <out_dir>/hf at the end
+    hf_dtype: str = "bf16"  # bf16 | fp32: dtype of the <out_dir>/hf export
+    # asking a model (no training)
+    ask: str = ""  # answer this prompt with --model (+ --adapter; NF4 base with --train_type=qlora) and exit
+    adapter: str = ""  # a PEFT LoRA adapter folder to put on --model for --ask
+    temperature: float = 0.0  # for --ask: 0 = greedy
+    top_k: int = 0  # for --ask: sample from the k most likely tokens; 0 = all
     resume: bool = False  # continue from <out_dir>/checkpoint.pt (--fsdp: <out_dir>/checkpoint/, any world size)
 
 
@@ -136,7 +143,8 @@ def parse_args(argv) -> Config:
         setattr(cfg, name, parse_value(name, types[name], text) if eq else True)
     for name, allowed in (("schedule", ("cosine", "linear", "constant")), ("precision", ("auto", "bf16", "fp32")),
                           ("eval_metric", ("auto", "exact", "last_number")),
-                          ("train_type", ("full", "lora", "qlora", "dora", "qdora")), ("reduce_dtype", ("fp32", "bf16"))):
+                          ("train_type", ("full", "lora", "qlora", "dora", "qdora")), ("reduce_dtype", ("fp32", "bf16")),
+                          ("chat_format", ("auto", "alpaca", "chatml", "llama3")), ("hf_dtype", ("bf16", "fp32"))):
         if getattr(cfg, name) not in allowed:
             raise ValueError(f"flag --{name}={getattr(cfg, name)} is not one of {', '.join(allowed)}")
     if not 0 <= cfg.lora_dropout < 1:
@@ -341,7 +349,7 @@ def set_rng(rng):
 # Setup and the loop
 
 
-def build_model(cfg: Config, d: Dist):
+def build_model(cfg: Config, d: Dist, with_adapters=True):
     """(model, tokenizer, hf files to copy into exports). For qlora/qdora each Linear but lm_head is
     quantized to NF4 as the checkpoint streams in; for every adapter type the base is then frozen
     and the --lora_target layers get adapters."""
@@ -380,6 +388,8 @@ def build_model(cfg: Config, d: Dist):
         raise ValueError(f"--tokenizer: {tok.vocab_size} tokens do not fit the model's vocab_size {model.args.vocab_size}")
     if cfg.seq_len > model.args.max_seq_len:
         raise ValueError(f"--seq_len={cfg.seq_len} exceeds the model's context of {model.args.max_seq_len} tokens")
+    if not with_adapters:
+        return model, tok, extra
     gen = torch.Generator().manual_seed(cfg.seed)  # adapters start the same on every rank, sharded or not
     if model.inv_freq.is_meta:  # --fsdp from a folder: adapters are added unit by unit as it loads
         model.materialize = F.stream_from_pretrained(model, cfg.model, d.device, base_dtype,
@@ -445,8 +455,34 @@ def dry_run(cfg: Config, d: Dist):
         print("per rank, CPU (pinned):" + "".join(f"\n  {k:<20}{v / 2**30:8.2f} GiB" for k, v in cpu.items()))
 
 
+def chat_format(cfg, tok):
+    return D.detect_format(tok) if cfg.chat_format == "auto" else cfg.chat_format
+
+
+def ask(cfg: Config, d: Dist):
+    """Print --model's answer to --ask, formatted as training formats a user turn."""
+    model, tok, _ = build_model(dataclasses.replace(cfg, fsdp=False), d, with_adapters=False)
+    if cfg.adapter:
+        L.load_adapter(model, cfg.adapter)
+    fmt = chat_format(cfg, tok)
+    text = D.chat_prompt([("user", cfg.ask)], fmt) if fmt != "alpaca" else D.alpaca_prompt(cfg.ask)
+    ids = tok.encode(text, bos=True)
+    if len(ids) + cfg.max_new_tokens > model.args.max_seq_len:
+        raise ValueError(f"--ask: a prompt of {len(ids)} tokens plus --max_new_tokens={cfg.max_new_tokens} exceeds "
+                         f"the context of {cfg.model} ({model.args.max_seq_len} tokens)")
+    gen = torch.Generator(device=d.device).manual_seed(cfg.seed)
+    use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and d.device.type == "cuda")
+    with torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=use_bf16):
+        out = M.generate(model, [ids], cfg.max_new_tokens, cfg.temperature, cfg.top_k, eos_id=tok.eos_id, generator=gen)
+    answer = tok.decode(out[0])
+    print(answer)
+    return answer
+
+
 def main(argv):
     cfg = parse_args(argv)
+    if cfg.ask:
+        return ask(cfg, init_distributed(cfg.threads))
     if cfg.dry_run:
         return dry_run(cfg, Dist(0, 0, int(os.environ.get("WORLD_SIZE", 1)), torch.device("meta")))
     d = init_distributed(cfg.threads)
@@ -464,14 +500,15 @@ def main(argv):
     cache = cfg.data_cache or os.path.join(cfg.out_dir, "token_cache")
     if d.world > 1 and not d.main:
         dist.barrier()  # wait for rank 0's cache
-    dataset = D.load_documents(cfg.data, tok, cache)
+    fmt = chat_format(cfg, tok)
+    dataset = D.load_documents(cfg.data, tok, cache, fmt)
     if d.world > 1 and d.main:
         dist.barrier()  # the cache is written: let the others in
     train_docs, eval_docs = D.split_documents(len(dataset), cfg.eval_frac)
     loader = D.Batches(dataset, train_docs, cfg.seq_len, cfg.batch_size, tok.pad_id, d.rank, d.world, cfg.seed, cfg.pack)
     loader.plan(0)
     s = loader.stats
-    log(f"data {cfg.data}: {s['docs']} train docs, {len(eval_docs)} held out, {s['tokens']:,} tokens/epoch, "
+    log(f"data {cfg.data} ({fmt}): {s['docs']} train docs, {len(eval_docs)} held out, {s['tokens']:,} tokens/epoch, "
         f"{'packing' if cfg.pack else 'padding'} efficiency {s['efficiency']:.1%}, "
         f"{s['cropped_tokens']:,} tokens cropped, {s['batches_per_rank']} batches/rank/epoch")
     if cfg.eval_metric == "auto":
@@ -601,19 +638,22 @@ def main(argv):
     save(cfg.max_steps)
     log(f"saved {ckpt_path}")
     base_name = cfg.model if os.path.isdir(cfg.model) else ""
+    hf_dtype = torch.float32 if cfg.hf_dtype == "fp32" else torch.bfloat16
     if sharded:  # gathered unit by unit; every rank joins, rank 0 writes
         if cfg.train_type != "full":
             F.export_adapter(sharded, os.path.join(cfg.out_dir, "adapter"), base_name)
         if cfg.save_hf:
-            F.export_hf(sharded, os.path.join(cfg.out_dir, "hf"), extra_files)
-        log(f"saved {cfg.out_dir}/" + ("adapter and hf" if cfg.train_type != "full" else "hf") if cfg.save_hf else "")
+            F.export_hf(sharded, os.path.join(cfg.out_dir, "hf"), extra_files, hf_dtype)
+        saved = (["adapter"] if cfg.train_type != "full" else []) + (["hf"] if cfg.save_hf else [])
+        if saved:
+            log(f"saved {' and '.join(os.path.join(cfg.out_dir, s) for s in saved)}")
     elif d.main and cfg.train_type != "full":
         L.save_adapter(model, os.path.join(cfg.out_dir, "adapter"), base_name)
         log(f"saved the adapter (PEFT layout) to {os.path.join(cfg.out_dir, 'adapter')}")
     if d.main and cfg.save_hf and not sharded:
         if cfg.train_type != "full":  # the adapters folded into dense weights (dequantized when 4-bit)
             model = L.merge_and_unload(model)
-        M.save_pretrained(model, os.path.join(cfg.out_dir, "hf"), extra_files=extra_files)
+        M.save_pretrained(model, os.path.join(cfg.out_dir, "hf"), dtype=hf_dtype, extra_files=extra_files)
         log(f"saved {os.path.join(cfg.out_dir, 'hf')}" + (" (merged)" if cfg.train_type != "full" else ""))
     if metrics:
         metrics.close()

@@ -176,3 +176,36 @@ def test_real_gsm8k_file_loads_and_packs(tmp_path):
     pieces, _ = D.pieces_of(data, range(len(data)), 1024)
     next_fit_rows = len(D.pack_first_fit(pieces, 1024, open_rows=1))
     assert loader.stats["efficiency"] > max(0.85, sum(n for _, n in pieces) / (next_fit_rows * 1024))
+
+
+def test_chatml_two_turns_format_and_mask_as_written_out(smollm2_dir, tmp_path):
+    tok = D.load_tokenizer(smollm2_dir, eos_id=2)
+    assert D.detect_format(tok) == "chatml" and D.detect_format(D.ByteTokenizer()) == "alpaca"
+    rec = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"},
+                        {"role": "assistant", "content": "4"}, {"role": "user", "content": "And 3+3?"},
+                        {"role": "assistant", "content": "6"}]}
+    written = ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n2+2?<|im_end|>\n"
+               "<|im_start|>assistant\n4<|im_end|>\n<|im_start|>user\nAnd 3+3?<|im_end|>\n"
+               "<|im_start|>assistant\n6<|im_end|>\n")
+    data = D.load_documents(write_jsonl(tmp_path / "c.jsonl", [rec]), tok, fmt="chatml")
+    ids, mask = data.tokens.tolist(), data.mask.tolist()
+    assert ids == tok.tok.encode(written, add_special_tokens=False).ids  # the same tokens as the whole string
+    trained = [i for i, m in zip(ids, mask) if m]
+    assert trained == tok.encode("4<|im_end|>\n6<|im_end|>\n")  # both answers with their end of turn, nothing else
+    assert data.prompts[0] == written[:written.rindex("6<|im_end|>")]  # generation prompt: up to the last answer
+    assert data.references[0] == "6"
+
+
+def test_llama3_format_is_the_header_layout():
+    turns = [("user", "Hi"), ("assistant", "Hello")]
+    text = "".join(t for t, _ in D.chat_segments(turns, "llama3"))
+    assert text == ("<|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>"
+                    "<|start_header_id|>assistant<|end_header_id|>\n\nHello<|eot_id|>")
+    assert D.chat_prompt(turns[:1], "llama3").endswith("<|start_header_id|>assistant<|end_header_id|>\n\n")
+
+
+def test_unknown_chat_role_names_the_record(tmp_path):
+    rec = {"messages": [{"role": "user", "content": "hi"}, {"role": "bot", "content": "yo"}]}
+    with pytest.raises(ValueError, match=r"c.jsonl:1: messages\[1\] has unknown role 'bot'; expected one of "
+                                         r"system, user, assistant"):
+        D.load_documents(write_jsonl(tmp_path / "c.jsonl", [rec]), D.ByteTokenizer(), fmt="chatml")

@@ -151,3 +151,39 @@ def test_default_two_process_run_learns_arithmetic(tmp_path):
     evals = [r for r in rows if "eval_loss" in r]
     assert evals[-1]["eval_loss"] < evals[0]["eval_loss"] / 4
     assert evals[-1]["accuracy"] > evals[0]["accuracy"] + 0.05
+
+
+@pytest.mark.parametrize("train_type", ["full", "qlora"])  # qlora: the base in NF4
+def test_real_model_answers_the_capital_of_france(smollm2_dir, capsys, train_type):
+    answer = train.main([f"--model={smollm2_dir}", "--ask=What is the capital of France?", "--max_new_tokens=10",
+                         f"--train_type={train_type}"])
+    assert "Paris" in answer and "Paris" in capsys.readouterr().out
+
+
+def test_ask_refuses_a_prompt_longer_than_the_context(smollm2_dir):
+    with pytest.raises(ValueError, match=r"--ask: a prompt of \d+ tokens plus --max_new_tokens=10 exceeds the "
+                                         r"context of .* \(8192 tokens\)"):
+        train.main([f"--model={smollm2_dir}", "--ask=" + "word " * 9000, "--max_new_tokens=10"])
+
+
+def test_short_qlora_run_on_gsm8k_lowers_loss_and_exports_match(tmp_path, smollm2_dir):
+    """QLoRA on the real model and real data (ChatML, detected from the tokenizer): the held-out loss
+    falls; the adapter on the NF4 base and the merged fp32 export give the same logits; ties hold."""
+    data = os.path.join(SHARED, "data", "gsm8k_train_alpaca.json")
+    if not os.path.isfile(data):
+        pytest.skip("../shared/data is absent")
+    train.main([f"--model={smollm2_dir}", f"--data={data}", "--train_type=qlora", "--seq_len=128", "--batch_size=2",
+                "--max_steps=12", "--lr=1e-3", "--warmup_steps=2", "--eval_every=100", "--eval_batches=2",
+                "--eval_samples=0", "--samples=0", "--lora_rank=8", "--hf_dtype=fp32", f"--out_dir={tmp_path}"])
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    evals = [r["eval_loss"] for r in rows if "eval_loss" in r]
+    assert evals[-1] < evals[0]
+    import lora as L
+    base = M.from_pretrained(smollm2_dir, prepare=Q.quantize_model)
+    L.load_adapter(base, str(tmp_path / "adapter"))
+    merged = M.from_pretrained(str(tmp_path / "hf"))
+    assert merged.lm_head.weight is merged.model.embed_tokens.weight
+    assert base.lm_head.weight is base.model.embed_tokens.weight
+    x = torch.randint(0, 49152, (1, 24))
+    with torch.no_grad():
+        torch.testing.assert_close(merged(x), base(x), rtol=1e-4, atol=1e-3)
