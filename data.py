@@ -8,11 +8,16 @@ Sources (`load_documents`):
 - `arith`: built-in two-digit addition ("37+45=" -> "82"), no download; a 3M-parameter model learns
   it on CPU in well under a minute, and exact-match accuracy on held-out sums proves the pipeline.
 - `.txt`: one document per file. `.jsonl`: one record per line. `.json`: a list of records.
-  A record is {"text"} (trained on everywhere), Alpaca {"instruction", "input", "output"}, or
-  {"prompt", "completion"} (the prompt used verbatim, no template).
+  A record is {"text"} (trained on everywhere), Alpaca {"instruction", "input", "output"},
+  {"prompt", "completion"}, or chat {"messages": [{"role": system | user | assistant, "content"}]}.
 
-Instruction records use the Alpaca prompt (ALPACA_PROMPT below); prompt tokens get label -100 so
-only the response and the closing eos are trained on. Text documents are trained on everywhere.
+Formats (`fmt`, train.py's --chat_format, by default detected from the tokenizer's special tokens):
+- alpaca: instruction records in the Alpaca prompt (ALPACA_PROMPT below), prompt/completion
+  verbatim, then eos.
+- chatml (SmolLM2, Qwen) and llama3 (Llama 3 instruct headers), written out in CHAT_FORMATS: every
+  conversational record becomes turns (an Alpaca record is one user and one assistant turn).
+Only the answer is trained on: prompt and header tokens get label -100; the response and its
+closing eos (or end-of-turn token) are targets. Text documents are trained on everywhere.
 
 Two ways to make rows (`Batches`):
 - packing (default): whole documents are placed first-fit into rows of `seq_len`; each token
