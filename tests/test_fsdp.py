@@ -111,7 +111,8 @@ def test_streamed_fsdp_run_equals_data_parallel_and_resumes(tmp_path, smollm2_di
     """train.py end to end on 2 processes, QLoRA from an HF folder with tied embeddings: --fsdp
     (each unit read, quantized and sharded in turn) gives the losses of plain data parallelism, and
     a sharded checkpoint resumed at step 3 gives steps 4-6 of the uninterrupted run, also when
-    resumed on 1 process (re-sharded) with twice the accumulation, which sees the same batches."""
+    resumed on 1 process (re-sharded) with twice the accumulation, which sees the same batches; the
+    merged export keeps the embedding and head tied."""
     import json
     import shutil
     from safetensors.torch import load_file
@@ -136,12 +137,15 @@ def test_streamed_fsdp_run_equals_data_parallel_and_resumes(tmp_path, smollm2_di
     launch("--max_steps=3", "--fsdp", f"--out_dir={tmp_path / 'fsdp'}")
     shutil.copytree(tmp_path / "fsdp", tmp_path / "one")
     launch("--max_steps=6", "--fsdp", "--resume", f"--out_dir={tmp_path / 'fsdp'}")
-    launch("--max_steps=6", "--fsdp", "--resume", "--grad_accum=4", f"--out_dir={tmp_path / 'one'}", world=1)
+    launch("--max_steps=6", "--fsdp", "--resume", "--grad_accum=4", "--save_hf=true", f"--out_dir={tmp_path / 'one'}",
+           world=1)
     assert losses(tmp_path / "fsdp") == pytest.approx(losses(tmp_path / "dp"), rel=1e-5)
     assert losses(tmp_path / "one") == pytest.approx(losses(tmp_path / "dp"), rel=1e-5)
     a = load_file(str(tmp_path / "dp" / "adapter" / "adapter_model.safetensors"))
     b = load_file(str(tmp_path / "fsdp" / "adapter" / "adapter_model.safetensors"))
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=2e-4) for k in a)
+    merged = M.from_pretrained(str(tmp_path / "one" / "hf"))  # gathered unit by unit, adapters merged
+    assert merged.lm_head.weight is merged.model.embed_tokens.weight  # still tied across the two units
     shutil.rmtree(tmp_path / "base")
 
 
