@@ -35,6 +35,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from kernels.rmsnorm import rms_norm
+from kernels.swiglu import swiglu
+
 # -----------------------------------------------------------------------------
 # Shapes
 
@@ -238,10 +241,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        dtype = x.dtype
-        x = x.float()  # the mean of squares overflows/underflows in bf16
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        # In fp32 (the mean of squares overflows/underflows in bf16), cast back, then the weight:
+        # kernels/rmsnorm.py holds the PyTorch reference and the Triton kernel used on CUDA.
+        return rms_norm(x, self.weight, self.eps)
 
 
 class KVCache:
@@ -291,7 +293,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(args.ffn_dim, args.dim, bias=args.mlp_bias)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))  # silu(gate) * up
 
 
 class Block(nn.Module):

@@ -30,6 +30,7 @@ import torch.distributed as dist
 
 import data as D
 import fsdp as F
+import kernels as K
 import lora as L
 import model as M
 import quant as Q
@@ -71,6 +72,8 @@ class Config:
     grad_checkpointing: bool = False  # recompute each block in backward instead of storing activations
     loss_chunk: int = 0  # >0: cross-entropy over this many tokens at a time (never all [tokens, vocab] logits)
     threads: int = 0  # CPU threads per process; 0 = cores / processes on this machine
+    kernels: str = "auto"  # auto (Triton on CUDA) | torch (every PyTorch reference)
+    kernels_off: str = ""  # comma list of Triton kernels to replace by their reference: nf4,rmsnorm,swiglu
     # sharding (fsdp.py)
     fsdp: bool = False  # shard weights, gradients and optimizer state over ranks (else plain data parallel)
     prefetch: int = 1  # units whose all-gather is issued ahead of the one computing
@@ -144,11 +147,16 @@ def parse_args(argv) -> Config:
     for name, allowed in (("schedule", ("cosine", "linear", "constant")), ("precision", ("auto", "bf16", "fp32")),
                           ("eval_metric", ("auto", "exact", "last_number")),
                           ("train_type", ("full", "lora", "qlora", "dora", "qdora")), ("reduce_dtype", ("fp32", "bf16")),
-                          ("chat_format", ("auto", "alpaca", "chatml", "llama3")), ("hf_dtype", ("bf16", "fp32"))):
+                          ("chat_format", ("auto", "alpaca", "chatml", "llama3")), ("hf_dtype", ("bf16", "fp32")),
+                          ("kernels", ("auto", "torch"))):
         if getattr(cfg, name) not in allowed:
             raise ValueError(f"flag --{name}={getattr(cfg, name)} is not one of {', '.join(allowed)}")
     if not 0 <= cfg.lora_dropout < 1:
         raise ValueError(f"flag --lora_dropout must be in [0, 1), got {cfg.lora_dropout}")
+    off = [k for k in cfg.kernels_off.split(",") if k]
+    if any(k not in K.NAMES for k in off):
+        raise ValueError(f"flag --kernels_off: unknown kernel {next(k for k in off if k not in K.NAMES)!r}; "
+                         f"kernels are {', '.join(K.NAMES)}")
     for name in ("seq_len", "batch_size", "grad_accum", "max_steps", "log_every", "eval_every", "lora_rank"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"flag --{name} must be at least 1, got {getattr(cfg, name)}")
@@ -481,6 +489,8 @@ def ask(cfg: Config, d: Dist):
 
 def main(argv):
     cfg = parse_args(argv)
+    K.DISABLED.clear()
+    K.DISABLED.update(K.NAMES if cfg.kernels == "torch" else [k for k in cfg.kernels_off.split(",") if k])
     if cfg.ask:
         return ask(cfg, init_distributed(cfg.threads))
     if cfg.dry_run:

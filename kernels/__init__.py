@@ -1,16 +1,22 @@
 """Triton kernels, each with its plain-PyTorch reference beside it in the same file.
 
 One dispatch rule for all of them: the Triton kernel runs when Triton is installed, the tensor is
-on CUDA and the kernel has not been switched off (train.py's --kernels); otherwise the reference
-runs. The tests run every kernel on CPU too, through Triton's interpreter (TRITON_INTERPRET=1).
+on CUDA (or FORCE is set: tests run kernels on CPU through TRITON_INTERPRET=1) and the kernel has
+not been switched off (train.py's --kernels / --kernels_off fill DISABLED); otherwise the
+reference runs.
+
+    nf4      NF4 dequantization (quant.py)
+    rmsnorm  RMSNorm forward and backward (model.RMSNorm)
+    swiglu   silu(gate) * up forward and backward (model.MLP)
 """
 
 import importlib.util
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
-
-DISABLED = set()  # names of kernels that must use their reference (set by train.py)
+NAMES = ("nf4", "rmsnorm", "swiglu")
+DISABLED = set()  # kernels that must use their reference
+FORCE = False  # run kernels on CPU tensors too (only meaningful under TRITON_INTERPRET=1)
 
 
 def use_triton(name, tensor):
-    return HAS_TRITON and tensor.is_cuda and name not in DISABLED
+    return HAS_TRITON and (tensor.is_cuda or FORCE) and name not in DISABLED

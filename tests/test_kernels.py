@@ -1,0 +1,73 @@
+"""Every Triton kernel against its PyTorch reference: on CPU through Triton's interpreter (conftest
+sets TRITON_INTERPRET=1), on a GPU compiled. Odd sizes on purpose: hidden sizes that are not powers
+of two, row counts that do not fill a program."""
+import pytest
+import torch
+from conftest import small_model
+
+pytest.importorskip("triton")
+import kernels as K  # noqa: E402
+from kernels.rmsnorm import rms_norm_reference, rms_norm_triton  # noqa: E402
+from kernels.swiglu import swiglu_reference, swiglu_triton  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def forward_backward(fn, inputs, grad):
+    inputs = [t.detach().clone().requires_grad_(True) for t in inputs]
+    out = fn(*inputs)
+    out.backward(grad)
+    return out, [t.grad for t in inputs]
+
+
+@pytest.mark.parametrize("rows,cols", [(1, 64), (37, 100), (20, 257)])
+def test_rmsnorm_forward_and_backward_equal_the_reference(rows, cols):
+    torch.manual_seed(0)
+    x, w = torch.randn(rows, cols, device=DEVICE) * 3, torch.rand(cols, device=DEVICE) + 0.5
+    g = torch.randn(rows, cols, device=DEVICE)
+    y_ref, (dx_ref, dw_ref) = forward_backward(lambda a, b: rms_norm_reference(a, b, 1e-5), [x, w], g)
+    y, (dx, dw) = forward_backward(lambda a, b: rms_norm_triton(a, b, 1e-5), [x, w], g)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dx, dx_ref, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(dw, dw_ref, rtol=1e-4, atol=1e-4)
+
+
+def test_rmsnorm_in_bf16_with_an_fp32_weight_is_within_bf16_rounding():
+    torch.manual_seed(0)
+    x, w = torch.randn(2, 7, 96, device=DEVICE).bfloat16(), torch.rand(96, device=DEVICE) + 0.5
+    y_ref, y = rms_norm_reference(x, w, 1e-6), rms_norm_triton(x, w, 1e-6)
+    assert y.dtype == y_ref.dtype == torch.float32
+    torch.testing.assert_close(y, y_ref, rtol=2**-7, atol=1e-2)
+
+
+@pytest.mark.parametrize("shape", [(5,), (3, 1000), (2, 7, 688)])
+def test_swiglu_forward_and_backward_equal_the_reference(shape):
+    torch.manual_seed(0)
+    gate, up, g = (torch.randn(shape, device=DEVICE) * 2 for _ in range(3))
+    h_ref, (dg_ref, du_ref) = forward_backward(swiglu_reference, [gate, up], g)
+    h, (dg, du) = forward_backward(swiglu_triton, [gate, up], g)
+    torch.testing.assert_close(h, h_ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(dg, dg_ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(du, du_ref, rtol=1e-5, atol=1e-6)
+
+
+def test_whole_model_loss_and_gradients_equal_with_and_without_kernels(monkeypatch):
+    x = torch.randint(0, 50, (2, 9), device=DEVICE)
+    results = []
+    for force in (False, True):
+        monkeypatch.setattr(K, "FORCE", force and DEVICE == "cpu")
+        monkeypatch.setattr(K, "DISABLED", set() if force else set(K.NAMES))
+        m = small_model(seed=3).to(DEVICE)
+        s, n = m(x, labels=x)
+        s.backward()
+        results.append((s.detach(), {k: p.grad for k, p in m.named_parameters()}))
+    (s0, g0), (s1, g1) = results
+    torch.testing.assert_close(s1, s0, rtol=1e-5, atol=1e-5)
+    for k in g0:
+        torch.testing.assert_close(g1[k], g0[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_unknown_kernel_name_is_refused():
+    import train
+    with pytest.raises(ValueError, match="flag --kernels_off: unknown kernel 'rope'; kernels are nf4, rmsnorm, swiglu"):
+        train.parse_args(["--kernels_off=rope"])
