@@ -1,0 +1,98 @@
+"""Each kernel at Llama-3-8B shapes: the PyTorch reference eager, the reference under torch.compile,
+and the Triton kernel; time, peak memory, achieved GB/s and the fraction of the GPU's bandwidth.
+
+    python bench/kernels.py            # GPU: Llama-3-8B shapes, 8192 tokens; CPU: 1/16 of the tokens, no Triton
+
+Shapes: tokens = 8192 (batch 4 x 2048), dim 4096, ffn 14336. Forward + backward for RMSNorm and
+SwiGLU (what training runs), forward only for NF4 dequantization (of one 14336 x 4096 weight).
+GB/s counts the bytes each kernel must move at least once (inputs read, outputs written; in
+backward also the saved inputs and the incoming gradient), so it is comparable across rows.
+"""
+
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import quant as Q  # noqa: E402
+from kernels import HAS_TRITON  # noqa: E402
+from kernels.nf4 import dequantize_nf4_reference, dequantize_nf4_triton  # noqa: E402
+from kernels.rmsnorm import rms_norm_reference, rms_norm_triton  # noqa: E402
+from kernels.swiglu import swiglu_reference, swiglu_triton  # noqa: E402
+
+HBM_PEAK = {"H100": 3.35e12, "H200": 4.8e12, "A100": 2.0e12}
+
+
+def measure(fn, device, repeat):
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    t = time.perf_counter()
+    for _ in range(repeat):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    dt = (time.perf_counter() - t) / repeat
+    peak = (torch.cuda.max_memory_allocated() - base) / 2**20 if device.type == "cuda" else None
+    return dt, peak
+
+
+def main():
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    gpu = device.type == "cuda"
+    tokens, dim, ffn = (8192 if gpu else 512), 4096, 14336
+    dtype = torch.bfloat16 if gpu else torch.float32
+    repeat = 20 if gpu else 3
+    peak_bw = next((v for k, v in HBM_PEAK.items() if gpu and k in torch.cuda.get_device_name()), None)
+    torch.manual_seed(0)
+    x = torch.randn(tokens, dim, device=device, dtype=dtype, requires_grad=True)
+    w = torch.ones(dim, device=device, dtype=dtype, requires_grad=True)
+    gate = torch.randn(tokens, ffn, device=device, dtype=dtype, requires_grad=True)
+    up = torch.randn(tokens, ffn, device=device, dtype=dtype, requires_grad=True)
+    e = x.element_size()
+
+    def fwd_bwd(fn, *args):
+        def run():
+            out = fn(*args)
+            out.backward(torch.ones_like(out))
+            for a in args:
+                a.grad = None
+        return run
+
+    q = Q.quantize_nf4(torch.randn(ffn, dim, device=device) * 0.02)
+    nf4, dynamic = Q.codes_on(device)
+    nf4_args = (q["weight"], q["absmax"], nf4, 64, torch.Size((ffn, dim)), torch.bfloat16, q["nested_absmax"], dynamic, 256, q["offset"])
+    cases = [
+        # name, bytes moved, {implementation: callable}
+        ("rmsnorm fwd+bwd", e * tokens * dim * 4, {  # x, y; x, dy -> dx (rstd and w negligible)
+            "eager": fwd_bwd(lambda a, b: rms_norm_reference(a, b, 1e-5), x, w),
+            "compiled": fwd_bwd(torch.compile(lambda a, b: rms_norm_reference(a, b, 1e-5)), x, w),
+            "triton": fwd_bwd(lambda a, b: rms_norm_triton(a, b, 1e-5), x, w)}),
+        ("swiglu fwd+bwd", e * tokens * ffn * 7, {  # gate, up -> h; dh, gate, up -> dgate, dup
+            "eager": fwd_bwd(swiglu_reference, gate, up),
+            "compiled": fwd_bwd(torch.compile(swiglu_reference), gate, up),
+            "triton": fwd_bwd(swiglu_triton, gate, up)}),
+        ("nf4 dequant -> bf16", ffn * dim // 2 + ffn * dim // 64 + 2 * ffn * dim, {
+            "eager": lambda: dequantize_nf4_reference(*nf4_args),
+            "compiled": (lambda f: lambda: f(*nf4_args))(torch.compile(dequantize_nf4_reference)),
+            "triton": lambda: dequantize_nf4_triton(*nf4_args)}),
+    ]
+    print(f"torch {torch.__version__}, {torch.cuda.get_device_name() if gpu else 'CPU'}, {tokens} tokens, dim {dim}, "
+          f"ffn {ffn}, {str(dtype).removeprefix('torch.')}")
+    print(f"{'kernel':<22}{'impl':<10}{'ms':>9}{'GB/s':>9}{'of peak':>9}{'peak MiB':>10}")
+    for name, nbytes, impls in cases:
+        for impl, fn in impls.items():
+            if impl == "triton" and not (gpu and HAS_TRITON):
+                continue  # the interpreter's speed means nothing
+            dt, peak = measure(fn, device, repeat)
+            frac = f"{nbytes / dt / peak_bw:.0%}" if peak_bw else "-"
+            print(f"{name:<22}{impl:<10}{dt * 1e3:>9.3f}{nbytes / dt / 1e9:>9.1f}{frac:>9}"
+                  f"{(f'{peak:.0f}' if peak is not None else '-'):>10}")
+
+
+if __name__ == "__main__":
+    main()
