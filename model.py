@@ -35,6 +35,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from kernels import use_triton
+from kernels.linear_ce import linear_cross_entropy_triton
 from kernels.rmsnorm import rms_norm
 from kernels.swiglu import swiglu
 
@@ -404,6 +406,8 @@ def cross_entropy_sum(h, head, labels, chunk=0):
     keep = labels.reshape(-1) != -100
     h, labels = h.reshape(-1, h.shape[-1])[keep], labels.reshape(-1)[keep]  # prompt tokens cost nothing
     n = labels.numel()
+    if use_triton("linear_ce", h) and type(head) is nn.Linear and head.bias is None:  # kernels/linear_ce.py
+        return linear_cross_entropy_triton(h, head.weight, labels, chunk if chunk > 0 else 4096), n
     if chunk <= 0 or n <= chunk:
         return _ce_chunk(h, head, labels), n
     total = h.new_zeros((), dtype=torch.float32)

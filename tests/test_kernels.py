@@ -69,5 +69,28 @@ def test_whole_model_loss_and_gradients_equal_with_and_without_kernels(monkeypat
 
 def test_unknown_kernel_name_is_refused():
     import train
-    with pytest.raises(ValueError, match="flag --kernels_off: unknown kernel 'rope'; kernels are nf4, rmsnorm, swiglu"):
+    with pytest.raises(ValueError, match="flag --kernels_off: unknown kernel 'rope'; kernels are nf4, rmsnorm, swiglu, linear_ce"):
         train.parse_args(["--kernels_off=rope"])
+
+
+@pytest.mark.parametrize("n,vocab,chunk", [(13, 100, 5), (8, 257, 8), (6, 64, 4)])
+def test_fused_linear_cross_entropy_equals_the_chunked_reference(n, vocab, chunk):
+    from kernels.linear_ce import linear_cross_entropy_triton
+    torch.manual_seed(0)
+    h, w = torch.randn(n, 24, device=DEVICE), torch.randn(vocab, 24, device=DEVICE) * 0.3
+    labels = torch.randint(0, vocab, (n,), device=DEVICE)
+    labels[1] = -100  # an ignored row in the middle
+    keep = labels != -100
+
+    def reference(h_, w_):
+        return torch.nn.functional.cross_entropy(h_[keep] @ w_.t(), labels[keep], reduction="sum")
+
+    ref, (dh_ref, dw_ref) = forward_backward(reference, [h, w], torch.tensor(1.5, device=DEVICE))
+    out, (dh, dw) = forward_backward(lambda a, b: linear_cross_entropy_triton(a, b, labels, chunk), [h, w],
+                                     torch.tensor(1.5, device=DEVICE))
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(dh, dh_ref, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(dw, dw_ref, rtol=1e-4, atol=1e-5)
+    assert dh[1].abs().sum() == 0  # the ignored row gets no gradient
+    all_ignored = torch.full((n,), -100, device=DEVICE)
+    assert linear_cross_entropy_triton(h, w, all_ignored, chunk).item() == 0.0
