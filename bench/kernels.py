@@ -3,8 +3,10 @@ and the Triton kernel; time, peak memory, achieved GB/s and the fraction of the 
 
     python bench/kernels.py            # GPU: Llama-3-8B shapes, 8192 tokens; CPU: 1/16 of the tokens, no Triton
 
-Shapes: tokens = 8192 (batch 4 x 2048), dim 4096, ffn 14336. Forward + backward for RMSNorm and
-SwiGLU (what training runs), forward only for NF4 dequantization (of one 14336 x 4096 weight).
+Shapes: tokens = 8192 (batch 4 x 2048), dim 4096, ffn 14336, vocab 128256. Forward + backward for
+RMSNorm, SwiGLU and the lm_head + cross-entropy (what training runs; for the loss, "chunked" is
+model.cross_entropy_sum with 4096-token chunks recomputed in backward), forward only for NF4
+dequantization (of one 14336 x 4096 weight). For the loss the figure to watch is peak memory.
 GB/s counts the bytes each kernel must move at least once (inputs read, outputs written; in
 backward also the saved inputs and the incoming gradient), so it is comparable across rows.
 """
@@ -18,6 +20,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import quant as Q  # noqa: E402
 from kernels import HAS_TRITON  # noqa: E402
+import model as M  # noqa: E402
+from kernels.linear_ce import linear_cross_entropy_triton  # noqa: E402
 from kernels.nf4 import dequantize_nf4_reference, dequantize_nf4_triton  # noqa: E402
 from kernels.rmsnorm import rms_norm_reference, rms_norm_triton  # noqa: E402
 from kernels.swiglu import swiglu_reference, swiglu_triton  # noqa: E402
@@ -44,7 +48,7 @@ def measure(fn, device, repeat):
 def main():
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     gpu = device.type == "cuda"
-    tokens, dim, ffn = (8192 if gpu else 512), 4096, 14336
+    tokens, dim, ffn, vocab = (8192 if gpu else 512), 4096, 14336, (128256 if gpu else 32000)
     dtype = torch.bfloat16 if gpu else torch.float32
     repeat = 20 if gpu else 3
     peak_bw = next((v for k, v in HBM_PEAK.items() if gpu and k in torch.cuda.get_device_name()), None)
@@ -63,6 +67,12 @@ def main():
                 a.grad = None
         return run
 
+    hid = torch.randn(tokens, dim, device=device, dtype=dtype, requires_grad=True)
+    head = torch.randn(vocab, dim, device=device, dtype=dtype, requires_grad=True)
+    labels = torch.randint(0, vocab, (tokens,), device=device)
+    ce = lambda a, b: torch.nn.functional.cross_entropy((a @ b.t()).float(), labels, reduction="sum")  # noqa: E731
+    chunked = lambda a, b: M.cross_entropy_sum(a, lambda t: t @ b.t(), labels, 4096)[0]  # noqa: E731
+
     q = Q.quantize_nf4(torch.randn(ffn, dim, device=device) * 0.02)
     nf4, dynamic = Q.codes_on(device)
     nf4_args = (q["weight"], q["absmax"], nf4, 64, torch.Size((ffn, dim)), torch.bfloat16, q["nested_absmax"], dynamic, 256, q["offset"])
@@ -76,13 +86,18 @@ def main():
             "eager": fwd_bwd(swiglu_reference, gate, up),
             "compiled": fwd_bwd(torch.compile(swiglu_reference), gate, up),
             "triton": fwd_bwd(swiglu_triton, gate, up)}),
+        ("linear + CE fwd+bwd", e * (tokens * dim * 2 + vocab * dim * 2), {  # h, W read; dh, dW written
+            "eager": fwd_bwd(ce, hid, head),
+            "compiled": fwd_bwd(torch.compile(ce), hid, head),
+            "chunked": fwd_bwd(chunked, hid, head),
+            "triton": fwd_bwd(lambda a, b: linear_cross_entropy_triton(a, b, labels, 4096), hid, head)}),
         ("nf4 dequant -> bf16", ffn * dim // 2 + ffn * dim // 64 + 2 * ffn * dim, {
             "eager": lambda: dequantize_nf4_reference(*nf4_args),
             "compiled": (lambda f: lambda: f(*nf4_args))(torch.compile(dequantize_nf4_reference)),
             "triton": lambda: dequantize_nf4_triton(*nf4_args)}),
     ]
     print(f"torch {torch.__version__}, {torch.cuda.get_device_name() if gpu else 'CPU'}, {tokens} tokens, dim {dim}, "
-          f"ffn {ffn}, {str(dtype).removeprefix('torch.')}")
+          f"ffn {ffn}, vocab {vocab}, {str(dtype).removeprefix('torch.')}")
     print(f"{'kernel':<22}{'impl':<10}{'ms':>9}{'GB/s':>9}{'of peak':>9}{'peak MiB':>10}")
     for name, nbytes, impls in cases:
         for impl, fn in impls.items():
