@@ -38,6 +38,7 @@ from torch.utils.checkpoint import checkpoint
 from kernels import use_triton
 from kernels.linear_ce import linear_cross_entropy_triton
 from kernels.rmsnorm import rms_norm
+from kernels.rope import rope
 from kernels.swiglu import swiglu
 
 # -----------------------------------------------------------------------------
@@ -184,10 +185,9 @@ def rope_cos_sin(inv_freq, position_ids, dtype):
 
 
 def apply_rope(x, cos, sin):
-    """x (B, H, T, hd); rotate pairs (x[i], x[i + hd/2])."""
-    x1, x2 = x.chunk(2, dim=-1)
-    rotated = torch.cat((-x2, x1), dim=-1)
-    return x * cos[:, None] + rotated * sin[:, None]
+    """x (B, H, T, hd); rotate pairs (x[i], x[i + hd/2]): x * cos + rotate_half(x) * sin, written
+    out in kernels/rope.py (in place on CUDA)."""
+    return rope(x, cos, sin)
 
 
 # -----------------------------------------------------------------------------

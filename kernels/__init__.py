@@ -8,13 +8,14 @@ reference runs.
     nf4      NF4 dequantization (quant.py)
     rmsnorm  RMSNorm forward and backward (model.RMSNorm)
     swiglu   silu(gate) * up forward and backward (model.MLP)
+    rope     rotary embedding in place on q and k, forward and backward (model.Attention)
     linear_ce  lm_head matmul + cross-entropy, gradients computed chunk by chunk (model.cross_entropy_sum)
 """
 
 import importlib.util
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
-NAMES = ("nf4", "rmsnorm", "swiglu", "linear_ce")
+NAMES = ("nf4", "rmsnorm", "swiglu", "linear_ce", "rope")
 DISABLED = set()  # kernels that must use their reference
 FORCE = False  # run kernels on CPU tensors too (only meaningful under TRITON_INTERPRET=1)
 

@@ -69,8 +69,8 @@ def test_whole_model_loss_and_gradients_equal_with_and_without_kernels(monkeypat
 
 def test_unknown_kernel_name_is_refused():
     import train
-    with pytest.raises(ValueError, match="flag --kernels_off: unknown kernel 'rope'; kernels are nf4, rmsnorm, swiglu, linear_ce"):
-        train.parse_args(["--kernels_off=rope"])
+    with pytest.raises(ValueError, match="flag --kernels_off: unknown kernel 'rotary'; kernels are nf4, rmsnorm, swiglu, linear_ce, rope"):
+        train.parse_args(["--kernels_off=rotary"])
 
 
 @pytest.mark.parametrize("n,vocab,chunk", [(13, 100, 5), (8, 257, 8), (6, 64, 4)])
@@ -94,3 +94,23 @@ def test_fused_linear_cross_entropy_equals_the_chunked_reference(n, vocab, chunk
     assert dh[1].abs().sum() == 0  # the ignored row gets no gradient
     all_ignored = torch.full((n,), -100, device=DEVICE)
     assert linear_cross_entropy_triton(h, w, all_ignored, chunk).item() == 0.0
+
+
+def test_rope_in_place_forward_and_backward_equal_the_reference():
+    """Per-token positions as packing makes them (restarting per document); q as the model views it
+    (a transposed, non-contiguous view of the projection output); odd head and token counts."""
+    from kernels.rope import rope_reference, rope_triton
+    import model as M
+    torch.manual_seed(0)
+    B, T, H, hd = 2, 7, 3, 16
+    pos = torch.tensor([[0, 1, 2, 0, 1, 2, 3], [0, 1, 2, 3, 4, 5, 6]], device=DEVICE)
+    cos, sin = M.rope_cos_sin(M.rope_frequencies(M.ModelArgs(dim=H * hd, n_heads=H, n_kv_heads=H)).to(DEVICE), pos,
+                              torch.float32)
+    q = torch.randn(B, T, H * hd, device=DEVICE).view(B, T, H, hd).transpose(1, 2)
+    g = torch.randn(B, H, T, hd, device=DEVICE)
+    ref, (dq_ref,) = forward_backward(lambda a: rope_reference(a, cos, sin), [q], g)
+    q2 = q.detach().clone().requires_grad_(True)
+    out = rope_triton(q2.clone(), cos, sin)  # in place on the clone (a leaf cannot be modified in place)
+    out.backward(g)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(q2.grad, dq_ref, rtol=1e-5, atol=1e-5)
