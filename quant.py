@@ -35,7 +35,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import model as M
-from kernels.nf4 import dequantize_nf4
+from kernels import use_triton
+from kernels.nf4 import dequantize_nf4, nf4_matmul_triton
 
 # The 16 NormalFloat4 values as bitsandbytes ships them (QLoRA appendix E; 0 is exact, 8 positive
 # and 7 negative quantiles so that both -1 and 1 exist).
@@ -123,6 +124,13 @@ class NF4Matmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, layer):
         ctx.layer = layer  # the module, not its tensors: nothing is saved for backward
+        rows = x.reshape(-1, x.shape[-1])
+        if rows.shape[0] <= 16 and layer.in_features % layer.blocksize == 0 and use_triton("nf4_matmul", x):
+            nf4, dynamic = codes_on(x.device)  # few rows: read the codes once, never the dense weight
+            y = nf4_matmul_triton(rows, layer.weight, layer.absmax, nf4, layer.blocksize, layer.shape,
+                                  layer.nested_absmax, dynamic, layer.nested_blocksize, layer.offset)
+            y = y.view(*x.shape[:-1], layer.out_features)
+            return y + layer.bias if layer.bias is not None else y
         return F.linear(x, layer.dequantize(x.dtype), layer.bias)
 
     @staticmethod

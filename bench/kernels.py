@@ -22,7 +22,7 @@ import quant as Q  # noqa: E402
 from kernels import HAS_TRITON  # noqa: E402
 import model as M  # noqa: E402
 from kernels.linear_ce import linear_cross_entropy_triton  # noqa: E402
-from kernels.nf4 import dequantize_nf4_reference, dequantize_nf4_triton  # noqa: E402
+from kernels.nf4 import dequantize_nf4_reference, dequantize_nf4_triton, nf4_matmul_reference, nf4_matmul_triton  # noqa: E402
 from kernels.rmsnorm import rms_norm_reference, rms_norm_triton  # noqa: E402
 from kernels.swiglu import swiglu_reference, swiglu_triton  # noqa: E402
 
@@ -76,6 +76,8 @@ def main():
     q = Q.quantize_nf4(torch.randn(ffn, dim, device=device) * 0.02)
     nf4, dynamic = Q.codes_on(device)
     nf4_args = (q["weight"], q["absmax"], nf4, 64, torch.Size((ffn, dim)), torch.bfloat16, q["nested_absmax"], dynamic, 256, q["offset"])
+    x1 = torch.randn(1, dim, device=device, dtype=torch.bfloat16)
+    mm_args = (q["weight"], q["absmax"], nf4, 64, torch.Size((ffn, dim)), q["nested_absmax"], dynamic, 256, q["offset"])
     cases = [
         # name, bytes moved, {implementation: callable}
         ("rmsnorm fwd+bwd", e * tokens * dim * 4, {  # x, y; x, dy -> dx (rstd and w negligible)
@@ -95,6 +97,10 @@ def main():
             "eager": lambda: dequantize_nf4_reference(*nf4_args),
             "compiled": (lambda f: lambda: f(*nf4_args))(torch.compile(dequantize_nf4_reference)),
             "triton": lambda: dequantize_nf4_triton(*nf4_args)}),
+        ("nf4 matmul, 1 row", ffn * dim // 2 + ffn * dim // 64 + 2 * (dim + ffn), {  # codes + scales; x, y
+            "eager": lambda: nf4_matmul_reference(x1, *mm_args),
+            "compiled": (lambda f: lambda: f(x1, *mm_args))(torch.compile(nf4_matmul_reference)),
+            "triton": lambda: nf4_matmul_triton(x1, *mm_args)}),
     ]
     print(f"torch {torch.__version__}, {torch.cuda.get_device_name() if gpu else 'CPU'}, {tokens} tokens, dim {dim}, "
           f"ffn {ffn}, vocab {vocab}, {str(dtype).removeprefix('torch.')}")

@@ -6,6 +6,7 @@ not been switched off (train.py's --kernels / --kernels_off fill DISABLED); othe
 reference runs.
 
     nf4      NF4 dequantization (quant.py)
+    nf4_matmul  x @ W^T from the 4-bit codes for up to 16 rows of x (quant.Linear4bit forward)
     rmsnorm  RMSNorm forward and backward (model.RMSNorm)
     swiglu   silu(gate) * up forward and backward (model.MLP)
     rope     rotary embedding in place on q and k, forward and backward (model.Attention)
@@ -15,7 +16,7 @@ reference runs.
 import importlib.util
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
-NAMES = ("nf4", "rmsnorm", "swiglu", "linear_ce", "rope")
+NAMES = ("nf4", "nf4_matmul", "rmsnorm", "swiglu", "linear_ce", "rope")
 DISABLED = set()  # kernels that must use their reference
 FORCE = False  # run kernels on CPU tensors too (only meaningful under TRITON_INTERPRET=1)
 

@@ -86,3 +86,60 @@ def dequantize_nf4(packed, absmax, code, blocksize, shape, dtype,
                    nested_absmax=None, nested_code=None, nested_blocksize=256, offset=None):
     fn = dequantize_nf4_triton if use_triton("nf4", packed) else dequantize_nf4_reference
     return fn(packed, absmax, code, blocksize, shape, dtype, nested_absmax, nested_code, nested_blocksize, offset)
+
+
+# -----------------------------------------------------------------------------
+# y = x @ W^T straight from the 4-bit codes, for a few rows of x (generation, small LoRA batches):
+# dequantizing the whole W first would write and re-read it in bf16, four times the bytes of the
+# codes, for a matmul that is all memory traffic anyway.
+
+
+def nf4_matmul_reference(x, packed, absmax, code, blocksize, shape, nested_absmax=None, nested_code=None,
+                         nested_blocksize=256, offset=None):
+    w = dequantize_nf4_reference(packed, absmax, code, blocksize, shape, x.dtype, nested_absmax, nested_code,
+                                 nested_blocksize, offset)
+    return x @ w.t()
+
+
+if HAS_TRITON:
+    @triton.jit
+    def _nf4_matmul_kernel(x_ptr, packed_ptr, absmax_ptr, code_ptr, nested_ptr, nested_code_ptr, offset_ptr, y_ptr,
+                           N, K, BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr,
+                           BN: tl.constexpr):
+        # Program (m, j): output columns n in [j * BN, (j + 1) * BN) of row m. K is walked one
+        # quantization block (BLOCKSIZE weights, one scale per row) at a time.
+        m, j = tl.program_id(0), tl.program_id(1)
+        n = j * BN + tl.arange(0, BN)
+        n_live = n < N
+        half = tl.arange(0, BLOCKSIZE // 2)
+        acc = tl.zeros((BN,), dtype=tl.float32)
+        for k0 in range(0, K, BLOCKSIZE):
+            block = (n * K + k0) // BLOCKSIZE  # [BN]
+            if NESTED:
+                q = tl.load(absmax_ptr + block, mask=n_live, other=0).to(tl.int32)
+                scale = tl.load(nested_code_ptr + q) * tl.load(nested_ptr + block // NESTED_BLOCKSIZE, mask=n_live, other=0.0)
+                scale = scale + tl.load(offset_ptr)
+            else:
+                scale = tl.load(absmax_ptr + block, mask=n_live, other=0.0)
+            byte = tl.load(packed_ptr + ((n * K + k0) // 2)[:, None] + half[None, :], mask=n_live[:, None], other=0)
+            hi = tl.load(code_ptr + (byte >> 4).to(tl.int32))
+            lo = tl.load(code_ptr + (byte & 0xF).to(tl.int32))
+            w = tl.reshape(tl.join(hi, lo), (BN, BLOCKSIZE)) * scale[:, None]  # [BN, BLOCKSIZE] in fp32
+            xk = tl.load(x_ptr + m * K + k0 + tl.arange(0, BLOCKSIZE)).to(tl.float32)
+            acc += tl.sum(w * xk[None, :], axis=1)
+        tl.store(y_ptr + m * N + n, acc.to(y_ptr.dtype.element_ty), mask=n_live)
+
+
+def nf4_matmul_triton(x, packed, absmax, code, blocksize, shape, nested_absmax=None, nested_code=None,
+                      nested_blocksize=256, offset=None, bn=32):
+    """x (M, K) with K a multiple of blocksize."""
+    N, K = shape
+    x = x.contiguous()
+    y = torch.empty((x.shape[0], N), dtype=x.dtype, device=x.device)
+    nested = nested_absmax is not None
+    dummy = code
+    grid = (x.shape[0], triton.cdiv(N, bn))
+    _nf4_matmul_kernel[grid](x, packed, absmax, code, nested_absmax if nested else dummy, nested_code if nested else dummy,
+                             offset if nested else dummy, y, N, K, BLOCKSIZE=blocksize, NESTED_BLOCKSIZE=nested_blocksize,
+                             NESTED=nested, BN=bn)
+    return y

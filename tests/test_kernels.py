@@ -69,7 +69,7 @@ def test_whole_model_loss_and_gradients_equal_with_and_without_kernels(monkeypat
 
 def test_unknown_kernel_name_is_refused():
     import train
-    with pytest.raises(ValueError, match="flag --kernels_off: unknown kernel 'rotary'; kernels are nf4, rmsnorm, swiglu, linear_ce, rope"):
+    with pytest.raises(ValueError, match="flag --kernels_off: unknown kernel 'rotary'; kernels are nf4, nf4_matmul, rmsnorm, swiglu, linear_ce, rope"):
         train.parse_args(["--kernels_off=rotary"])
 
 
@@ -114,3 +114,26 @@ def test_rope_in_place_forward_and_backward_equal_the_reference():
     out.backward(g)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(q2.grad, dq_ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("rows,n,k,double_quant", [(1, 50, 128, True), (5, 96, 192, False), (16, 33, 64, True)])
+def test_nf4_matmul_from_codes_equals_dequantize_then_matmul(rows, n, k, double_quant):
+    import quant as Q
+    from kernels.nf4 import nf4_matmul_reference, nf4_matmul_triton
+    torch.manual_seed(0)
+    s = Q.quantize_nf4(torch.randn(n, k, device=DEVICE), double_quant=double_quant)
+    nf4, dynamic = Q.codes_on(DEVICE)
+    args = (s["weight"], s["absmax"], nf4, 64, torch.Size((n, k)), s["nested_absmax"], dynamic, 256, s["offset"])
+    x = torch.randn(rows, k, device=DEVICE)
+    torch.testing.assert_close(nf4_matmul_triton(x, *args, bn=16), nf4_matmul_reference(x, *args), rtol=1e-5, atol=1e-4)
+
+
+def test_linear4bit_uses_the_codes_directly_for_few_rows(monkeypatch):
+    import quant as Q
+    monkeypatch.setattr(K, "FORCE", DEVICE == "cpu")
+    layer = Q.Linear4bit(128, 40, bias=True, device=DEVICE)
+    layer.set_weight(torch.randn(40, 128, device=DEVICE))
+    layer.bias = torch.nn.Parameter(torch.randn(40, device=DEVICE), requires_grad=False)
+    x = torch.randn(2, 3, 128, device=DEVICE)  # 6 rows: the fused path
+    dense = x @ layer.dequantize(torch.float32).t() + layer.bias
+    torch.testing.assert_close(layer(x), dense, rtol=1e-5, atol=1e-4)
