@@ -30,6 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import model as M
+from kernels.lora import lora_add
 from quant import Linear4bit, dequantize_model
 
 
@@ -80,9 +81,9 @@ class LoRALinear(nn.Module):
         if self.merged:
             return y
         xd = self.lora_dropout(x)
+        if self.lora_magnitude_vector is None:  # y + s * B A x, one pass over y (kernels/lora.py)
+            return lora_add(y, self.lora_A(xd), self.lora_B.weight, self.scaling)
         lora = self.lora_B(self.lora_A(xd)) * self.scaling
-        if self.lora_magnitude_vector is None:
-            return y + lora.to(y.dtype)
         with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
             w = self.base_weight(torch.float32)
             norm = (w + self.scaling * (self.lora_B.weight.float() @ self.lora_A.weight.float())).norm(dim=1)

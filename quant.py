@@ -124,12 +124,10 @@ class NF4Matmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, layer):
         ctx.layer = layer  # the module, not its tensors: nothing is saved for backward
-        rows = x.reshape(-1, x.shape[-1])
-        if rows.shape[0] <= 16 and layer.in_features % layer.blocksize == 0 and use_triton("nf4_matmul", x):
+        if x.numel() <= 16 * x.shape[-1] and layer.in_features % layer.blocksize == 0 and use_triton("nf4_matmul", x):
             nf4, dynamic = codes_on(x.device)  # few rows: read the codes once, never the dense weight
-            y = nf4_matmul_triton(rows, layer.weight, layer.absmax, nf4, layer.blocksize, layer.shape,
+            y = nf4_matmul_triton(x, layer.weight, layer.absmax, nf4, layer.blocksize, layer.shape,
                                   layer.nested_absmax, dynamic, layer.nested_blocksize, layer.offset)
-            y = y.view(*x.shape[:-1], layer.out_features)
             return y + layer.bias if layer.bias is not None else y
         return F.linear(x, layer.dequantize(x.dtype), layer.bias)
 

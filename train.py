@@ -73,7 +73,7 @@ class Config:
     loss_chunk: int = 0  # >0: cross-entropy over this many tokens at a time (never all [tokens, vocab] logits)
     threads: int = 0  # CPU threads per process; 0 = cores / processes on this machine
     kernels: str = "auto"  # auto (Triton on CUDA) | torch (every PyTorch reference)
-    kernels_off: str = ""  # comma list of Triton kernels to replace by their reference: nf4,nf4_matmul,rmsnorm,swiglu,linear_ce,rope
+    kernels_off: str = ""  # comma list of Triton kernels to replace by their reference: nf4,nf4_matmul,rmsnorm,swiglu,linear_ce,rope,lora
     # sharding (fsdp.py)
     fsdp: bool = False  # shard weights, gradients and optimizer state over ranks (else plain data parallel)
     prefetch: int = 1  # units whose all-gather is issued ahead of the one computing

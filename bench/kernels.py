@@ -21,6 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import quant as Q  # noqa: E402
 from kernels import HAS_TRITON  # noqa: E402
 import model as M  # noqa: E402
+from kernels.lora import lora_add_reference, lora_add_triton  # noqa: E402
 from kernels.linear_ce import linear_cross_entropy_triton  # noqa: E402
 from kernels.nf4 import dequantize_nf4_reference, dequantize_nf4_triton, nf4_matmul_reference, nf4_matmul_triton  # noqa: E402
 from kernels.rmsnorm import rms_norm_reference, rms_norm_triton  # noqa: E402
@@ -78,6 +79,9 @@ def main():
     nf4_args = (q["weight"], q["absmax"], nf4, 64, torch.Size((ffn, dim)), torch.bfloat16, q["nested_absmax"], dynamic, 256, q["offset"])
     x1 = torch.randn(1, dim, device=device, dtype=torch.bfloat16)
     mm_args = (q["weight"], q["absmax"], nf4, 64, torch.Size((ffn, dim)), q["nested_absmax"], dynamic, 256, q["offset"])
+    ybase = torch.randn(tokens, dim, device=device, dtype=dtype, requires_grad=True)
+    xa = torch.randn(tokens, 16, device=device, dtype=dtype, requires_grad=True)
+    bmat = torch.randn(dim, 16, device=device, requires_grad=True)
     cases = [
         # name, bytes moved, {implementation: callable}
         ("rmsnorm fwd+bwd", e * tokens * dim * 4, {  # x, y; x, dy -> dx (rstd and w negligible)
@@ -93,6 +97,10 @@ def main():
             "compiled": fwd_bwd(torch.compile(ce), hid, head),
             "chunked": fwd_bwd(chunked, hid, head),
             "triton": fwd_bwd(lambda a, b: linear_cross_entropy_triton(a, b, labels, 4096), hid, head)}),
+        ("lora add fwd+bwd", e * tokens * dim * 3, {  # y read, out written; dy read in backward
+            "eager": fwd_bwd(lambda a, c, d: lora_add_reference(a, c, d, 2.0), ybase, xa, bmat),
+            "compiled": fwd_bwd(torch.compile(lambda a, c, d: lora_add_reference(a, c, d, 2.0)), ybase, xa, bmat),
+            "triton": fwd_bwd(lambda a, c, d: lora_add_triton(a, c, d, 2.0), ybase, xa, bmat)}),
         ("nf4 dequant -> bf16", ffn * dim // 2 + ffn * dim // 64 + 2 * ffn * dim, {
             "eager": lambda: dequantize_nf4_reference(*nf4_args),
             "compiled": (lambda f: lambda: f(*nf4_args))(torch.compile(dequantize_nf4_reference)),

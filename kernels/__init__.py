@@ -10,13 +10,14 @@ reference runs.
     rmsnorm  RMSNorm forward and backward (model.RMSNorm)
     swiglu   silu(gate) * up forward and backward (model.MLP)
     rope     rotary embedding in place on q and k, forward and backward (model.Attention)
+    lora     the adapter's update added onto the base output in one pass (lora.LoRALinear)
     linear_ce  lm_head matmul + cross-entropy, gradients computed chunk by chunk (model.cross_entropy_sum)
 """
 
 import importlib.util
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
-NAMES = ("nf4", "nf4_matmul", "rmsnorm", "swiglu", "linear_ce", "rope")
+NAMES = ("nf4", "nf4_matmul", "rmsnorm", "swiglu", "linear_ce", "rope", "lora")
 DISABLED = set()  # kernels that must use their reference
 FORCE = False  # run kernels on CPU tensors too (only meaningful under TRITON_INTERPRET=1)
 

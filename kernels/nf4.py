@@ -134,8 +134,9 @@ def nf4_matmul_triton(x, packed, absmax, code, blocksize, shape, nested_absmax=N
                       nested_blocksize=256, offset=None, bn=32):
     """x (M, K) with K a multiple of blocksize."""
     N, K = shape
-    x = x.contiguous()
-    y = torch.empty((x.shape[0], N), dtype=x.dtype, device=x.device)
+    lead = x.shape[:-1]
+    x = x.reshape(-1, K).contiguous()
+    y = torch.empty((*lead, N), dtype=x.dtype, device=x.device)  # not a view: callers may modify it in place
     nested = nested_absmax is not None
     dummy = code
     grid = (x.shape[0], triton.cdiv(N, bn))

@@ -69,7 +69,7 @@ def test_whole_model_loss_and_gradients_equal_with_and_without_kernels(monkeypat
 
 def test_unknown_kernel_name_is_refused():
     import train
-    with pytest.raises(ValueError, match="flag --kernels_off: unknown kernel 'rotary'; kernels are nf4, nf4_matmul, rmsnorm, swiglu, linear_ce, rope"):
+    with pytest.raises(ValueError, match="flag --kernels_off: unknown kernel 'rotary'; kernels are nf4, nf4_matmul, rmsnorm, swiglu, linear_ce, rope, lora"):
         train.parse_args(["--kernels_off=rotary"])
 
 
@@ -137,3 +137,43 @@ def test_linear4bit_uses_the_codes_directly_for_few_rows(monkeypatch):
     x = torch.randn(2, 3, 128, device=DEVICE)  # 6 rows: the fused path
     dense = x @ layer.dequantize(torch.float32).t() + layer.bias
     torch.testing.assert_close(layer(x), dense, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("m,n,r", [(7, 50, 4), (40, 130, 16), (3, 64, 20)])
+def test_lora_add_forward_and_backward_equal_the_reference(m, n, r):
+    from kernels.lora import lora_add_reference, lora_add_triton
+    torch.manual_seed(0)
+    y, xa, b = torch.randn(m, n, device=DEVICE), torch.randn(m, r, device=DEVICE), torch.randn(n, r, device=DEVICE)
+    g = torch.randn(m, n, device=DEVICE)
+    ref, grads_ref = forward_backward(lambda a, c, d: lora_add_reference(a, c, d, 0.5), [y, xa, b], g)
+    out, grads = forward_backward(lambda a, c, d: lora_add_triton(a, c, d, 0.5), [y, xa, b], g)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    for got, want in zip(grads, grads_ref):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_whole_lora_model_equal_with_and_without_kernels(monkeypatch, quantized):
+    """QLoRA included, with 9 tokens so that the 4-bit layers take the few-rows nf4_matmul path."""
+    import lora as L
+    import quant as Q
+    x = torch.randint(0, 50, (1, 9), device=DEVICE)
+    results = []
+    for force in (False, True):
+        monkeypatch.setattr(K, "FORCE", force and DEVICE == "cpu")
+        monkeypatch.setattr(K, "DISABLED", set() if force else set(K.NAMES))
+        m = small_model(seed=3).to(DEVICE)
+        if quantized:
+            Q.quantize_model(m)
+        L.add_lora(m, rank=4, alpha=8, targets="q_proj,v_proj,down_proj", generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            for name, p in m.named_parameters():
+                if "lora_B" in name:
+                    p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)) * 0.1)
+        s, n = m(x, labels=x)
+        s.backward()
+        results.append((s.detach(), {k: p.grad for k, p in m.named_parameters() if p.requires_grad}))
+    (s0, g0), (s1, g1) = results
+    torch.testing.assert_close(s1, s0, rtol=1e-5, atol=1e-5)
+    for k in g0:
+        torch.testing.assert_close(g1[k], g0[k], rtol=1e-4, atol=1e-5, msg=k)
