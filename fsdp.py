@@ -147,7 +147,7 @@ class Unit:
     """The tensors of some modules (a block, or embedding + norm + head), in FlatGroups."""
 
     def __init__(self, name, modules, trainable_dtype, rank, world, device, offload, materialize=None):
-        self.name, self.state, self.works, self.pending = name, "free", [], []
+        self.name, self.modules, self.state, self.works, self.pending = name, modules, "free", [], []
         if materialize is not None:  # load this unit's weights now (the model was built on the meta device)
             materialize(modules)
         groups = group_tensors(modules)
@@ -178,7 +178,6 @@ class Sharded:
         modules at a time (stream_from_pretrained), so the whole model never exists on any rank."""
         self.model, self.d, self.prefetch, self.checkpointing = model, d, prefetch, checkpointing
         self.reduce_dtype = reduce_dtype
-        m = model.model
         self.units = [Unit(name, mods, param_dtype, d.rank, d.world, d.device, offload, materialize)
                       for name, mods in unit_module_lists(model)]
         self.outer, self.blocks = self.units[0], self.units[1:]
@@ -186,7 +185,7 @@ class Sharded:
         self.events = [] if log_events else None  # ("gather" | "wait" | "compute" | "free" | "reduce", unit)
         self.managed = False  # True inside forward_backward; else hooks gather on demand (eval, generate)
         for unit in self.units:
-            for module in ([m.embed_tokens, m.norm, model.lm_head] if unit is self.outer else [m.layers[int(unit.name[5:])]]):
+            for module in unit.modules:
                 module.register_forward_pre_hook(lambda mod, args, u=unit: self._on_demand(u))
                 module.register_forward_hook(lambda mod, args, out, u=unit: self._release(u))
 
@@ -399,14 +398,6 @@ def trainable_state(sharded: Sharded):
     return state
 
 
-def unit_modules(sharded, unit):
-    m = sharded.model
-    if unit is sharded.outer:
-        return [("model.embed_tokens", m.model.embed_tokens), ("model.norm", m.model.norm), ("lm_head", m.lm_head)]
-    j = int(unit.name[5:])
-    return [(f"model.layers.{j}", m.model.layers[j])]
-
-
 def dense_tensors(prefix, module):
     """HF name -> dense tensor for the leaves under `module`: adapters merged, NF4 dequantized."""
     import lora as L
@@ -441,10 +432,11 @@ def export_hf(sharded: Sharded, path, extra_files=(), dtype=torch.bfloat16):
     if main:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
+    names = {id(mod): name for name, mod in sharded.model.named_modules()}
     weight_map, total = {}, 0
     for i, unit in enumerate(sharded.gathered_units()):
-        state = {name: t.detach().to("cpu", dtype).contiguous().clone() for prefix, mod in unit_modules(sharded, unit)
-                 for name, t in dense_tensors(prefix, mod)}
+        state = {name: t.detach().to("cpu", dtype).contiguous().clone() for mod in unit.modules
+                 for name, t in dense_tensors(names[id(mod)], mod)}
         if sharded.model.args.tie_embeddings:
             state.pop("lm_head.weight", None)
         if main:
