@@ -31,10 +31,17 @@ once the unit is re-gathered before its backward.
 
 On CUDA gathers run on a side stream so that the next unit's all-gather overlaps this unit's
 compute. On CPU (gloo) the same code runs, with async work handles instead of streams.
+
+Below the loop: `stream_from_pretrained` (load an HF folder one unit at a time straight into
+shards), `export_hf` / `export_adapter` (gathered unit by unit, written by rank 0),
+`save_sharded` / `load_sharded` (per-rank checkpoints, re-sharded on load at another world size)
+and `plan_memory` (what a rank will hold, computed on the meta device).
 """
 
+import json
 import math
 import os
+import shutil
 
 import torch
 import torch.distributed as dist
@@ -424,8 +431,6 @@ def dense_tensors(prefix, module):
 def export_hf(sharded: Sharded, path, extra_files=(), dtype=torch.bfloat16):
     """The trained model as an HF folder: one safetensors file per unit, so rank 0 holds one unit at
     a time (adapters merged, NF4 dequantized). Every rank must call this (it joins the gathers)."""
-    import json
-    import shutil
     from safetensors.torch import save_file
     main, n = sharded.d.rank == 0, len(sharded.units)
     tmp = path.rstrip("/") + ".tmp"
@@ -521,7 +526,6 @@ def plan_memory(model, world, batch_size, seq_len, prefetch=1, checkpointing=Tru
 def save_sharded(path, sharded: Sharded, extra):
     """<path>/rank<r>.pt per rank, each written to a temp name and renamed; then rank 0 writes
     <path>/done.json, so a folder without it is an interrupted save."""
-    import json
     os.makedirs(path, exist_ok=True)
     if sharded.d.rank == 0 and os.path.exists(os.path.join(path, "done.json")):
         os.remove(os.path.join(path, "done.json"))
@@ -546,7 +550,6 @@ def load_sharded(path, sharded: Sharded):
     the old rank files and copies out its new slice of each buffer and of each AdamW state tensor.
     The data position becomes the same global position (rank_index * old_world / new_world), and a
     new rank takes the RNG state of the old rank with its number (or rank 0's)."""
-    import json
     done = os.path.join(path, "done.json")
     if not os.path.isfile(done):
         raise FileNotFoundError(f"{path}: no complete sharded checkpoint (done.json missing)")
