@@ -112,7 +112,7 @@ def config_help():
     notes = dict(re.findall(r"^\s+(\w+):[^#\n]*#\s*(.*)$", src, re.M))
     lines = ["usage: [torchrun --nproc_per_node=N] train.py [--name=value ...]", ""]
     for f in dataclasses.fields(Config):
-        lines.append(f"  --{f.name}={f.default!s:<12} {notes.get(f.name, '')}")
+        lines.append(f"  {'--' + f.name + '=' + str(f.default):<32} {notes.get(f.name, '')}")
     return "\n".join(lines)
 
 
