@@ -363,7 +363,8 @@ def build_model(cfg: Config, d: Dist, with_adapters=True):
     and the --lora_target layers get adapters."""
     quantize = cfg.train_type in ("qlora", "qdora")
     # A frozen base can live in bf16 on a GPU; what trains (full weights, adapters) stays fp32.
-    base_dtype = torch.bfloat16 if cfg.train_type != "full" and d.device.type == "cuda" else torch.float32
+    use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and d.device.type == "cuda")
+    base_dtype = torch.bfloat16 if cfg.train_type != "full" and use_bf16 else torch.float32
     if cfg.model in M.MODELS:
         args = dataclasses.replace(M.MODELS[cfg.model])
         tok = D.load_tokenizer(cfg.tokenizer or None)
