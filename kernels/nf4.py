@@ -44,6 +44,18 @@ def dequantize_nf4_reference(packed, absmax, code, blocksize, shape, dtype,
 
 if HAS_TRITON:
     @triton.jit
+    def _block_scale(absmax_ptr, nested_ptr, nested_code_ptr, offset_ptr, block, live,
+                     NESTED_BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr):
+        """The fp32 scale of quantization blocks `block`, in the reference's order of operations."""
+        if NESTED:
+            q = tl.load(absmax_ptr + block, mask=live, other=0).to(tl.int32)
+            scale = tl.load(nested_code_ptr + q) * tl.load(nested_ptr + block // NESTED_BLOCKSIZE, mask=live, other=0.0)
+            scale = scale + tl.load(offset_ptr)
+        else:
+            scale = tl.load(absmax_ptr + block, mask=live, other=0.0)
+        return scale
+
+    @triton.jit
     def _dequantize_nf4_kernel(packed_ptr, absmax_ptr, code_ptr, nested_ptr, nested_code_ptr, offset_ptr, out_ptr,
                                n, n_bytes, BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr,
                                NESTED: tl.constexpr, BYTES: tl.constexpr):
@@ -53,13 +65,8 @@ if HAS_TRITON:
         i = pid * BYTES + tl.arange(0, BYTES)
         live = i < n_bytes
         byte = tl.load(packed_ptr + i, mask=live, other=0)
-        block = i // (BLOCKSIZE // 2)
-        if NESTED:
-            q = tl.load(absmax_ptr + block, mask=live, other=0).to(tl.int32)
-            scale = tl.load(nested_code_ptr + q) * tl.load(nested_ptr + block // NESTED_BLOCKSIZE, mask=live, other=0.0)
-            scale = scale + tl.load(offset_ptr)
-        else:
-            scale = tl.load(absmax_ptr + block, mask=live, other=0.0)
+        scale = _block_scale(absmax_ptr, nested_ptr, nested_code_ptr, offset_ptr, i // (BLOCKSIZE // 2), live,
+                             NESTED_BLOCKSIZE, NESTED)
         hi = tl.load(code_ptr + (byte >> 4).to(tl.int32)) * scale
         lo = tl.load(code_ptr + (byte & 0xF).to(tl.int32)) * scale
         out = tl.reshape(tl.join(hi, lo), (2 * BYTES,))  # interleave: hi of byte i at 2i, lo at 2i + 1
@@ -114,13 +121,8 @@ if HAS_TRITON:
         half = tl.arange(0, BLOCKSIZE // 2)
         acc = tl.zeros((BN,), dtype=tl.float32)
         for k0 in range(0, K, BLOCKSIZE):
-            block = (n * K + k0) // BLOCKSIZE  # [BN]
-            if NESTED:
-                q = tl.load(absmax_ptr + block, mask=n_live, other=0).to(tl.int32)
-                scale = tl.load(nested_code_ptr + q) * tl.load(nested_ptr + block // NESTED_BLOCKSIZE, mask=n_live, other=0.0)
-                scale = scale + tl.load(offset_ptr)
-            else:
-                scale = tl.load(absmax_ptr + block, mask=n_live, other=0.0)
+            scale = _block_scale(absmax_ptr, nested_ptr, nested_code_ptr, offset_ptr, (n * K + k0) // BLOCKSIZE, n_live,
+                                 NESTED_BLOCKSIZE, NESTED)  # [BN]: one scale per output row
             byte = tl.load(packed_ptr + ((n * K + k0) // 2)[:, None] + half[None, :], mask=n_live[:, None], other=0)
             hi = tl.load(code_ptr + (byte >> 4).to(tl.int32))
             lo = tl.load(code_ptr + (byte & 0xF).to(tl.int32))
