@@ -51,22 +51,6 @@ def test_swiglu_forward_and_backward_equal_the_reference(shape):
     torch.testing.assert_close(du, du_ref, rtol=1e-5, atol=1e-6)
 
 
-def test_whole_model_loss_and_gradients_equal_with_and_without_kernels(monkeypatch):
-    x = torch.randint(0, 50, (2, 9), device=DEVICE)
-    results = []
-    for force in (False, True):
-        monkeypatch.setattr(K, "FORCE", force and DEVICE == "cpu")
-        monkeypatch.setattr(K, "DISABLED", set() if force else set(K.NAMES))
-        m = small_model(seed=3).to(DEVICE)
-        s, n = m(x, labels=x)
-        s.backward()
-        results.append((s.detach(), {k: p.grad for k, p in m.named_parameters()}))
-    (s0, g0), (s1, g1) = results
-    torch.testing.assert_close(s1, s0, rtol=1e-5, atol=1e-5)
-    for k in g0:
-        torch.testing.assert_close(g1[k], g0[k], rtol=1e-4, atol=1e-5, msg=k)
-
-
 def test_unknown_kernel_name_is_refused():
     import train
     with pytest.raises(ValueError, match="flag --kernels_off: unknown kernel 'rotary'; kernels are nf4, nf4_matmul, rmsnorm, swiglu, linear_ce, rope, lora"):
@@ -152,24 +136,26 @@ def test_lora_add_forward_and_backward_equal_the_reference(m, n, r):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("quantized", [False, True])
-def test_whole_lora_model_equal_with_and_without_kernels(monkeypatch, quantized):
-    """QLoRA included, with 9 tokens so that the 4-bit layers take the few-rows nf4_matmul path."""
+@pytest.mark.parametrize("variant", ["dense", "lora", "qlora"])
+def test_whole_model_loss_and_gradients_equal_with_and_without_kernels(monkeypatch, variant):
+    """Every kernel at once against every reference. QLoRA with 9 tokens, so that the 4-bit layers
+    take the few-rows nf4_matmul path."""
     import lora as L
     import quant as Q
-    x = torch.randint(0, 50, (1, 9), device=DEVICE)
+    x = torch.randint(0, 50, (2, 9) if variant == "dense" else (1, 9), device=DEVICE)
     results = []
     for force in (False, True):
         monkeypatch.setattr(K, "FORCE", force and DEVICE == "cpu")
         monkeypatch.setattr(K, "DISABLED", set() if force else set(K.NAMES))
         m = small_model(seed=3).to(DEVICE)
-        if quantized:
+        if variant == "qlora":
             Q.quantize_model(m)
-        L.add_lora(m, rank=4, alpha=8, targets="q_proj,v_proj,down_proj", generator=torch.Generator().manual_seed(0))
-        with torch.no_grad():
-            for name, p in m.named_parameters():
-                if "lora_B" in name:
-                    p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)) * 0.1)
+        if variant != "dense":
+            L.add_lora(m, rank=4, alpha=8, targets="q_proj,v_proj,down_proj", generator=torch.Generator().manual_seed(0))
+            with torch.no_grad():
+                for name, p in m.named_parameters():
+                    if "lora_B" in name:
+                        p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)) * 0.1)
         s, n = m(x, labels=x)
         s.backward()
         results.append((s.detach(), {k: p.grad for k, p in m.named_parameters() if p.requires_grad}))
