@@ -41,3 +41,12 @@ def smollm2_dir():
     if r.returncode != 0:
         pytest.skip(f"could not build SmolLM2: {r.stderr.strip().splitlines()[-1:]}")
     return r.stdout.strip().splitlines()[-1]
+
+
+@pytest.fixture
+def gsm8k_path():
+    """../shared/data/gsm8k_train_alpaca.json; the test skips when ../shared/data is absent."""
+    path = os.path.join(SHARED, "data", "gsm8k_train_alpaca.json")
+    if not os.path.isfile(path):
+        pytest.skip("../shared/data is absent")
+    return path

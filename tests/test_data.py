@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import SHARED, small_model
+from conftest import small_model
 
 import data as D
 
@@ -164,12 +164,9 @@ def test_score_answer_exact_and_last_number():
     assert not D.score_answer("so 1200 was wrong, it is 12", ref, "last_number")
 
 
-def test_real_gsm8k_file_loads_and_packs(tmp_path):
-    path = os.path.join(SHARED, "data", "gsm8k_train_alpaca.json")
-    if not os.path.isfile(path):
-        pytest.skip("../shared/data is absent")
+def test_real_gsm8k_file_loads_and_packs(tmp_path, gsm8k_path):
     tok = D.ByteTokenizer()
-    data = D.load_documents(path, tok, cache_dir=str(tmp_path))
+    data = D.load_documents(gsm8k_path, tok, cache_dir=str(tmp_path))
     assert len(data) == 7473 and data.references[0].startswith("Natalia sold")
     loader = D.Batches(data, range(len(data)), 1024, 4, tok.pad_id)
     loader.plan(0)

@@ -254,18 +254,15 @@ def test_folder_saved_by_transformers_and_bitsandbytes_loads_bit_exactly(tmp_pat
 
 
 @pytest.mark.slow
-def test_nf4_perplexity_on_real_weights_reproduces_bitsandbytes(smollm2_dir):
+def test_nf4_perplexity_on_real_weights_reproduces_bitsandbytes(smollm2_dir, gsm8k_path):
     """The issue's reference, measured with bitsandbytes: answer perplexity of the last 64 GSM8K
     records in ChatML, 3.89 in fp32 and 4.78 with NF4 + double quantization (ratio 1.23)."""
     import sys
-    from conftest import ROOT, SHARED
+    from conftest import ROOT
     sys.path.insert(0, os.path.join(ROOT, "bench"))
     from smollm2 import answer_perplexity
     import data as D
-    path = os.path.join(SHARED, "data", "gsm8k_train_alpaca.json")
-    if not os.path.isfile(path):
-        pytest.skip("../shared/data is absent")
-    records = json.load(open(path))[-64:]
+    records = json.load(open(gsm8k_path))[-64:]
     tok = D.load_tokenizer(smollm2_dir, eos_id=2)
     p32 = answer_perplexity(M.from_pretrained(smollm2_dir), tok, records)
     p4 = answer_perplexity(M.from_pretrained(smollm2_dir, prepare=Q.quantize_model), tok, records)

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, SHARED
+from conftest import ROOT
 
 import data as D
 import model as M
@@ -21,6 +21,10 @@ FAST = ["--seq_len=32", "--batch_size=4", "--eval_samples=0", "--samples=0", "--
 def losses(out_dir):
     rows = [json.loads(line) for line in open(os.path.join(out_dir, "metrics.jsonl"))]
     return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def eval_losses(out_dir):
+    return [json.loads(line)["eval_loss"] for line in open(os.path.join(out_dir, "metrics.jsonl")) if '"eval_loss"' in line]
 
 
 def test_unknown_flag_names_the_closest_one():
@@ -109,8 +113,7 @@ def test_qlora_run_on_tiny_lowers_the_loss_on_a_4bit_base(tmp_path):
     assert type(model.lm_head) is torch.nn.Linear  # the head stays dense, as in QLoRA
     train.main(FAST + ["--train_type=qlora", "--max_steps=30", "--lr=1e-2", "--eval_every=100", "--save_hf=true",
                        f"--out_dir={tmp_path}"])
-    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
-    evals = [r["eval_loss"] for r in rows if "eval_loss" in r]
+    evals = eval_losses(tmp_path)
     assert evals[-1] < evals[0] - 0.5
     assert os.path.isfile(tmp_path / "adapter" / "adapter_model.safetensors")
     merged = M.from_pretrained(str(tmp_path / "hf"))  # the merged export is a plain dense folder
@@ -123,16 +126,12 @@ def test_padding_mode_trains_and_exports(tmp_path):
     assert m.args.vocab_size == 320 and len(losses(tmp_path)) == 3
 
 
-def test_fine_tune_real_checkpoint_and_reload_export(tmp_path, smollm2_dir):
+def test_fine_tune_real_checkpoint_and_reload_export(tmp_path, smollm2_dir, gsm8k_path):
     """A few full fine-tuning steps on SmolLM2 + GSM8K: loss falls, the export keeps tied weights and loads."""
-    data = os.path.join(SHARED, "data", "gsm8k_train_alpaca.json")
-    if not os.path.isfile(data):
-        pytest.skip("../shared/data is absent")
-    train.main([f"--model={smollm2_dir}", f"--data={data}", "--seq_len=256", "--batch_size=2", "--max_steps=8",
+    train.main([f"--model={smollm2_dir}", f"--data={gsm8k_path}", "--seq_len=256", "--batch_size=2", "--max_steps=8",
                 "--lr=2e-5", "--warmup_steps=1", "--eval_every=100", "--eval_batches=2", "--eval_samples=0",
                 "--samples=1", "--max_new_tokens=4", "--schedule=constant", "--loss_chunk=128", f"--out_dir={tmp_path}"])
-    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
-    evals = [r["eval_loss"] for r in rows if "eval_loss" in r]
+    evals = eval_losses(tmp_path)
     assert evals[-1] < evals[0]
     m = M.from_pretrained(str(tmp_path / "hf"))
     assert m.lm_head.weight is m.model.embed_tokens.weight
@@ -166,17 +165,13 @@ def test_ask_refuses_a_prompt_longer_than_the_context(smollm2_dir):
         train.main([f"--model={smollm2_dir}", "--ask=" + "word " * 9000, "--max_new_tokens=10"])
 
 
-def test_short_qlora_run_on_gsm8k_lowers_loss_and_exports_match(tmp_path, smollm2_dir):
+def test_short_qlora_run_on_gsm8k_lowers_loss_and_exports_match(tmp_path, smollm2_dir, gsm8k_path):
     """QLoRA on the real model and real data (ChatML, detected from the tokenizer): the held-out loss
     falls; the adapter on the NF4 base and the merged fp32 export give the same logits; ties hold."""
-    data = os.path.join(SHARED, "data", "gsm8k_train_alpaca.json")
-    if not os.path.isfile(data):
-        pytest.skip("../shared/data is absent")
-    train.main([f"--model={smollm2_dir}", f"--data={data}", "--train_type=qlora", "--seq_len=128", "--batch_size=2",
+    train.main([f"--model={smollm2_dir}", f"--data={gsm8k_path}", "--train_type=qlora", "--seq_len=128", "--batch_size=2",
                 "--max_steps=12", "--lr=1e-3", "--warmup_steps=2", "--eval_every=100", "--eval_batches=2",
                 "--eval_samples=0", "--samples=0", "--lora_rank=8", "--hf_dtype=fp32", f"--out_dir={tmp_path}"])
-    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
-    evals = [r["eval_loss"] for r in rows if "eval_loss" in r]
+    evals = eval_losses(tmp_path)
     assert evals[-1] < evals[0]
     import lora as L
     base = M.from_pretrained(smollm2_dir, prepare=Q.quantize_model)
