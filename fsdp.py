@@ -54,14 +54,14 @@ from quant import Linear4bit
 class FlatGroup:
     """Tensors of one unit sharing a dtype and a role, flattened into one sharded buffer."""
 
-    def __init__(self, tensors, trainable, param_dtype, rank, world, device, offload):
+    def __init__(self, tensors, trainable, decay, param_dtype, rank, world, device, offload):
         # tensors: list of (tensor, [(module, attribute name), ...]); a tied tensor has two owners
         self.owners = [owners for _, owners in tensors]
         self.shapes = [t.shape for t, _ in tensors]
         self.numels = [t.numel() for t, _ in tensors]
         self.numel = sum(self.numels)
         self.shard_numel = math.ceil(self.numel / world)
-        self.trainable, self.rank, self.world, self.device = trainable, rank, world, device
+        self.trainable, self.decay, self.rank, self.world, self.device = trainable, decay, rank, world, device
         storage_dtype = torch.float32 if trainable else tensors[0][0].dtype
         self.gather_dtype = param_dtype if trainable else storage_dtype
         lo, hi = rank * self.shard_numel, (rank + 1) * self.shard_numel
@@ -158,11 +158,8 @@ class Unit:
         if materialize is not None:  # load this unit's weights now (the model was built on the meta device)
             materialize(modules)
         groups = group_tensors(modules)
-        self.groups = []
-        for (dtype, trainable, decay), tensors in groups.items():
-            g = FlatGroup(tensors, trainable, trainable_dtype, rank, world, device, offload)
-            g.decay = decay
-            self.groups.append(g)
+        self.groups = [FlatGroup(tensors, trainable, decay, trainable_dtype, rank, world, device, offload)
+                       for (_, trainable, decay), tensors in groups.items()]
         # The modules now compute with plain attributes (views into the gathered buffers).
         for _, owners in [entry for tensors in groups.values() for entry in tensors]:
             for sub, k in owners:

@@ -222,6 +222,11 @@ def all_reduce_grads(params, d: Dist):
 # Pieces of the loop
 
 
+def uses_bf16(cfg: Config, device_type):
+    """--precision=auto means bf16 autocast on CUDA and fp32 on CPU."""
+    return cfg.precision == "bf16" or (cfg.precision == "auto" and device_type == "cuda")
+
+
 def lr_at(step, cfg: Config):
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
@@ -363,7 +368,7 @@ def build_model(cfg: Config, d: Dist, with_adapters=True):
     and the --lora_target layers get adapters."""
     quantize = cfg.train_type in ("qlora", "qdora")
     # A frozen base can live in bf16 on a GPU; what trains (full weights, adapters) stays fp32.
-    use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and d.device.type == "cuda")
+    use_bf16 = uses_bf16(cfg, d.device.type)
     base_dtype = torch.bfloat16 if cfg.train_type != "full" and use_bf16 else torch.float32
     if cfg.model in M.MODELS:
         args = dataclasses.replace(M.MODELS[cfg.model])
@@ -448,7 +453,7 @@ def dry_run(cfg: Config, d: Dist):
         model = M.empty_from_pretrained(cfg.model, Q.quantize_model if cfg.train_type in ("qlora", "qdora") else None)
     add_adapters([model], cfg, torch.Generator().manual_seed(0))
     world = cfg.plan_world or d.world
-    use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and torch.cuda.is_available())
+    use_bf16 = uses_bf16(cfg, "cuda" if torch.cuda.is_available() else "cpu")
     if use_bf16 and cfg.train_type != "full":  # a frozen base is loaded in bf16 on the GPU (build_model)
         for p in model.parameters():
             if not p.requires_grad:
@@ -480,7 +485,7 @@ def ask(cfg: Config, d: Dist):
         raise ValueError(f"--ask: a prompt of {len(ids)} tokens plus --max_new_tokens={cfg.max_new_tokens} exceeds "
                          f"the context of {cfg.model} ({model.args.max_seq_len} tokens)")
     gen = torch.Generator(device=d.device).manual_seed(cfg.seed)
-    use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and d.device.type == "cuda")
+    use_bf16 = uses_bf16(cfg, d.device.type)
     with torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=use_bf16):
         out = M.generate(model, [ids], cfg.max_new_tokens, cfg.temperature, cfg.top_k, eos_id=tok.eos_id, generator=gen)
     answer = tok.decode(out[0])
@@ -525,7 +530,7 @@ def main(argv):
     if cfg.eval_metric == "auto":
         cfg.eval_metric = "exact" if cfg.data == "arith" else "last_number"
 
-    use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and d.device.type == "cuda")
+    use_bf16 = uses_bf16(cfg, d.device.type)
     autocast = torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=use_bf16)
     sharded = None
     if cfg.fsdp:
