@@ -140,8 +140,7 @@ def add_lora(model, rank=8, alpha=16.0, dropout=0.0, targets="all-linear", dora=
     wrapped = []
     for name, module in list(model.named_modules()):
         if isinstance(module, (nn.Linear, Linear4bit)) and name.rsplit(".", 1)[-1] in wanted and not name.endswith("lm_head"):
-            parent, _, leaf = name.rpartition(".")
-            setattr(model.get_submodule(parent), leaf, LoRALinear(module, rank, alpha, dropout, dora, generator))
+            model.set_submodule(name, LoRALinear(module, rank, alpha, dropout, dora, generator))
             wrapped.append(name)
     model.lora_config = {"r": rank, "lora_alpha": alpha, "lora_dropout": dropout, "target_modules": sorted(wanted),
                          "use_dora": dora}
@@ -233,7 +232,6 @@ def merge_and_unload(model, dtype=torch.float32):
         if base.bias is not None:
             dense.bias.copy_(base.bias)
         dense.requires_grad_(False)
-        parent, _, leaf = name.rpartition(".")
-        setattr(model.get_submodule(parent), leaf, dense)
+        model.set_submodule(name, dense)
     dequantize_model(model, dtype)
     return model

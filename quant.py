@@ -230,8 +230,7 @@ def quantize_model(model, skip=("lm_head",), blocksize=64, double_quant=True):
                 q.set_weight(module.weight.detach())
                 if module.bias is not None:
                     q.bias = nn.Parameter(module.bias.detach().clone(), requires_grad=False)
-            parent, _, leaf = name.rpartition(".")
-            setattr(model.get_submodule(parent), leaf, q)
+            model.set_submodule(name, q)
     return model
 
 
@@ -246,8 +245,7 @@ def dequantize_model(model, dtype=torch.float32):
             if module.bias is not None:
                 dense.bias.copy_(module.bias)
             dense.requires_grad_(False)
-            parent, _, leaf = name.rpartition(".")
-            setattr(model.get_submodule(parent), leaf, dense)
+            model.set_submodule(name, dense)
     return model
 
 
@@ -272,8 +270,7 @@ def load_prequantized(path, device="cpu", dtype=torch.float32):
             q = Linear4bit(old.in_features, old.out_features, old.bias is not None,
                            double_quant=qc.get("bnb_4bit_use_double_quant", False), device="meta")
             q.prequantized = True
-            parent, _, leaf = name.rpartition(".")
-            setattr(model.get_submodule(parent), leaf, q)
+            model.set_submodule(name, q)
 
     model = M.from_pretrained(path, device, dtype, prepare=prepare)
     for name, module in model.named_modules():
