@@ -41,7 +41,6 @@ and `plan_memory` (what a rank will hold, computed on the meta device).
 import json
 import math
 import os
-import shutil
 
 import torch
 import torch.distributed as dist
@@ -428,34 +427,21 @@ def dense_tensors(prefix, module):
 def export_hf(sharded: Sharded, path, extra_files=(), dtype=torch.bfloat16):
     """The trained model as an HF folder: one safetensors file per unit, so rank 0 holds one unit at
     a time (adapters merged, NF4 dequantized). Every rank must call this (it joins the gathers)."""
-    from safetensors.torch import save_file
-    main, n = sharded.d.rank == 0, len(sharded.units)
-    tmp = path.rstrip("/") + ".tmp"
-    if main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
     names = {id(mod): name for name, mod in sharded.model.named_modules()}
-    weight_map, total = {}, 0
-    for i, unit in enumerate(sharded.gathered_units()):
-        state = {name: t.detach().to("cpu", dtype).contiguous().clone() for mod in unit.modules
-                 for name, t in dense_tensors(names[id(mod)], mod)}
-        if sharded.model.args.tie_embeddings:
-            state.pop("lm_head.weight", None)
-        if main:
-            file = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-            save_file(state, os.path.join(tmp, file), metadata={"format": "pt"})
-            weight_map.update({k: file for k in state})
-            total += sum(v.numel() * v.element_size() for v in state.values())
-    if not main:
-        return
-    cfg = sharded.model.args.to_hf_config()
-    cfg["torch_dtype"] = str(dtype).removeprefix("torch.")
-    json.dump(cfg, open(os.path.join(tmp, "config.json"), "w"), indent=2)
-    json.dump({"metadata": {"total_size": total}, "weight_map": weight_map},
-              open(os.path.join(tmp, "model.safetensors.index.json"), "w"), indent=2)
-    for src in extra_files:
-        shutil.copy(src, tmp)
-    M.replace_dir(tmp, path.rstrip("/"))
+
+    def unit_states():
+        for unit in sharded.gathered_units():
+            state = {name: t.detach().to("cpu", dtype).contiguous().clone() for mod in unit.modules
+                     for name, t in dense_tensors(names[id(mod)], mod)}
+            if sharded.model.args.tie_embeddings:
+                state.pop("lm_head.weight", None)
+            yield state
+
+    if sharded.d.rank == 0:
+        M.write_hf_folder(path, sharded.model.args, unit_states(), len(sharded.units), dtype, extra_files)
+    else:
+        for _ in unit_states():
+            pass
 
 
 def export_adapter(sharded: Sharded, path, base_model_name_or_path=""):

@@ -623,7 +623,6 @@ def replace_dir(tmp, final):
 
 def save_pretrained(model: Llama, path, dtype=torch.bfloat16, max_shard_bytes=5 * 2**30, extra_files=()):
     """Write config.json + model.safetensors (or shards + index), plus `extra_files` (e.g. tokenizer.json)."""
-    from safetensors.torch import save_file
     state = {k: v.detach().to("cpu", dtype) for k, v in model.state_dict().items()}
     if model.args.tie_embeddings:
         state.pop("lm_head.weight")  # HF stores a tied head once, as the embedding
@@ -636,22 +635,28 @@ def save_pretrained(model: Llama, path, dtype=torch.bfloat16, max_shard_bytes=5 
         current[k] = v.contiguous().clone()
         size += nbytes
     shards.append(current)
+    write_hf_folder(path, model.args, shards, len(shards), dtype, extra_files)
+
+
+def write_hf_folder(path, args: ModelArgs, shards, n_shards, dtype, extra_files=()):
+    """config.json and the weights: `shards` yields n_shards name -> tensor dicts, each written as it
+    comes (model.safetensors if there is one, else numbered files and an index); everything goes to
+    a temp folder that is renamed into place at the end."""
+    from safetensors.torch import save_file
     tmp = path.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    cfg = model.args.to_hf_config()
+    cfg = args.to_hf_config()
     cfg["torch_dtype"] = str(dtype).removeprefix("torch.")
     with open(os.path.join(tmp, "config.json"), "w") as f:
         json.dump(cfg, f, indent=2)
-    if len(shards) == 1:
-        save_file(shards[0], os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
-    else:
-        weight_map = {}
-        for i, shard in enumerate(shards):
-            name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, os.path.join(tmp, name), metadata={"format": "pt"})
-            weight_map.update({k: name for k in shard})
-        total = sum(v.numel() * v.element_size() for v in state.values())
+    weight_map, total = {}, 0
+    for i, shard in enumerate(shards):
+        name = "model.safetensors" if n_shards == 1 else f"model-{i + 1:05d}-of-{n_shards:05d}.safetensors"
+        save_file(shard, os.path.join(tmp, name), metadata={"format": "pt"})
+        weight_map.update({k: name for k in shard})
+        total += sum(v.numel() * v.element_size() for v in shard.values())
+    if n_shards > 1:
         with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
             json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
     for src in extra_files:
