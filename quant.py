@@ -249,16 +249,20 @@ def dequantize_model(model, dtype=torch.float32):
     return model
 
 
-def is_prequantized(path):
-    """Does this HF folder hold bitsandbytes 4-bit weights (quantization_config in config.json)?"""
+def quantization_config(path):
+    """config.json's quantization_config (transformers writes it for a pre-quantized folder), or {}."""
     with open(f"{path}/config.json") as f:
-        return (json.load(f).get("quantization_config") or {}).get("quant_method") == "bitsandbytes"
+        return json.load(f).get("quantization_config") or {}
+
+
+def is_prequantized(path):
+    """Does this HF folder hold bitsandbytes 4-bit weights?"""
+    return quantization_config(path).get("quant_method") == "bitsandbytes"
 
 
 def load_prequantized(path, device="cpu", dtype=torch.float32):
     """Load a 4-bit folder saved by transformers + bitsandbytes (quantization_config in config.json)."""
-    with open(f"{path}/config.json") as f:
-        qc = json.load(f).get("quantization_config") or {}
+    qc = quantization_config(path)
     if qc.get("quant_method") != "bitsandbytes" or not qc.get("load_in_4bit") or qc.get("bnb_4bit_quant_type", "fp4") != "nf4":
         raise ValueError(f"{path}/config.json: quantization_config is not bitsandbytes 4-bit nf4")
     quantized = {name.removesuffix(".weight.quant_state.bitsandbytes__nf4") for name in M.safetensors_files(path)
