@@ -63,6 +63,7 @@ class FlatGroup:
         self.trainable, self.decay, self.rank, self.world, self.device = trainable, decay, rank, world, device
         storage_dtype = torch.float32 if trainable else tensors[0][0].dtype
         self.gather_dtype = param_dtype if trainable else storage_dtype
+        self.offloaded = offload
         lo, hi = rank * self.shard_numel, (rank + 1) * self.shard_numel
         shard = torch.zeros(self.shard_numel, dtype=storage_dtype, device="cpu" if offload else device)
         # Copy this rank's slice, tensor by tensor, never building the whole flat buffer.
@@ -102,12 +103,12 @@ class FlatGroup:
     def bind(self, full=None):
         """Point every owner's attribute at its view of the (gathered) full buffer."""
         full = self.full if full is None else full
-        start = 0
-        for owners, shape, n in zip(self.owners, self.shapes, self.numels):
-            view = full[start:start + n].view(shape)
+        # One split, not a slice per tensor: in backward a slice's gradient is a zero-filled
+        # full-size buffer per tensor, while split's is one concatenation for the whole unit.
+        pieces = full.split(self.numels + [full.numel() - self.numel])
+        for owners, shape, piece in zip(self.owners, self.shapes, pieces):
             for module, name in owners:
-                setattr(module, name, view)
-            start += n
+                setattr(module, name, piece.view(shape))
 
     def free(self):
         self.full.untyped_storage().resize_(0)
@@ -149,6 +150,19 @@ def unit_module_lists(model):
     return [("outer", [m.embed_tokens, m.norm, model.lm_head])] + [(f"block{i}", [layer]) for i, layer in enumerate(m.layers)]
 
 
+OFFLOAD = ("none", "frozen", "all")
+
+
+def offloaded(offload, trainable):
+    """Does a group's shard live in (pinned) CPU memory? offload="frozen": only frozen groups (the
+    NF4 base, norms, embeddings: most of the bytes for (Q)LoRA) while the small trainable shards,
+    their gradients and AdamW state stay on the GPU; "all": every shard, so gradients and optimizer
+    state follow to the CPU and the optimizer steps there."""
+    if offload not in OFFLOAD:
+        raise ValueError(f"offload={offload!r} is not one of {', '.join(OFFLOAD)}")
+    return offload == "all" or (offload == "frozen" and not trainable)
+
+
 class Unit:
     """The tensors of some modules (a block, or embedding + norm + head), in FlatGroups."""
 
@@ -157,7 +171,7 @@ class Unit:
         if materialize is not None:  # load this unit's weights now (the model was built on the meta device)
             materialize(modules)
         groups = group_tensors(modules)
-        self.groups = [FlatGroup(tensors, trainable, decay, trainable_dtype, rank, world, device, offload)
+        self.groups = [FlatGroup(tensors, trainable, decay, trainable_dtype, rank, world, device, offloaded(offload, trainable))
                        for (_, trainable, decay), tensors in groups.items()]
         # The modules now compute with plain attributes (views into the gathered buffers).
         for _, owners in [entry for tensors in groups.values() for entry in tensors]:
@@ -175,7 +189,7 @@ class Unit:
 
 class Sharded:
     def __init__(self, model: M.Llama, d, prefetch=1, checkpointing=True, param_dtype=torch.float32,
-                 reduce_dtype=torch.float32, offload=False, log_events=False, materialize=None):
+                 reduce_dtype=torch.float32, offload="none", log_events=False, materialize=None):
         """d: train.Dist (rank, world, device). Shards `model` in place. The model is either on
         d.device already, or on the meta device with materialize(modules) loading one unit's
         modules at a time (stream_from_pretrained), so the whole model never exists on any rank."""
@@ -235,6 +249,9 @@ class Sharded:
         self.log("free", unit)
 
     def issue_reduce(self, unit):
+        # A reduce-scatter in flight keeps its full-size gradient alive until it is waited for, so
+        # wait for the previous unit's first: it has had this unit's backward to finish in.
+        self.finish_reduces()
         for g in unit.groups:
             if g.trainable and g.full.grad is not None:
                 work, out = g.reduce_scatter(self.reduce_dtype)  # <- reduce_scatter_tensor issued
@@ -308,6 +325,7 @@ class Sharded:
         def back_block(j):
             def fn():
                 x, y, (cpu_rng, cuda_rng) = saved[j]
+                saved[j] = None  # once x.grad is passed on, neither x nor its gradient is kept
                 if ckpt:  # recompute the block's forward with the same dropout masks, keeping the graph
                     with torch.random.fork_rng(devices=[x.device] if x.is_cuda else []):
                         torch.set_rng_state(cpu_rng)
@@ -455,51 +473,107 @@ def export_adapter(sharded: Sharded, path, base_model_name_or_path=""):
 # -- the memory plan: what a rank will hold, from a meta-device model ----------------------
 
 
-def plan_memory(model, world, batch_size, seq_len, prefetch=1, checkpointing=True, param_bytes=2, reduce_every_micro=True,
-                offload=False, loss_chunk=0):
-    """Predicted bytes per rank, by category, without allocating (the model may be on the meta device).
+def activation_bytes_per_token(model, act, kernels):
+    """Bytes per token kept for backward: (by one block, outside the blocks for the whole step,
+    by the final norm until the head's backward), written out from the tensors the code saves. act: bytes of the compute dtype (2 bf16, 4 fp32).
 
-    Weights follow the same grouping and padding as Sharded. Activations are an estimate from the
-    tensors a Llama block keeps for backward, per token: the fp32 inputs of the two RMSNorms (2 x 4 x
-    dim), the bf16 inputs of the projections and attention (x, q, k, v, attention output: 4 x dim
-    + 2 x kv_dim, times 2 bytes), and of the MLP (x, gate, up, silu(gate) * up: dim + 3 x ffn, times
-    2 bytes) plus the attention log-sum-exp; with checkpointing only each block's input (2 x dim
-    bytes) is kept, plus one block's worth during its recompute.
+    A block keeps its input x; each RMSNorm keeps its input (the PyTorch reference keeps an fp32
+    copy, which is x itself in fp32; the kernel keeps x), an fp32 rstd per row and, in the
+    reference when its weight trains, x_hat; the projections keep their inputs (the two norm outputs, the attention output, the
+    SwiGLU output) and attention keeps q, k, v and an fp32 log-sum-exp per head (flash attention;
+    its output is laid out so that o_proj's input is a view of it). SwiGLU keeps gate and up (the
+    reference also silu(gate)); each adapter keeps its rank-r middle. Outside the blocks: the
+    embedding's output, RoPE's cos and sin, and the final norm.
     """
+    import lora as L
     a = model.args
-    shards = grads = optim = full_grads = 0
-    unit_sizes = []
+    q, kv = a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim
+
+    x_hat = act * a.dim if model.model.norm.weight.requires_grad else 0  # for the weight's gradient
+
+    def norm(input_is_kept):  # what an RMSNorm adds to what is already kept
+        if kernels:
+            return (0 if input_is_kept else act * a.dim) + 4
+        return (0 if input_is_kept and act == 4 else 4 * a.dim) + x_hat + 4
+
+    block = (act * a.dim + norm(True) + norm(False)  # input, the two norms
+             + act * (2 * a.dim + q + a.ffn_dim)  # the projections' inputs
+             + act * (q + 2 * kv) + 4 * a.n_heads  # q, k, v, log-sum-exp
+             + act * a.ffn_dim * (2 if kernels else 3))  # gate, up (, silu(gate))
+    block += sum(act * m.rank for m in model.model.layers[0].modules() if isinstance(m, L.LoRALinear)) if a.n_layers else 0
+    outside = act * a.dim + 2 * act * a.head_dim  # the embedding's output, cos and sin
+    head = norm(False) + act * a.dim  # the final norm and its output, until the head's backward
+    return block, outside, head
+
+
+def plan_memory(model, world, batch_size, seq_len, prefetch=1, checkpointing=True, param_bytes=2, reduce_every_micro=True,
+                offload="none", loss_chunk=0, kernels=False):
+    """Predicted peak bytes per rank, by category, without allocating (the model may be on the
+    meta device). Returns (gpu, cpu): the GPU bytes of each category at the peak, and their
+    "total"; the pinned CPU bytes with offload.
+
+    param_bytes is the compute dtype's size: trainable weights are gathered in it and activations
+    are kept in it. kernels: the Triton kernels run (CUDA); they keep less for backward than the
+    PyTorch references. Weights follow the same grouping, padding and offloading as Sharded.
+
+    The peak is the largest of these moments of a step (after the first, which creates AdamW's
+    state): the loss, with every block's activations kept (checkpointing: only the blocks' inputs)
+    and the logits at their largest; and the backward of each block j, with the activations of
+    blocks 0..j (checkpointing: their inputs, and block j recomputed), the gradients in flight
+    through the block (two hidden-sized and two ffn-sized tensors at most), its dequantized 4-bit weight, the full
+    gradients of the unit (and of the outer unit, kept from the head's backward to the end, and
+    with world > 1 of block j + 1, whose reduce-scatter is in flight) and the sharded gradients of
+    the blocks after j. The logits are fp32 for the rows computed at once
+    (all, or loss_chunk): log-softmax's output and, in backward, two more of the same size; the
+    fused kernel instead holds 4096-row chunks of logits in the compute dtype and the gradients of
+    the head's input (and weight, when it trains).
+    """
+    a, L = model.args, model.args.n_layers
+    gpu_shards = cpu_shards = optim = 0
+    unit_full, unit_grad, shard_grad = [], [], []  # per unit: gathered bytes, full gradient bytes, sharded gradient bytes
     for _, modules in unit_module_lists(model):
-        unit_full = unit_trainable = 0
+        full = grad = sgrad = 0
         for (dtype, trainable, _), tensors in group_tensors(modules).items():
-            numel = sum(t.numel() for t, _ in tensors)
-            shard = math.ceil(numel / world)
-            size = torch.empty((), dtype=dtype).element_size()
-            shards += shard * (4 if trainable else size)
-            unit_full += shard * world * (param_bytes if trainable else size)
+            shard = math.ceil(sum(t.numel() for t, _ in tensors) / world)
+            size = 4 if trainable else torch.empty((), dtype=dtype).element_size()
+            if offloaded(offload, trainable):
+                cpu_shards += shard * size
+            else:
+                gpu_shards += shard * size
+            full += shard * world * (param_bytes if trainable else size)
             if trainable:
-                grads += shard * 4
+                grad += shard * world * param_bytes
+                sgrad += shard * 4
                 optim += shard * 8  # AdamW's exp_avg and exp_avg_sq in fp32
-                unit_trainable += shard * world * param_bytes
-        unit_sizes.append(unit_full)
-        full_grads = full_grads + unit_trainable if not reduce_every_micro else max(full_grads, unit_trainable)
-    # Units in flight: the current one and `prefetch` ahead, along the forward + backward schedule.
-    L = a.n_layers
+        unit_full.append(full)
+        unit_grad.append(grad)
+        shard_grad.append(sgrad)
+    # Units gathered: the current one and `prefetch` ahead, along the forward + backward schedule.
     order = [0] + list(range(1, L + 1)) + [0] + list(range(L, 0, -1)) + [0]
-    gathered = max(sum(unit_sizes[u] for u in set(order[i:i + prefetch + 1])) for i in range(len(order)))
-    tokens = batch_size * seq_len
-    kv = a.n_kv_heads * a.head_dim
-    per_block = tokens * (8 * a.dim + 2 * (4 * a.dim + 2 * kv) + 2 * (a.dim + 3 * a.ffn_dim) + 4 * a.n_heads)
-    acts = a.n_layers * (tokens * 2 * a.dim if checkpointing else per_block) + (per_block if checkpointing else 0)
-    # A 4-bit weight is dequantized to the compute dtype one at a time, in forward and in backward.
+    gathered = max(sum(unit_full[u] for u in set(order[i:i + prefetch + 1])) for i in range(len(order)))
+    tokens, act = batch_size * seq_len, param_bytes
+    block, outside, head = activation_bytes_per_token(model, act, kernels)
+    kept = act * a.dim if checkpointing else block  # per block and token, between its forward and its backward
     dequant = max([m.in_features * m.out_features * param_bytes for m in model.modules() if isinstance(m, Linear4bit)] + [0])
-    rows = loss_chunk if 0 < loss_chunk < tokens else tokens
-    logits = rows * a.vocab_size * 4 * 2  # fp32 logits and their gradient
-    gpu = {"weight shards": 0 if offload else shards, "gathered units": gathered,
-           "gradients": (0 if offload else grads) + full_grads, "optimizer": 0 if offload else optim,
-           "activations": acts, "dequantized weight": dequant, "logits": logits}
+    if kernels:
+        logits = min(tokens, 4096 if loss_chunk <= 0 else loss_chunk) * a.vocab_size * act + tokens * a.dim * act
+        logits += a.vocab_size * a.dim * act if unit_grad[0] else 0
+    else:
+        logits = (loss_chunk if 0 < loss_chunk < tokens else tokens) * a.vocab_size * 4 * 3
+    on_gpu = offload != "all"  # else sharded gradients and AdamW state live on the CPU
+    static = {"weight shards": gpu_shards, "gathered units": gathered, "optimizer": optim if on_gpu else 0}
+    accumulated = 0 if reduce_every_micro else sum(unit_grad)  # full gradients kept across micro-batches
+    moments = [dict(static, gradients=accumulated, activations=tokens * (L * kept + outside + head), **{"dequantized weight": 0},
+                    logits=logits)]
+    for j in reversed(range(L)):
+        reducing = unit_grad[j + 2] if world > 1 and j + 2 <= L else 0  # the previous block's, still in flight
+        grads = (sum(shard_grad[j + 2:]) if on_gpu else 0) + (accumulated or unit_grad[0] + unit_grad[j + 1] + reducing)
+        acts = tokens * ((j + 1) * kept + (block if checkpointing else 0) + outside + 2 * act * (a.dim + a.ffn_dim))
+        moments.append(dict(static, gradients=grads, activations=acts, **{"dequantized weight": dequant}, logits=0))
+    gpu = max(moments, key=lambda m: sum(m.values()))
     gpu["total"] = sum(gpu.values())
-    cpu = {"weight shards": shards, "gradients": grads, "optimizer": optim} if offload else {}
+    cpu = {"weight shards": cpu_shards, "gradients": 0 if on_gpu else sum(shard_grad),
+           "optimizer": 0 if on_gpu else optim} if offload != "none" else {}
     return gpu, cpu
 
 

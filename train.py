@@ -79,7 +79,7 @@ class Config:
     prefetch: int = 1  # units whose all-gather is issued ahead of the one computing
     reduce_dtype: str = "fp32"  # fp32 | bf16: dtype gradients are reduce-scattered in
     reduce_every_micro: bool = True  # reduce-scatter after every micro-batch (false: only the last; keeps full grads)
-    offload: bool = False  # keep shards and optimizer state in pinned CPU memory
+    offload: str = "none"  # none | frozen (frozen shards, e.g. the NF4 base, in pinned CPU memory) | all (every shard, gradient and AdamW state; the optimizer steps on the CPU)
     dry_run: bool = False  # print the per-rank memory plan (meta device, nothing allocated) and exit
     plan_world: int = 0  # world size for --dry_run; 0 = this launch's
     # logging, eval, saving
@@ -148,11 +148,13 @@ def parse_args(argv) -> Config:
                           ("eval_metric", ("auto", "exact", "last_number")),
                           ("train_type", ("full", "lora", "qlora", "dora", "qdora")), ("reduce_dtype", ("fp32", "bf16")),
                           ("chat_format", ("auto", "alpaca", "chatml", "llama3")), ("hf_dtype", ("bf16", "fp32")),
-                          ("kernels", ("auto", "torch"))):
+                          ("kernels", ("auto", "torch")), ("offload", F.OFFLOAD)):
         if getattr(cfg, name) not in allowed:
             raise ValueError(f"flag --{name}={getattr(cfg, name)} is not one of {', '.join(allowed)}")
     if not 0 <= cfg.lora_dropout < 1:
         raise ValueError(f"flag --lora_dropout must be in [0, 1), got {cfg.lora_dropout}")
+    if cfg.offload != "none" and not (cfg.fsdp or cfg.dry_run):
+        raise ValueError(f"flag --offload={cfg.offload} needs --fsdp (it offloads the shards)")
     off = [k for k in cfg.kernels_off.split(",") if k]
     if any(k not in K.NAMES for k in off):
         raise ValueError(f"flag --kernels_off: unknown kernel {next(k for k in off if k not in K.NAMES)!r}; "
@@ -442,8 +444,7 @@ def describe(model):
 
 def dry_run(cfg: Config, d: Dist):
     """Build the model on the meta device (quantized, with adapters, as configured) and print what
-    each rank would hold on the GPU (and on the CPU with --offload)."""
-    meta = Dist(0, 0, 1, torch.device("meta"))
+    each rank would hold on the GPU at its peak (and on the CPU with --offload)."""
     if cfg.model in M.MODELS:
         with torch.device("meta"):
             model = M.Llama(dataclasses.replace(M.MODELS[cfg.model]))
@@ -458,13 +459,14 @@ def dry_run(cfg: Config, d: Dist):
         for p in model.parameters():
             if not p.requires_grad:
                 p.data = p.data.to(torch.bfloat16)
+    # The Triton kernels that keep less for backward, when they would run (a GPU, --kernels=auto).
+    kernels = K.HAS_TRITON and cfg.kernels == "auto" and not {"rmsnorm", "swiglu", "linear_ce"} & set(cfg.kernels_off.split(","))
     gpu, cpu = F.plan_memory(model, world, cfg.batch_size, cfg.seq_len, cfg.prefetch, cfg.grad_checkpointing,
-                             2 if use_bf16 else 4, cfg.reduce_every_micro, cfg.offload, cfg.loss_chunk)
-    del meta
+                             2 if use_bf16 else 4, cfg.reduce_every_micro, cfg.offload, cfg.loss_chunk, kernels)
     print(f"memory plan: {cfg.model} {cfg.train_type}, world {world}, batch {cfg.batch_size} x {cfg.seq_len}, "
           f"checkpointing {cfg.grad_checkpointing}, prefetch {cfg.prefetch}, offload {cfg.offload}, "
-          f"loss_chunk {cfg.loss_chunk}; {describe(model)}")
-    print("per rank, GPU:" + "".join(f"\n  {k:<20}{v / 2**30:8.2f} GiB" for k, v in gpu.items()))
+          f"loss_chunk {cfg.loss_chunk}, Triton kernels {'on' if kernels else 'off'}; {describe(model)}")
+    print("per rank, GPU at the peak:" + "".join(f"\n  {k:<20}{v / 2**30:8.2f} GiB" for k, v in gpu.items()))
     if cpu:
         print("per rank, CPU (pinned):" + "".join(f"\n  {k:<20}{v / 2**30:8.2f} GiB" for k, v in cpu.items()))
 
@@ -540,7 +542,7 @@ def main(argv):
         if cfg.train_type != "full":
             model.lora_config = next(mod.lora_config for mod in model.modules() if hasattr(mod, "lora_config"))
         opt = torch.optim.AdamW(sharded.param_groups(cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                                fused=d.device.type == "cuda" and not cfg.offload)
+                                fused=d.device.type == "cuda" and cfg.offload != "all")
         groups = [g for u in sharded.units for g in u.groups]
         trainable = sum(g.numel for g in groups if g.trainable)
         frozen = sum(g.numel * g.shard.element_size() for g in groups if not g.trainable)

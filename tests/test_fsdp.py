@@ -1,3 +1,4 @@
+import json
 import os
 import subprocess
 import sys
@@ -162,8 +163,69 @@ def test_memory_plan_predicts_the_shards_each_rank_holds(run):
 def test_dry_run_plans_llama2_70b_qlora_without_allocating(capsys):
     import train
     train.main(["--dry_run", "--model=llama2-70b", "--train_type=qlora", "--plan_world=2", "--batch_size=1",
-                "--seq_len=2048", "--grad_checkpointing", "--precision=bf16", "--offload"])
+                "--seq_len=2048", "--grad_checkpointing", "--precision=bf16", "--offload=all"])
     out = capsys.readouterr().out
     assert "68451.04M weights = 4.127 bits each" in out and "per rank, CPU (pinned):" in out
     total = float(out.split("total")[1].split("GiB")[0])
     assert 3 < total < 8  # offloaded: the GPU holds units in flight and activations, not the 17 GiB of shards
+
+
+def bench_memory():
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import memory
+    return memory
+
+
+@pytest.mark.parametrize("kind", ["full", "lora", "qlora"])
+@pytest.mark.parametrize("ckpt", [False, True], ids=["nockpt", "ckpt"])
+def test_memory_plan_is_within_10_percent_of_the_measured_peak(kind, ckpt):
+    from train import Dist
+    memory = bench_memory()
+    plan, peak = memory.compare(M.MODELS["tiny"], kind, ckpt, Dist(0, 0, 1, torch.device("cpu")), 4, 256, bf16=False,
+                                kernels=False)
+    assert 0.9 < plan["total"] / peak < 1.1, (plan, peak)
+
+
+def test_memory_plan_is_within_10_percent_of_the_measured_peak_in_bf16():
+    from train import Dist
+    plan, peak = bench_memory().compare(M.MODELS["tiny"], "qlora", True, Dist(0, 0, 1, torch.device("cpu")), 4, 256,
+                                        bf16=True, kernels=False)
+    assert 0.9 < plan["total"] / peak < 1.1, (plan, peak)
+
+
+def test_memory_plan_is_within_10_percent_of_the_measured_peak_on_2_ranks(tmp_path):
+    out = tmp_path / "rows.json"
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        os.path.join(ROOT, "bench", "memory.py"), "--batch_size=4", "--seq_len=256", f"--json={out}"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = json.load(open(out))
+    assert len(rows) == 6 and all(0.9 < row["plan"] / row["measured"] < 1.1 for row in rows), rows
+
+
+@pytest.mark.parametrize("offload", ["frozen", "all"])
+def test_offload_keeps_the_chosen_shards_on_the_cpu_and_trains_the_same(offload):
+    import fsdp as F
+    from train import Dist
+    d = Dist(0, 0, 1, torch.device("cpu"))
+    losses = {}
+    for mode in ("none", offload):
+        sharded = F.Sharded(build("qlora"), d, offload=mode)
+        opt = torch.optim.AdamW(sharded.parameters(), lr=1e-2)
+        losses[mode] = []
+        for step in range(3):
+            ids, labels = batch(step, 0, 0)
+            loss, n = sharded.forward_backward(ids, labels, loss_scale=1 / n_targets(step, 1, 1))
+            losses[mode].append(loss.item() / n)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    assert losses[offload] == losses["none"]
+    groups = [g for u in sharded.units for g in u.groups]
+    assert [g.offloaded for g in groups] == [offload == "all" or not g.trainable for g in groups]
+    frozen = sum(g.shard.numel() * g.shard.element_size() for g in groups if not g.trainable)
+    trainable = sum(g.shard.numel() * g.shard.element_size() for g in groups if g.trainable)
+    with torch.device("meta"):
+        gpu, cpu = F.plan_memory(build("qlora"), 1, 2, 12, param_bytes=4, offload=offload)
+    assert cpu["weight shards"] == frozen + (trainable if offload == "all" else 0)
+    assert gpu["weight shards"] == (trainable if offload == "frozen" else 0)
+    assert (cpu["optimizer"], gpu["optimizer"]) == ((2 * trainable, 0) if offload == "all" else (0, 2 * trainable))

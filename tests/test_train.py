@@ -36,6 +36,10 @@ def test_unknown_flag_names_the_closest_one():
         train.parse_args(["--lr=fast"])
     with pytest.raises(ValueError, match=r"flag --schedule=wsd is not one of cosine, linear, constant"):
         train.parse_args(["--schedule=wsd"])
+    with pytest.raises(ValueError, match=r"flag --offload=true is not one of none, frozen, all"):
+        train.parse_args(["--offload=true", "--fsdp"])
+    with pytest.raises(ValueError, match=r"flag --offload=frozen needs --fsdp"):
+        train.parse_args(["--offload=frozen"])
 
 
 def test_flags_parse_into_the_config():

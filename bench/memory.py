@@ -1,0 +1,138 @@
+"""The memory plan (fsdp.plan_memory, what `train.py --dry_run` prints) against measured peak memory.
+
+    python bench/memory.py                          # CPU: tiny preset, fp32, 4 x 256 tokens
+    torchrun --nproc_per_node=2 bench/memory.py     # the same, each rank sharded over 2 (gloo)
+    python bench/memory.py --model=tinyllama-1.1b --batch_size=2 --seq_len=2048    # GPU: bf16
+    options: --precision=bf16|fp32 --kernels=auto|torch --json=rows.json
+
+For full / lora / qlora, with and without activation checkpointing: build the model, shard it with
+fsdp.Sharded, run two training steps (forward + backward + clip + AdamW) and take the peak of
+allocated memory during the second (the first creates the optimizer state). On a GPU the peak is
+torch.cuda.max_memory_allocated. On CPU it is read from the profiler's record of every allocation
+and free made by PyTorch's CPU allocator: the same tensors a GPU would hold, without the CUDA
+caching allocator's rounding and fragmentation (which is why a GPU run should still leave room).
+"""
+
+import dataclasses
+import gc
+import json
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+from torch.profiler import ProfilerActivity, profile, record_function
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import fsdp as F  # noqa: E402
+import lora as L  # noqa: E402
+import model as M  # noqa: E402
+import quant as Q  # noqa: E402
+import train  # noqa: E402
+
+
+def peak_bytes(device, build, step):
+    """Peak allocated bytes while step(*build()) runs the second time: everything build() made
+    counts, what existed before does not (on CPU, build() must create all that step() uses)."""
+    if device.type == "cuda":
+        objects = build()
+        step(*objects)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        step(*objects)
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        objects = build()
+        step(*objects)
+        with record_function("measured step"):
+            step(*objects)
+        del objects  # freed while recording, so that no later recording sees frees it never saw allocated
+        gc.collect()
+    events = list(prof.profiler.kineto_results.events())
+    start = min(e.start_ns() for e in events if e.name() == "measured step")
+    live = peak = 0
+    for e in sorted((e for e in events if e.name() == "[memory]"), key=lambda e: e.start_ns()):
+        live += e.nbytes()  # > 0 for an allocation, < 0 for a free
+        if e.start_ns() >= start:
+            peak = max(peak, live)
+    return peak
+
+
+def build_model(args, kind, device, dtype):
+    """Random weights; frozen weights in `dtype` for lora / qlora (as train.build_model does in bf16)."""
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = M.Llama(args)
+        if device.type != "meta":
+            model.init_weights()
+    if kind != "full":
+        model.to(dtype)
+    if kind == "qlora":
+        Q.quantize_model(model)
+    if kind != "full":
+        L.add_lora(model, rank=16, alpha=32, targets="all-linear", generator=torch.Generator().manual_seed(0))
+    return model
+
+
+def compare(args, kind, ckpt, d, batch_size, seq_len, bf16, kernels, offload="none", prefetch=1):
+    """(planned GPU bytes by category, measured peak bytes) for one configuration on this rank."""
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    plan, _ = F.plan_memory(build_model(args, kind, torch.device("meta"), dtype), d.world, batch_size, seq_len,
+                            prefetch, ckpt, 2 if bf16 else 4, offload=offload, kernels=kernels)
+    autocast = torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=bf16)
+    tokens = batch_size * seq_len * d.world
+
+    def build():
+        sharded = F.Sharded(build_model(args, kind, d.device, dtype), d, prefetch, ckpt, dtype, offload=offload)
+        opt = torch.optim.AdamW(sharded.parameters(), lr=1e-5)
+        g = torch.Generator().manual_seed(d.rank)
+        ids = torch.randint(0, args.vocab_size, (batch_size, seq_len), generator=g).to(d.device)
+        return sharded, opt, ids
+
+    def step(sharded, opt, ids):
+        sharded.forward_backward(ids, ids, loss_scale=1 / tokens, autocast=autocast)
+        sharded.clip_grad_norm_(1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return plan, peak_bytes(d.device, build, step)
+
+
+def main(argv):
+    opts = dict(a[2:].split("=", 1) for a in argv)
+    d = train.init_distributed()
+    cuda = d.device.type == "cuda"
+    preset = opts.get("model", "tinyllama-1.1b" if cuda else "tiny")
+    args = dataclasses.replace(M.MODELS[preset])
+    B, T = int(opts.get("batch_size", 2 if cuda else 4)), int(opts.get("seq_len", 2048 if cuda else 256))
+    bf16 = opts.get("precision", "bf16" if cuda else "fp32") == "bf16"
+    kernels = cuda and opts.get("kernels", "auto") == "auto"
+    if not kernels:
+        import kernels as K
+        K.DISABLED.update(K.NAMES)
+    rows = []
+    for kind in ("full", "lora", "qlora"):
+        for ckpt in (False, True):
+            plan, peak = compare(args, kind, ckpt, d, B, T, bf16, kernels)
+            rows.append((kind, ckpt, plan, peak))
+    if d.rank == 0:
+        dev = torch.cuda.get_device_name() if cuda else "CPU (allocator records)"
+        print(f"{preset}, world {d.world}, {B} x {T} tokens per rank, {'bf16' if bf16 else 'fp32'}, "
+              f"kernels {'on' if kernels else 'off'}, {dev}, torch {torch.__version__}; MiB per rank")
+        print(f"{'':<18}{'shards':>8}{'units':>8}{'grads':>8}{'optim':>8}{'acts':>8}{'logits':>8}"
+              f"{'plan':>9}{'measured':>10}{'plan/meas':>10}")
+        for kind, ckpt, p, peak in rows:
+            mib = [p[k] / 2**20 for k in ("weight shards", "gathered units", "gradients", "optimizer")]
+            acts = (p["activations"] + p["dequantized weight"]) / 2**20
+            print(f"{kind + (' ckpt' if ckpt else ''):<18}" + "".join(f"{v:>8.1f}" for v in mib)
+                  + f"{acts:>8.1f}{p['logits'] / 2**20:>8.1f}{p['total'] / 2**20:>9.1f}{peak / 2**20:>10.1f}"
+                  + f"{p['total'] / peak:>10.2f}")
+        if "json" in opts:  # for tests/test_fsdp.py
+            json.dump([{"kind": k, "ckpt": c, "plan": p["total"], "measured": m} for k, c, p, m in rows], open(opts["json"], "w"))
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
