@@ -76,11 +76,18 @@ class FlatGroup:
         if offload and device.type == "cuda":
             shard = shard.pin_memory()
         self.shard = nn.Parameter(shard, requires_grad=trainable)
-        self.full = torch.empty(self.shard_numel * world, dtype=self.gather_dtype, device=device)
+        # On one rank a frozen shard on the device already is the full buffer: no copy to gather.
+        self.resident = world == 1 and not trainable and not offload
+        if self.resident:
+            self.full = self.shard.detach()
+        else:
+            self.full = torch.empty(self.shard_numel * world, dtype=self.gather_dtype, device=device)
         self.full.requires_grad_(trainable)  # its views are what modules compute with; grads land in full.grad
 
     def gather(self):
         """Issue the all-gather of the full buffer (async); returns the work handle."""
+        if self.resident:
+            return None
         with torch.no_grad():
             self.full.untyped_storage().resize_(self.full.numel() * self.full.element_size())
             shard = self.shard.detach().to(self.device, self.gather_dtype, non_blocking=True)
@@ -111,7 +118,8 @@ class FlatGroup:
                 setattr(module, name, piece.view(shape))
 
     def free(self):
-        self.full.untyped_storage().resize_(0)
+        if not self.resident:
+            self.full.untyped_storage().resize_(0)
 
     def reduce_scatter(self, reduce_dtype):
         """Issue the reduce-scatter (sum) of full.grad into this rank's slice (async): (work, output)."""
@@ -540,7 +548,8 @@ def plan_memory(model, world, batch_size, seq_len, prefetch=1, checkpointing=Tru
                 cpu_shards += shard * size
             else:
                 gpu_shards += shard * size
-            full += shard * world * (param_bytes if trainable else size)
+            if trainable or world > 1 or offloaded(offload, trainable):  # else resident: the shard is the buffer
+                full += shard * world * (param_bytes if trainable else size)
             if trainable:
                 grad += shard * world * param_bytes
                 sgrad += shard * 4
