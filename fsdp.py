@@ -274,10 +274,15 @@ class Sharded:
                 g.accumulate(out)
             unit.pending = []
 
+    # Outside forward_backward (eval, generate), hooks gather a unit on demand. They stay eager
+    # under torch.compile (--compile compiles each block, hooks included): storage resizes and
+    # collectives are not things to trace.
+    @torch.compiler.disable
     def _on_demand(self, unit):
         if not self.managed:
             self.wait_gather(unit)
 
+    @torch.compiler.disable
     def _release(self, unit):
         if not self.managed:
             self.free(unit)

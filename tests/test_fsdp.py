@@ -229,3 +229,17 @@ def test_offload_keeps_the_chosen_shards_on_the_cpu_and_trains_the_same(offload)
     assert cpu["weight shards"] == frozen + (trainable if offload == "all" else 0)
     assert gpu["weight shards"] == (trainable if offload == "frozen" else 0)
     assert (cpu["optimizer"], gpu["optimizer"]) == ((2 * trainable, 0) if offload == "all" else (0, 2 * trainable))
+
+
+def test_compiled_blocks_under_fsdp_train_like_eager(tmp_path):
+    """--compile compiles each block, hooks included: the on-demand gathers (eval) must stay eager."""
+    common = ["train.py", "--fsdp", "--train_type=qlora", "--grad_checkpointing", "--max_steps=3", "--batch_size=4",
+              "--seq_len=32", "--eval_every=2", "--eval_batches=1", "--eval_samples=0", "--samples=0", "--save_hf=false"]
+    losses = {}
+    for name, extra in (("eager", []), ("compiled", ["--compile"])):
+        r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *common,
+                            *extra, f"--out_dir={tmp_path / name}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+        rows = [json.loads(line) for line in open(tmp_path / name / "metrics.jsonl")]
+        losses[name] = [row.get("loss", row.get("eval_loss")) for row in rows]
+    assert len(losses["eager"]) == 6 and losses["compiled"] == pytest.approx(losses["eager"], rel=1e-4)
