@@ -72,7 +72,7 @@ class Config:
     grad_checkpointing: bool = False  # recompute each block in backward instead of storing activations
     loss_chunk: int = 0  # >0: cross-entropy over this many tokens at a time (never all [tokens, vocab] logits)
     threads: int = 0  # CPU threads per process; 0 = cores / processes on this machine
-    kernels: str = "auto"  # auto (Triton on CUDA) | torch (every PyTorch reference)
+    kernels: str = "triton"  # triton (the Triton kernels where they can run: CUDA; else the reference) | torch (every PyTorch reference)
     kernels_off: str = ""  # comma list of Triton kernels to replace by their reference: nf4,nf4_matmul,rmsnorm,swiglu,linear_ce,rope,lora
     # sharding (fsdp.py)
     fsdp: bool = False  # shard weights, gradients and optimizer state over ranks (else plain data parallel)
@@ -148,7 +148,7 @@ def parse_args(argv) -> Config:
                           ("eval_metric", ("auto", "exact", "last_number")),
                           ("train_type", ("full", "lora", "qlora", "dora", "qdora")), ("reduce_dtype", ("fp32", "bf16")),
                           ("chat_format", ("auto", "alpaca", "chatml", "llama3")), ("hf_dtype", ("bf16", "fp32")),
-                          ("kernels", ("auto", "torch")), ("offload", F.OFFLOAD)):
+                          ("kernels", ("triton", "torch")), ("offload", F.OFFLOAD)):
         if getattr(cfg, name) not in allowed:
             raise ValueError(f"flag --{name}={getattr(cfg, name)} is not one of {', '.join(allowed)}")
     if not 0 <= cfg.lora_dropout < 1:
@@ -459,8 +459,8 @@ def dry_run(cfg: Config, d: Dist):
         for p in model.parameters():
             if not p.requires_grad:
                 p.data = p.data.to(torch.bfloat16)
-    # The Triton kernels that keep less for backward, when they would run (a GPU, --kernels=auto).
-    kernels = K.HAS_TRITON and cfg.kernels == "auto" and not {"rmsnorm", "swiglu", "linear_ce"} & set(cfg.kernels_off.split(","))
+    # The Triton kernels that keep less for backward, when they would run (a GPU, --kernels=triton).
+    kernels = K.HAS_TRITON and cfg.kernels == "triton" and not {"rmsnorm", "swiglu", "linear_ce"} & set(cfg.kernels_off.split(","))
     gpu, cpu = F.plan_memory(model, world, cfg.batch_size, cfg.seq_len, cfg.prefetch, cfg.grad_checkpointing,
                              2 if use_bf16 else 4, cfg.reduce_every_micro, cfg.offload, cfg.loss_chunk, kernels)
     print(f"memory plan: {cfg.model} {cfg.train_type}, world {world}, batch {cfg.batch_size} x {cfg.seq_len}, "

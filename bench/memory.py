@@ -3,7 +3,7 @@
     python bench/memory.py                          # CPU: tiny preset, fp32, 4 x 256 tokens
     torchrun --nproc_per_node=2 bench/memory.py     # the same, each rank sharded over 2 (gloo)
     python bench/memory.py --model=tinyllama-1.1b --batch_size=2 --seq_len=2048    # GPU: bf16
-    options: --precision=bf16|fp32 --kernels=auto|torch --json=rows.json
+    options: --precision=bf16|fp32 --kernels=triton|torch --json=rows.json
 
 For full / lora / qlora, with and without activation checkpointing: build the model, shard it with
 fsdp.Sharded, run two training steps (forward + backward + clip + AdamW) and take the peak of
@@ -107,7 +107,7 @@ def main(argv):
     args = dataclasses.replace(M.MODELS[preset])
     B, T = int(opts.get("batch_size", 2 if cuda else 4)), int(opts.get("seq_len", 2048 if cuda else 256))
     bf16 = opts.get("precision", "bf16" if cuda else "fp32") == "bf16"
-    kernels = cuda and opts.get("kernels", "auto") == "auto"
+    kernels = cuda and opts.get("kernels", "triton") == "triton"
     if not kernels:
         import kernels as K
         K.DISABLED.update(K.NAMES)
