@@ -5,10 +5,14 @@
 
 Full fine-tuning, one micro-batch per step, AdamW, activation checkpointing on; random weights.
 Reported per implementation: median step time, tokens/s (all ranks), MFU on a GPU (6 FLOPs per
-weight per token plus attention, as train.py), peak GPU memory. For ours also: how much of the
-communication is hidden behind compute, measured as
-    hidden = (step time with prefetch 0 - step time with prefetch 1) / (time of the same collectives alone)
-(prefetch 0 waits for every gather right before the unit computes, so nothing overlaps).
+weight per token plus attention, as train.py), peak GPU memory, and from a profiler trace of one
+step, the time spent in collectives and the share of it that overlaps compute:
+    comm = the union of the collectives' intervals (GPU: NCCL kernels; CPU: gloo's worker threads)
+    hidden = |comm intersected with compute| / |comm|   (compute: the other GPU kernels; CPU: the
+             top-level ops of the main thread)
+For ours also, from timing: (step time with prefetch 0 - with prefetch 1) / (the same collectives
+alone), i.e. how much of the communication prefetching actually saved (prefetch 0 waits for every
+gather right before the unit computes).
 """
 
 import os
@@ -40,6 +44,51 @@ def timed_steps(step, device, n):
         sync(device)
         times.append(time.perf_counter() - t)
     return statistics.median(times)
+
+
+def union(intervals):
+    merged = []
+    for a, b in sorted(intervals):
+        if merged and a <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], b)
+        else:
+            merged.append([a, b])
+    return merged
+
+
+def overlap(xs, ys):
+    """Total length of the intersection of two merged, sorted interval lists."""
+    total, j = 0.0, 0
+    for a, b in xs:
+        while j < len(ys) and ys[j][1] <= a:
+            j += 1
+        k = j
+        while k < len(ys) and ys[k][0] < b:
+            total += min(b, ys[k][1]) - max(a, ys[k][0])
+            k += 1
+    return total
+
+
+def traced_comm(step, cuda):
+    """(seconds in collectives, share of them overlapping compute) from a profiler trace of one step."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        step()
+        if cuda:
+            torch.cuda.synchronize()
+    events = prof.events()
+    if cuda:
+        kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+        comm = [(e.time_range.start, e.time_range.end) for e in kernels if "nccl" in e.name.lower()]
+        compute = [(e.time_range.start, e.time_range.end) for e in kernels if "nccl" not in e.name.lower()]
+    else:
+        main = max({e.thread for e in events}, key=lambda t: sum(e.thread == t for e in events))
+        comm = [(e.time_range.start, e.time_range.end) for e in events if e.thread != main and e.name.startswith("gloo:")]
+        compute = [(e.time_range.start, e.time_range.end) for e in events
+                   if e.thread == main and e.cpu_parent is None and e.name.startswith("aten::")]
+    comm, compute = union(comm), union(compute)
+    total = sum(b - a for a, b in comm)
+    return total / 1e6, (overlap(comm, compute) / total if total else 0.0)
 
 
 def build(preset, device, seed=0):
@@ -91,17 +140,17 @@ def main(argv):
             sharded.finish_reduces()
             opt.zero_grad(set_to_none=True)
         comm = timed_steps(comm_only, d.device, n)
-        return t, comm, model
+        return t, comm, model, traced_comm(step, cuda)
 
-    t1, comm, model = ours(1)
+    t1, comm, model, trace1 = ours(1)
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
-    t0, _, _ = ours(0)
+    t0, _, _, trace0 = ours(0)
     flops = train.flops_per_token(model.args, T)
     peak_flops = train.peak_flops(d.device)
-    hidden = max(0.0, (t0 - t1) / comm) if comm > 0 else 0.0
-    rows.append(("fsdp.py, prefetch 1", t1, peak, f"{min(hidden, 1):.0%}"))
-    rows.append(("fsdp.py, prefetch 0", t0, None, "0% (by construction)"))
-    rows.append(("collectives alone", comm, None, ""))
+    saved = max(0.0, (t0 - t1) / comm) if comm > 0 else 0.0
+    rows.append(("fsdp.py, prefetch 1", t1, peak, trace1, f"{min(saved, 1):.0%}"))
+    rows.append(("fsdp.py, prefetch 0", t0, None, trace0, "0% (by construction)"))
+    rows.append(("collectives alone", comm, None, None, ""))
 
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -125,18 +174,21 @@ def main(argv):
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     t2 = timed_steps(step2, d.device, n)
-    rows.append(("PyTorch FSDP2 (fully_shard)", t2, torch.cuda.max_memory_allocated() / 2**30 if cuda else None, ""))
+    peak2 = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
+    rows.append(("PyTorch FSDP2 (fully_shard)", t2, peak2, traced_comm(step2, cuda), ""))
 
     if d.rank == 0:
         dev = torch.cuda.get_device_name() if cuda else "CPU (gloo)"
         print(f"{preset}, world {d.world}, {B} x {T} tokens per rank, full fine-tuning, checkpointing, {dev}, torch {torch.__version__}")
-        print(f"{'':<30}{'ms/step':>9}{'tok/s':>10}{'MFU':>7}{'peak GiB':>10}  comm hidden")
-        for name, t, pk, hid in rows:
+        print(f"{'':<30}{'ms/step':>9}{'tok/s':>10}{'MFU':>7}{'peak GiB':>10}{'comm ms':>9}{'hidden':>8}"
+              "  saved by prefetch")
+        for name, t, pk, trace, saved in rows:
             tok = B * T * d.world / t
-            mfu = f"{tok * flops / (peak_flops * d.world):.1%}" if peak_flops and name != "collectives alone" else "-"
-            tok_s = f"{tok:,.0f}" if name != "collectives alone" else "-"
+            mfu = f"{tok * flops / (peak_flops * d.world):.1%}" if peak_flops and trace else "-"
+            tok_s = f"{tok:,.0f}" if trace else "-"
+            comm_ms, hidden = (f"{trace[0] * 1e3:.1f}", f"{trace[1]:.0%}") if trace else ("-", "-")
             print(f"{name:<30}{t * 1e3:>9.1f}{tok_s:>10}{mfu:>7}"
-                  f"{(f'{pk:.2f}' if pk else '-'):>10}  {hid}")
+                  f"{(f'{pk:.2f}' if pk else '-'):>10}{comm_ms:>9}{hidden:>8}  {saved}")
     dist.destroy_process_group()
 
 
