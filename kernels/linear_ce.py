@@ -54,11 +54,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
         loss = torch.zeros(n, dtype=torch.float32, device=h.device)
         grad_h = torch.empty_like(h) if need_h else None
         grad_w = torch.zeros_like(weight) if need_w else None
+        block = min(4096, triton.next_power_of_2(v))  # vocabulary columns per pass of a row's loop
         for i in range(0, n, chunk):
             hc = h[i:i + chunk]
             logits = (hc @ weight.t()).contiguous()
             _ce_rows[(hc.shape[0],)](logits, labels[i:i + chunk].contiguous(), loss[i:i + chunk], v, logits.stride(0),
-                                     WANT_GRAD=want, BLOCK=min(4096, triton.next_power_of_2(v)))
+                                     WANT_GRAD=want, BLOCK=block, num_warps=min(max(block // 256, 1), 8))
             if grad_h is not None:
                 grad_h[i:i + chunk] = logits @ weight
             if grad_w is not None:

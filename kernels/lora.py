@@ -29,7 +29,9 @@ if HAS_TRITON:
         r = tl.arange(0, BR)
         xa = tl.load(xa_ptr + i[:, None] * R + r[None, :], mask=(i[:, None] < M) & (r[None, :] < R), other=0.0)
         b = tl.load(b_ptr + j[:, None] * R + r[None, :], mask=(j[:, None] < N) & (r[None, :] < R), other=0.0)
-        acc = tl.dot(xa.to(tl.float32), tl.trans(b.to(tl.float32)))  # [BM, BN], rank padded to BR with zeros
+        # [BM, BN], rank padded to BR with zeros. "ieee": full fp32 products (the default on
+        # Ampere and later would round the inputs to tf32); with a rank of 16 the dot is cheap.
+        acc = tl.dot(xa.to(tl.float32), tl.trans(b.to(tl.float32)), input_precision="ieee")
         live = (i[:, None] < M) & (j[None, :] < N)
         y = tl.load(y_ptr + i[:, None] * N + j[None, :], mask=live, other=0.0).to(tl.float32)
         tl.store(out_ptr + i[:, None] * N + j[None, :], (y + scale * acc).to(out_ptr.dtype.element_ty), mask=live)

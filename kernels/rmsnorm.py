@@ -56,6 +56,12 @@ if HAS_TRITON:
         tl.store(dw_partial_ptr + pid * n_cols + cols, dw, mask=live)
 
 
+def warps(n):
+    """Warps for a row of n values (Triton's layer-norm tutorial): at 4096 columns, 8 warps leave
+    16 values per thread instead of 32, and half the registers (tests/compile_kernels.py shows them)."""
+    return min(max(triton.next_power_of_2(n) // 256, 1), 8)
+
+
 class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, eps):
@@ -63,7 +69,7 @@ class _RMSNorm(torch.autograd.Function):
         x2 = x.reshape(-1, n).contiguous()
         y = torch.empty(x2.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
         rstd = torch.empty(x2.shape[0], dtype=torch.float32, device=x.device)
-        _rms_forward[(x2.shape[0],)](x2, weight, y, rstd, n, eps, BLOCK=triton.next_power_of_2(n))
+        _rms_forward[(x2.shape[0],)](x2, weight, y, rstd, n, eps, BLOCK=triton.next_power_of_2(n), num_warps=warps(n))
         ctx.save_for_backward(x2, weight, rstd)
         ctx.shape = shape
         return y.view(shape)
@@ -77,7 +83,7 @@ class _RMSNorm(torch.autograd.Function):
         dx = torch.empty_like(x2)
         dw_partial = torch.empty((programs, n), dtype=torch.float32, device=x2.device)
         _rms_backward[(programs,)](dy.reshape(-1, n).contiguous(), x2, weight, rstd, dx, dw_partial, n_rows, n,
-                                   ROWS=rows, BLOCK=triton.next_power_of_2(n))
+                                   ROWS=rows, BLOCK=triton.next_power_of_2(n), num_warps=warps(n))
         return dx.view(ctx.shape), dw_partial.sum(0).to(weight.dtype), None
 
 
