@@ -530,16 +530,21 @@ def plan_memory(model, world, batch_size, seq_len, prefetch=1, checkpointing=Tru
     PyTorch references. Weights follow the same grouping, padding and offloading as Sharded.
 
     The peak is the largest of these moments of a step (after the first, which creates AdamW's
-    state): the loss, with every block's activations kept (checkpointing: only the blocks' inputs)
-    and the logits at their largest; and the backward of each block j, with the activations of
-    blocks 0..j (checkpointing: their inputs, and block j recomputed), the gradients in flight
-    through the block (two hidden-sized and two ffn-sized tensors at most), its dequantized 4-bit weight, the full
-    gradients of the unit (and of the outer unit, kept from the head's backward to the end, and
-    with world > 1 of block j + 1, whose reduce-scatter is in flight) and the sharded gradients of
-    the blocks after j. The logits are fp32 for the rows computed at once
-    (all, or loss_chunk): log-softmax's output and, in backward, two more of the same size; the
-    fused kernel instead holds 4096-row chunks of logits in the compute dtype and the gradients of
-    the head's input (and weight, when it trains).
+    state):
+    - the loss: every block's activations kept (checkpointing: only the blocks' inputs), and the
+      logits at their largest;
+    - the backward of each block j: the activations of blocks 0..j (checkpointing: their inputs,
+      and block j recomputed), the gradients in flight through the block (two hidden-sized and
+      two ffn-sized tensors at most), its dequantized 4-bit weight, the full gradients of the unit
+      (and of the outer unit, kept from the head's backward to the end, and with world > 1 of
+      block j + 1, whose reduce-scatter is in flight), and the sharded gradients of the blocks
+      after j;
+    - the embedding's backward, when it trains: a dense gradient of the table, then the unit's
+      gradient it is added to;
+    - the optimizer step (fused AdamW: no temporaries) with every sharded gradient.
+    The logits are fp32 for the rows computed at once (all, or loss_chunk): log-softmax's output
+    and, in backward, two more of the same size; the fused kernel instead holds 4096-row chunks of
+    logits in the compute dtype and the gradients of the head's input (and weight, when it trains).
     """
     a, L = model.args, model.args.n_layers
     gpu_shards = cpu_shards = optim = 0
@@ -584,6 +589,12 @@ def plan_memory(model, world, batch_size, seq_len, prefetch=1, checkpointing=Tru
         grads = (sum(shard_grad[j + 2:]) if on_gpu else 0) + (accumulated or unit_grad[0] + unit_grad[j + 1] + reducing)
         acts = tokens * ((j + 1) * kept + (block if checkpointing else 0) + outside + 2 * act * (a.dim + a.ffn_dim))
         moments.append(dict(static, gradients=grads, activations=acts, **{"dequantized weight": dequant}, logits=0))
+    if model.model.embed_tokens.weight.requires_grad:  # its backward: a dense [vocab, dim] gradient, then the unit's
+        grads = (sum(shard_grad[1:]) if on_gpu else 0) + (accumulated or unit_grad[0]) + a.vocab_size * a.dim * act + unit_grad[0]
+        moments.append(dict(static, gradients=grads, activations=tokens * outside, **{"dequantized weight": 0}, logits=0))
+    # The optimizer step (fused AdamW, as train.py uses on CUDA: no temporaries): every sharded gradient.
+    moments.append(dict(static, **{"gathered units": 0}, gradients=sum(shard_grad) if on_gpu else 0, activations=0,
+                        **{"dequantized weight": 0}, logits=0))
     gpu = max(moments, key=lambda m: sum(m.values()))
     gpu["total"] = sum(gpu.values())
     cpu = {"weight shards": cpu_shards, "gradients": 0 if on_gpu else sum(shard_grad),

@@ -3,7 +3,8 @@
     python bench/memory.py                          # CPU: tiny preset, fp32, 4 x 256 tokens
     torchrun --nproc_per_node=2 bench/memory.py     # the same, each rank sharded over 2 (gloo)
     python bench/memory.py --model=tinyllama-1.1b --batch_size=2 --seq_len=2048    # GPU: bf16
-    options: --precision=bf16|fp32 --kernels=triton|torch --json=rows.json
+    options: --precision=bf16|fp32 --kernels=triton|torch --json=rows.json; --model= a preset or an
+    HF folder (its config.json only: the weights are random)
 
 For full / lora / qlora, with and without activation checkpointing: build the model, shard it with
 fsdp.Sharded, run two training steps (forward + backward + clip + AdamW) and take the peak of
@@ -85,7 +86,7 @@ def compare(args, kind, ckpt, d, batch_size, seq_len, bf16, kernels, offload="no
 
     def build():
         sharded = F.Sharded(build_model(args, kind, d.device, dtype), d, prefetch, ckpt, dtype, offload=offload)
-        opt = torch.optim.AdamW(sharded.parameters(), lr=1e-5)
+        opt = torch.optim.AdamW(sharded.parameters(), lr=1e-5, fused=True)  # as train.py on CUDA
         g = torch.Generator().manual_seed(d.rank)
         ids = torch.randint(0, args.vocab_size, (batch_size, seq_len), generator=g).to(d.device)
         return sharded, opt, ids
@@ -104,7 +105,7 @@ def main(argv):
     d = train.init_distributed()
     cuda = d.device.type == "cuda"
     preset = opts.get("model", "tinyllama-1.1b" if cuda else "tiny")
-    args = dataclasses.replace(M.MODELS[preset])
+    args = dataclasses.replace(M.MODELS[preset]) if preset in M.MODELS else M.read_hf_config(preset)  # shapes only
     B, T = int(opts.get("batch_size", 2 if cuda else 4)), int(opts.get("seq_len", 2048 if cuda else 256))
     bf16 = opts.get("precision", "bf16" if cuda else "fp32") == "bf16"
     kernels = cuda and opts.get("kernels", "triton") == "triton"
@@ -118,7 +119,7 @@ def main(argv):
             rows.append((kind, ckpt, plan, peak))
     if d.rank == 0:
         dev = torch.cuda.get_device_name() if cuda else "CPU (allocator records)"
-        print(f"{preset}, world {d.world}, {B} x {T} tokens per rank, {'bf16' if bf16 else 'fp32'}, "
+        print(f"{os.path.basename(preset.rstrip('/'))}, world {d.world}, {B} x {T} tokens per rank, {'bf16' if bf16 else 'fp32'}, "
               f"kernels {'on' if kernels else 'off'}, {dev}, torch {torch.__version__}; MiB per rank")
         print(f"{'':<18}{'shards':>8}{'units':>8}{'grads':>8}{'optim':>8}{'acts':>8}{'logits':>8}"
               f"{'plan':>9}{'measured':>10}{'plan/meas':>10}")
