@@ -2,6 +2,7 @@
 and the Triton kernel; time, peak memory, achieved GB/s and the fraction of the GPU's bandwidth.
 
     python bench/kernels.py            # GPU: Llama-3-8B shapes, 8192 tokens; CPU: 1/16 of the tokens, no Triton
+    python bench/kernels.py --loss_memory   # peak memory of lm_head + cross-entropy, 8192 tokens, vocab 128256, bf16
 
 Shapes: tokens = 8192 (batch 4 x 2048), dim 4096, ffn 14336, vocab 128256. Forward + backward for
 RMSNorm, SwiGLU and the lm_head + cross-entropy (what training runs; for the loss, "chunked" is
@@ -9,6 +10,12 @@ model.cross_entropy_sum with 4096-token chunks recomputed in backward), forward 
 dequantization (of one 14336 x 4096 weight). For the loss the figure to watch is peak memory.
 GB/s counts the bytes each kernel must move at least once (inputs read, outputs written; in
 backward also the saved inputs and the incoming gradient), so it is comparable across rows.
+
+--loss_memory measures only the loss's peak memory (logits and their gradients, and the
+gradients of h and W), at the full shapes in bf16, for eager, chunked and the fused kernel. On a
+GPU that is torch.cuda.max_memory_allocated; on CPU it is the allocator's record (bench/memory.py)
+with the kernel run through Triton's interpreter, which allocates no tensors of its own, so the
+bytes are the algorithm's (it takes about 10 minutes there).
 """
 
 import os
@@ -17,7 +24,10 @@ import time
 
 import torch
 
+if "--loss_memory" in sys.argv and not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel is defined
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import kernels as K  # noqa: E402
 import quant as Q  # noqa: E402
 from kernels import HAS_TRITON  # noqa: E402
 import model as M  # noqa: E402
@@ -44,6 +54,42 @@ def measure(fn, device, repeat):
     dt = (time.perf_counter() - t) / repeat
     peak = (torch.cuda.max_memory_allocated() - base) / 2**20 if device.type == "cuda" else None
     return dt, peak
+
+
+def loss_memory():
+    """Peak memory of lm_head + cross-entropy, forward and backward, at Llama 3's vocabulary."""
+    from memory import cpu_allocation_peak
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    K.FORCE = device.type == "cpu"  # the interpreter runs the kernel on CPU tensors
+    tokens, dim, vocab = 8192, 4096, 128256
+    torch.manual_seed(0)
+    hid = torch.randn(tokens, dim, device=device, dtype=torch.bfloat16, requires_grad=True)
+    head = (torch.randn(vocab, dim, device=device, dtype=torch.bfloat16) * 0.02).requires_grad_(True)
+    labels = torch.randint(0, vocab, (tokens,), device=device)
+    impls = {"eager": lambda: torch.nn.functional.cross_entropy((hid @ head.t()).float(), labels, reduction="sum"),
+             "chunked": lambda: M.cross_entropy_sum(hid, lambda t: t @ head.t(), labels, 4096)[0],
+             "triton": lambda: linear_cross_entropy_triton(hid, head, labels, 4096)}
+    print(f"torch {torch.__version__}, {torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU (allocator records)'}, "
+          f"lm_head + cross-entropy forward + backward, {tokens} tokens, dim {dim}, vocab {vocab}, bf16")
+    print(f"{'impl':<10}{'peak MiB':>10}{'s':>8}{'loss':>12}")
+    for name, fn in impls.items():
+        out = {}
+
+        def step():
+            loss = fn()
+            loss.backward()
+            out["loss"] = loss.item()
+            hid.grad = head.grad = None
+        t = time.perf_counter()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            step()
+            peak = torch.cuda.max_memory_allocated() - base
+        else:
+            peak = cpu_allocation_peak(step)
+        print(f"{name:<10}{peak / 2**20:>10.0f}{time.perf_counter() - t:>8.1f}{out['loss']:>12.1f}")
 
 
 def main():
@@ -124,4 +170,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    loss_memory() if "--loss_memory" in sys.argv else main()

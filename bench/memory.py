@@ -32,6 +32,23 @@ import quant as Q  # noqa: E402
 import train  # noqa: E402
 
 
+def cpu_allocation_peak(fn, after=None):
+    """Peak bytes live while fn() runs, from the profiler's record of every allocation and free of
+    PyTorch's CPU allocator, counted from fn's start (what existed before does not count, and must
+    not be freed inside fn). after: the name of a record_function block inside fn; the peak is
+    then taken from its start on, with what fn allocated before it still counted."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = list(prof.profiler.kineto_results.events())
+    start = min((e.start_ns() for e in events if e.name() == after), default=0)
+    live = peak = 0
+    for e in sorted((e for e in events if e.name() == "[memory]"), key=lambda e: e.start_ns()):
+        live += e.nbytes()  # > 0 for an allocation, < 0 for a free
+        if e.start_ns() >= start:
+            peak = max(peak, live)
+    return peak
+
+
 def peak_bytes(device, build, step):
     """Peak allocated bytes while step(*build()) runs the second time: everything build() made
     counts, what existed before does not (on CPU, build() must create all that step() uses)."""
@@ -43,21 +60,15 @@ def peak_bytes(device, build, step):
         step(*objects)
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated()
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+
+    def run():
         objects = build()
         step(*objects)
         with record_function("measured step"):
             step(*objects)
         del objects  # freed while recording, so that no later recording sees frees it never saw allocated
         gc.collect()
-    events = list(prof.profiler.kineto_results.events())
-    start = min(e.start_ns() for e in events if e.name() == "measured step")
-    live = peak = 0
-    for e in sorted((e for e in events if e.name() == "[memory]"), key=lambda e: e.start_ns()):
-        live += e.nbytes()  # > 0 for an allocation, < 0 for a free
-        if e.start_ns() >= start:
-            peak = max(peak, live)
-    return peak
+    return cpu_allocation_peak(run, after="measured step")
 
 
 def build_model(args, kind, device, dtype):
