@@ -5,6 +5,16 @@
     python bench/memory.py --model=tinyllama-1.1b --batch_size=2 --seq_len=2048    # GPU: bf16
     options: --precision=bf16|fp32 --kernels=triton|torch --json=rows.json; --model= a preset or an
     HF folder (its config.json only: the weights are random)
+    torchrun --nproc_per_node=2 bench/memory.py --loading=<HF folder>   # CPU RSS while loading
+
+--loading checks the promise of streamed loading (train.py --fsdp from an HF folder): a rank's
+peak resident memory while it builds its shards grows by less than one checkpoint file plus the
+shards it keeps, for full and qlora; an unsharded load (model.from_pretrained, what runs without
+--fsdp) is measured after it for contrast. Peak RSS is the kernel's VmHWM, reset before each load
+(/proc/self/clear_refs), so the figures are real resident bytes, not allocator records. At small
+sizes run it with MALLOC_MMAP_THRESHOLD_=131072: glibc then returns each freed tensor to the OS,
+as it does by itself for tensors over 32 MiB (every weight of a 7B model); otherwise freed small
+tensors stay in its heap and the figures depend on what ran before.
 
 For full / lora / qlora, with and without activation checkpointing: build the model, shard it with
 fsdp.Sharded, run two training steps (forward + backward + clip + AdamW) and take the peak of
@@ -111,9 +121,67 @@ def compare(args, kind, ckpt, d, batch_size, seq_len, bf16, kernels, offload="no
     return plan, peak_bytes(d.device, build, step)
 
 
+def rss_kib():
+    """(current, peak) resident set of this process in KiB, from /proc/self/status (Linux)."""
+    fields = dict(line.split(":", 1) for line in open("/proc/self/status"))
+    return int(fields["VmRSS"].split()[0]), int(fields["VmHWM"].split()[0])
+
+
+def rss_growth(fn):
+    """Bytes by which fn() raises this process's peak resident memory above where it started."""
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current RSS
+    start, _ = rss_kib()
+    fn()
+    return (rss_kib()[1] - start) * 1024
+
+
+def loading(path, d, opts):
+    """Per rank: peak RSS growth of a streamed sharded load vs one checkpoint file + this rank's shards."""
+    files = sorted({f for f in M.safetensors_files(path).values()})
+    largest = max(os.path.getsize(f) for f in files)
+    rows = []
+    for kind in opts.get("kinds", "full,qlora").split(","):
+        cfg = train.Config(model=path, train_type=kind, fsdp=True)
+        keep = {}
+
+        def streamed():
+            model, _, _ = train.build_model(cfg, d)
+            keep["sharded"] = F.Sharded(model, d, materialize=model.materialize)
+        grown = rss_growth(streamed)
+        shards = sum(g.shard.numel() * g.shard.element_size() for u in keep["sharded"].units for g in u.groups)
+        keep.clear()
+
+        def dense():
+            keep["model"] = M.from_pretrained(path, d.device, torch.float32, prepare=Q.quantize_model if kind == "qlora" else None)
+        dense_grown = rss_growth(dense)
+        keep.clear()
+        rows.append({"kind": kind, "rank": d.rank, "streamed": grown, "file": largest, "shards": shards, "dense": dense_grown})
+    every = [None] * d.world
+    if dist.is_initialized():
+        dist.all_gather_object(every, rows)
+    else:
+        every = [rows]
+    if d.rank == 0:
+        print(f"{os.path.basename(path.rstrip('/'))}: {len(files)} file(s), largest {largest / 2**20:.1f} MiB; "
+              f"world {d.world}; peak RSS growth while loading, MiB")
+        print(f"{'kind':<7}{'rank':>5}{'streamed':>10}{'file+shards':>13}{'(shards)':>10}{'unsharded':>11}")
+        for row in (r for rank_rows in every for r in rank_rows):
+            print(f"{row['kind']:<7}{row['rank']:>5}{row['streamed'] / 2**20:>10.1f}"
+                  f"{(row['file'] + row['shards']) / 2**20:>13.1f}{row['shards'] / 2**20:>10.1f}{row['dense'] / 2**20:>11.1f}")
+        if "json" in opts:
+            json.dump([r for rank_rows in every for r in rank_rows], open(opts["json"], "w"))
+
+
 def main(argv):
     opts = dict(a[2:].split("=", 1) for a in argv)
     d = train.init_distributed()
+    if "loading" in opts:
+        loading(opts["loading"], d, opts)
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        return
     cuda = d.device.type == "cuda"
     preset = opts.get("model", "tinyllama-1.1b" if cuda else "tiny")
     args = dataclasses.replace(M.MODELS[preset]) if preset in M.MODELS else M.read_hf_config(preset)  # shapes only
