@@ -15,7 +15,8 @@ backward also the saved inputs and the incoming gradient), so it is comparable a
 gradients of h and W), at the full shapes in bf16, for eager, chunked and the fused kernel. On a
 GPU that is torch.cuda.max_memory_allocated; on CPU it is the allocator's record (bench/memory.py)
 with the kernel run through Triton's interpreter, which allocates no tensors of its own, so the
-bytes are the algorithm's (it takes about 10 minutes there).
+bytes are the algorithm's (slow there: on 2 cores without bf16 matrix units eager took 10 minutes,
+chunked 13, and the interpreted kernel did not finish in 35).
 """
 
 import os
