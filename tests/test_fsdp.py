@@ -231,6 +231,7 @@ def test_offload_keeps_the_chosen_shards_on_the_cpu_and_trains_the_same(offload)
     assert (cpu["optimizer"], gpu["optimizer"]) == ((2 * trainable, 0) if offload == "all" else (0, 2 * trainable))
 
 
+@pytest.mark.slow  # two compiled 2-process runs: a minute or more on 2 cores
 def test_compiled_blocks_under_fsdp_train_like_eager(tmp_path):
     """--compile compiles each block, hooks included: the on-demand gathers (eval) must stay eager."""
     common = ["train.py", "--fsdp", "--train_type=qlora", "--grad_checkpointing", "--max_steps=3", "--batch_size=4",

@@ -165,6 +165,7 @@ def test_whole_model_loss_and_gradients_equal_with_and_without_kernels(monkeypat
         torch.testing.assert_close(g1[k], g0[k], rtol=1e-4, atol=1e-5, msg=k)
 
 
+@pytest.mark.slow  # ptxas over 24 kernel variants
 def test_every_kernel_compiles_for_h100_and_rtx_3090_without_spilling():
     """The interpreter accepts programs the GPU compiler rejects: compile each kernel, with the
     argument types its wrapper launches it with, down to sm_90 and sm_86 cubins (no GPU needed)."""

@@ -130,6 +130,7 @@ def test_padding_mode_trains_and_exports(tmp_path):
     assert m.args.vocab_size == 320 and len(losses(tmp_path)) == 3
 
 
+@pytest.mark.slow  # full fine-tuning of the 135M model; QLoRA on it runs by default
 def test_fine_tune_real_checkpoint_and_reload_export(tmp_path, smollm2_dir, gsm8k_path):
     """A few full fine-tuning steps on SmolLM2 + GSM8K: loss falls, the export keeps tied weights and loads."""
     train.main([f"--model={smollm2_dir}", f"--data={gsm8k_path}", "--seq_len=256", "--batch_size=2", "--max_steps=8",
