@@ -81,16 +81,13 @@ def loss_memory():
             loss.backward()
             out["loss"] = loss.item()
             hid.grad = head.grad = None
-        t = time.perf_counter()
         if device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-            step()
-            peak = torch.cuda.max_memory_allocated() - base
-        else:
-            peak = cpu_allocation_peak(step)
-        print(f"{name:<10}{peak / 2**20:>10.0f}{time.perf_counter() - t:>8.1f}{out['loss']:>12.1f}")
+            seconds, peak_mib = measure(step, device, repeat=1)
+        else:  # one run: minutes at these shapes on a CPU
+            t = time.perf_counter()
+            peak_mib = cpu_allocation_peak(step) / 2**20
+            seconds = time.perf_counter() - t
+        print(f"{name:<10}{peak_mib:>10.0f}{seconds:>8.1f}{out['loss']:>12.1f}")
 
 
 def main():

@@ -158,30 +158,24 @@ def loading(path, d, opts):
         dense_grown = rss_growth(dense)
         keep.clear()
         rows.append({"kind": kind, "rank": d.rank, "streamed": grown, "file": largest, "shards": shards, "dense": dense_grown})
-    every = [None] * d.world
+    every = [rows]
     if dist.is_initialized():
+        every = [None] * d.world
         dist.all_gather_object(every, rows)
-    else:
-        every = [rows]
+    rows = [row for rank_rows in every for row in rank_rows]
     if d.rank == 0:
         print(f"{os.path.basename(path.rstrip('/'))}: {len(files)} file(s), largest {largest / 2**20:.1f} MiB; "
               f"world {d.world}; peak RSS growth while loading, MiB")
         print(f"{'kind':<7}{'rank':>5}{'streamed':>10}{'file+shards':>13}{'(shards)':>10}{'unsharded':>11}")
-        for row in (r for rank_rows in every for r in rank_rows):
+        for row in rows:
             print(f"{row['kind']:<7}{row['rank']:>5}{row['streamed'] / 2**20:>10.1f}"
                   f"{(row['file'] + row['shards']) / 2**20:>13.1f}{row['shards'] / 2**20:>10.1f}{row['dense'] / 2**20:>11.1f}")
         if "json" in opts:
-            json.dump([r for rank_rows in every for r in rank_rows], open(opts["json"], "w"))
+            json.dump(rows, open(opts["json"], "w"))
 
 
-def main(argv):
-    opts = dict(a[2:].split("=", 1) for a in argv)
-    d = train.init_distributed()
-    if "loading" in opts:
-        loading(opts["loading"], d, opts)
-        if dist.is_initialized():
-            dist.destroy_process_group()
-        return
+def plan_vs_measured(d, opts):
+    """The table of plan against measured peak for full / lora / qlora, checkpointing off and on."""
     cuda = d.device.type == "cuda"
     preset = opts.get("model", "tinyllama-1.1b" if cuda else "tiny")
     args = dataclasses.replace(M.MODELS[preset]) if preset in M.MODELS else M.read_hf_config(preset)  # shapes only
@@ -210,6 +204,15 @@ def main(argv):
                   + f"{p['total'] / peak:>10.2f}")
         if "json" in opts:  # for tests/test_fsdp.py
             json.dump([{"kind": k, "ckpt": c, "plan": p["total"], "measured": m} for k, c, p, m in rows], open(opts["json"], "w"))
+
+
+def main(argv):
+    opts = dict(a[2:].split("=", 1) for a in argv)
+    d = train.init_distributed()
+    if "loading" in opts:
+        loading(opts["loading"], d, opts)
+    else:
+        plan_vs_measured(d, opts)
     if dist.is_initialized():
         dist.destroy_process_group()
 
