@@ -1,73 +1,118 @@
-"""Fully sharded data parallelism (FSDP), written out over torch.distributed collectives.
+"""How ranks share a training step: plain data parallelism (`Replicated`) or fully sharded data
+parallelism (`Sharded`), written out over torch.distributed collectives, behind one interface.
 
-    sharded = Sharded(model, dist_state, prefetch=1, checkpointing=True)
-    loss_sum, n = sharded.forward_backward(batch, loss_scale=1 / n_global, sync=True)
-    sharded.clip_grad_norm_(1.0); opt.step()          # opt = AdamW(sharded.parameters())
+    engine = Sharded(model, d, strategy="full") or Replicated(model, d)
+    loss_sum, n = engine.forward_backward(batch, loss_scale=1 / n_global, sync=True)
+    engine.clip_grad_norm_(1.0); opt.step()      # opt = AdamW(engine.param_groups(weight_decay))
+    engine.forward(input_ids, labels=...)         # eval and generation (model.generate(forward=...))
+    save_checkpoint(path, engine, opt, extra) / load_checkpoint(path, engine, opt)
+    engine.export_hf(path) / engine.export_adapter(path)
 
-The idea. Each rank of W keeps 1/W of every weight. A *unit* (the embedding + final norm + head,
-and each transformer block) is all-gathered just before it computes and freed right after, so at
-any moment a rank holds its shards plus one or two full units. Gradients of a unit are
-reduce-scattered as soon as its backward is done, so each rank ends with the summed gradient of
-its own shard only, and the optimizer updates only that shard.
+Sharding. Each of the S ranks of a shard group keeps 1/S of every weight. A *unit* (the embedding,
+each transformer block, the final norm + head; a tied embedding and head are one unit) is
+all-gathered just before it computes and freed right after, so a rank holds its shards plus at most
+prefetch + 1 full units. A unit's gradients are reduce-scattered as soon as its backward is done,
+so each rank ends with the summed gradient of its own shard, and the optimizer updates only that.
+Strategies (--shard): full (ZeRO-3, the above), grad_op (ZeRO-2: units stay gathered from the first
+forward of a step to its last backward), hybrid (HSDP: shard within groups of --shard_group ranks,
+e.g. a node, and all-reduce the sharded gradients across groups).
 
-Storage. A unit's tensors are flattened into one buffer per *group* of tensors that share a
-dtype and a role: trainable weights (fp32 master shard, gathered in `param_dtype`), frozen float
-weights (norms, embeddings: kept and gathered as loaded), and NF4 tensors (packed bytes and their
-scales, gathered byte for byte). A buffer is padded to a multiple of W; rank r keeps the slice
-[r * n / W, (r + 1) * n / W). The full buffer is a tensor whose storage is resized to the full size
-to gather and to zero to free; module attributes are views into it. Tied weights (SmolLM2's
-embedding and head) are one tensor in the outer unit, so they stay tied.
+Storage. A unit's tensors are flattened into one buffer per *group* of tensors that share a dtype
+and a role: trainable weights (fp32 master shard, gathered in `param_dtype`), frozen float weights
+(kept and gathered as loaded) and NF4 tensors (gathered byte for byte). A buffer is padded to a
+multiple of S; shard rank r keeps [r * n / S, (r + 1) * n / S). The full buffer is one tensor whose
+storage is resized to the full size to gather and to zero to free; module attributes are views of
+it, so model.py's code runs unchanged on gathered units.
 
-The loop (forward_backward), in order; each collective is issued and waited for on a named line:
-    forward:  outer (embedding) -> block 0 ... block L-1 -> outer (norm, head, loss)
-              before unit i computes, the gathers of units i+1 .. i+prefetch are issued (async)
-    backward: outer (head) -> block L-1 ... block 0 -> outer (embedding)
-              re-gather the unit (prefetching the next ones), recompute its forward when
-              checkpointing, backward through it, issue its reduce-scatter (async), free it
-    then wait for every reduce-scatter and add the results into the shards' .grad
-With checkpointing only block inputs are kept between forward and backward; without it each
-block's autograd graph is kept, and its saved tensors are views of the freed buffers, valid again
-once the unit is re-gathered before its backward.
+The schedule (`schedule`, also what `plan_memory` walks): embed, block 0 .. L-1, head (loss, and its
+backward through norm and head), then block L-1 .. 0 backward; a trainable embedding's backward
+needs no weights and runs last. Before a unit computes, the gathers of the next `prefetch` units
+are issued; a unit is freed after it computes unless it comes back within that window (the last
+block stays gathered across the head into its backward). With checkpointing (model.block) only the
+blocks' inputs are kept; without it each block's autograd graph keeps views of its buffers, valid
+again once the unit is re-gathered for its backward. On CUDA gathers run on a side stream, and at
+most prefetch + 1 units' buffers are in flight (events); on CPU (gloo) async work handles.
 
-On CUDA gathers run on a side stream so that the next unit's all-gather overlaps this unit's
-compute. On CPU (gloo) the same code runs, with async work handles instead of streams.
-
-Below the loop: `stream_from_pretrained` (load an HF folder one unit at a time straight into
-shards), `export_hf` / `export_adapter` (gathered unit by unit, written by rank 0),
-`save_sharded` / `load_sharded` (per-rank checkpoints, re-sharded on load at another world size)
-and `plan_memory` (what a rank will hold, computed on the meta device).
+Below: `stream_from_pretrained` (load an HF folder one unit at a time straight into shards),
+checkpoints (every rank writes its file into a new step folder, made current by one rename;
+re-sharded on load at another world size) and `plan_memory` (what a rank will hold, on the meta device).
 """
 
-import json
+import contextlib
+import glob
 import math
 import os
+import shutil
+from collections import deque
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+import lora as L
 import model as M
 from quant import Linear4bit
+
+STRATEGIES = ("full", "grad_op", "hybrid")
+OFFLOAD = ("none", "frozen", "all")
+# torch 2.13 renamed the tensor-in, tensor-out collectives (the old names warn on every call).
+all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+def offloaded(offload, trainable):
+    """Does a group's shard live in (pinned) CPU memory? "frozen": only frozen groups (the NF4 base,
+    norms, embeddings: most of the bytes of (Q)LoRA); "all": every shard, so gradients and AdamW
+    state follow to the CPU and the optimizer steps there."""
+    if offload not in OFFLOAD:
+        raise ValueError(f"offload={offload!r} is not one of {', '.join(OFFLOAD)}")
+    return offload == "all" or (offload == "frozen" and not trainable)
+
+
+def autocast(device, dtype):
+    """A fresh autocast context (an instance must not be entered twice at once): dtype None = off."""
+    return torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
+
+
+def shard_groups(d, strategy, group_size=0):
+    """(shard group, its size S, this rank's index in it, replicate group or None). Every rank
+    creates every group, in the same order, as torch.distributed requires."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"shard strategy {strategy!r} is not one of {', '.join(STRATEGIES)}")
+    if d.world == 1:
+        return None, 1, 0, None
+    if strategy != "hybrid":
+        return dist.group.WORLD, d.world, d.rank, None
+    S = group_size
+    if S < 1 or d.world % S:
+        raise ValueError(f"--shard_group={S} must divide the world size {d.world} (--shard=hybrid)")
+    shard = replicate = None
+    for g in range(d.world // S):
+        pg = dist.new_group(list(range(g * S, (g + 1) * S)))
+        shard = pg if d.rank // S == g else shard
+    for i in range(S):
+        pg = dist.new_group(list(range(i, d.world, S)))
+        replicate = pg if d.rank % S == i else replicate
+    return shard, S, d.rank % S, (replicate if d.world > S else None)
 
 
 class FlatGroup:
     """Tensors of one unit sharing a dtype and a role, flattened into one sharded buffer."""
 
-    def __init__(self, tensors, trainable, decay, param_dtype, rank, world, device, offload):
+    def __init__(self, tensors, trainable, decay, param_dtype, groups, device, offload):
         # tensors: list of (tensor, [(module, attribute name), ...]); a tied tensor has two owners
         self.owners = [owners for _, owners in tensors]
         self.shapes = [t.shape for t, _ in tensors]
         self.numels = [t.numel() for t, _ in tensors]
         self.numel = sum(self.numels)
-        self.shard_numel = math.ceil(self.numel / world)
-        self.trainable, self.decay, self.rank, self.world, self.device = trainable, decay, rank, world, device
+        self.pg, self.world, self.rank, self.replicate = groups
+        self.shard_numel = math.ceil(self.numel / self.world)
+        self.trainable, self.decay, self.device, self.offloaded = trainable, decay, device, offload
         storage_dtype = torch.float32 if trainable else tensors[0][0].dtype
         self.gather_dtype = param_dtype if trainable else storage_dtype
-        self.offloaded = offload
-        lo, hi = rank * self.shard_numel, (rank + 1) * self.shard_numel
+        lo, hi = self.rank * self.shard_numel, (self.rank + 1) * self.shard_numel
         shard = torch.zeros(self.shard_numel, dtype=storage_dtype, device="cpu" if offload else device)
-        # Copy this rank's slice, tensor by tensor, never building the whole flat buffer.
-        start = 0
+        start = 0  # copy this rank's slice tensor by tensor, never building the whole flat buffer
         for t, _ in tensors:
             a, b = max(lo, start), min(hi, start + t.numel())
             if a < b:
@@ -76,27 +121,28 @@ class FlatGroup:
         if offload and device.type == "cuda":
             shard = shard.pin_memory()
         self.shard = nn.Parameter(shard, requires_grad=trainable)
-        # On one rank a frozen shard on the device already is the full buffer: no copy to gather.
-        self.resident = world == 1 and not trainable and not offload
-        if self.resident:
-            self.full = self.shard.detach()
-        else:
-            self.full = torch.empty(self.shard_numel * world, dtype=self.gather_dtype, device=device)
+        # Alone in its shard group, a frozen shard on the device already is the full buffer.
+        self.resident = self.world == 1 and not trainable and not offload
+        self.full = self.shard.detach() if self.resident else torch.empty(
+            self.shard_numel * self.world, dtype=self.gather_dtype, device=device)
         self.full.requires_grad_(trainable)  # its views are what modules compute with; grads land in full.grad
+        self.acc = None  # fp32 sum of the full gradients of micro-batches not yet reduced (sync=False)
+        self.landing = []  # offload="all" on CUDA: (pinned gradient slice, event) still being copied
 
     def gather(self):
-        """Issue the all-gather of the full buffer (async); returns the work handle."""
+        """Issue the all-gather of the full buffer (async); returns the work handle or None."""
         if self.resident:
             return None
         with torch.no_grad():
             self.full.untyped_storage().resize_(self.full.numel() * self.full.element_size())
-            shard = self.shard.detach().to(self.device, self.gather_dtype, non_blocking=True)
+            # Pinned CPU -> GPU without blocking, then the cast on the GPU (an offloaded shard is fp32).
+            shard = self.shard.detach().to(self.device, non_blocking=True).to(self.gather_dtype)
             # .data: writing the gathered values must not bump the version counter that autograd
             # checks on tensors saved from this buffer in an earlier forward.
             if self.world == 1:
                 self.full.data.copy_(shard)
                 return None
-            return dist.all_gather_into_tensor(self.full.data, shard, async_op=True)
+            return all_gather_single(self.full.data, shard, group=self.pg, async_op=True)
 
     def gather_master(self):
         """The full fp32 master values (blocking), whatever dtype the compute copy is gathered in."""
@@ -104,7 +150,7 @@ class FlatGroup:
         shard = self.shard.detach().to(self.device)
         if self.world == 1:
             return full.copy_(shard)
-        dist.all_gather_into_tensor(full, shard)
+        all_gather_single(full, shard, group=self.pg)
         return full
 
     def bind(self, full=None):
@@ -121,18 +167,42 @@ class FlatGroup:
         if not self.resident:
             self.full.untyped_storage().resize_(0)
 
+    def stash(self):
+        """sync=False: move this micro-batch's full gradient into the fp32 sum (a bf16 sum of 16
+        micro-batches drifts by ~0.5%)."""
+        g, self.full.grad = self.full.grad, None
+        if g is not None:
+            self.acc = g.float() if self.acc is None else self.acc.add_(g)
+
     def reduce_scatter(self, reduce_dtype):
-        """Issue the reduce-scatter (sum) of full.grad into this rank's slice (async): (work, output)."""
-        grad = self.full.grad.to(reduce_dtype)
-        self.full.grad = None
+        """Issue the reduce-scatter (sum) of the full gradient into this rank's slice (async):
+        (work, output). A rank whose batch gave this group no gradient sends zeros, so every rank
+        issues the same collectives in the same order."""
+        self.stash()
+        grad = self.acc if self.acc is not None else torch.zeros_like(self.full, dtype=torch.float32)
+        self.acc, grad = None, grad.to(reduce_dtype)
         out = torch.empty(self.shard_numel, dtype=reduce_dtype, device=self.device)
         if self.world == 1:
             return None, out.copy_(grad)
-        return dist.reduce_scatter_tensor(out, grad, async_op=True), out
+        return reduce_scatter_single(out, grad, group=self.pg, async_op=True), out
 
     def accumulate(self, out):
-        g = out.to(self.shard.device, torch.float32)
-        self.shard.grad = g if self.shard.grad is None else self.shard.grad + g
+        """Add a reduced gradient slice into the shard's .grad (fp32, where the shard lives)."""
+        if self.replicate is not None:  # hybrid: sum the slice over the replicas of this shard
+            dist.all_reduce(out, group=self.replicate)
+        g = out.to(torch.float32)  # cast where the gradient is (the GPU), not on the CPU
+        if g.is_cuda and self.shard.device.type == "cpu":  # offload="all": to pinned memory, not blocking
+            landing = torch.empty(g.shape, dtype=g.dtype, pin_memory=True).copy_(g, non_blocking=True)
+            self.landing.append((landing, torch.cuda.current_stream().record_event()))
+            return
+        self.shard.grad = g.to(self.shard.device) if self.shard.grad is None else self.shard.grad.add_(g)
+
+    def settle(self):
+        """Add the gradient slices copied to pinned memory, once their copies are done."""
+        for landing, event in self.landing:
+            event.synchronize()
+            self.shard.grad = landing if self.shard.grad is None else self.shard.grad.add_(landing)
+        self.landing = []
 
 
 def group_tensors(modules):
@@ -153,41 +223,39 @@ def group_tensors(modules):
 
 
 def unit_module_lists(model):
-    """The shard units: (name, modules). The outer unit holds what is not in a block."""
+    """The shard units, (name, modules): embedding, each block, final norm + head; with tied
+    embeddings the first and last are one unit, "outer"."""
     m = model.model
-    return [("outer", [m.embed_tokens, m.norm, model.lm_head])] + [(f"block{i}", [layer]) for i, layer in enumerate(m.layers)]
+    blocks = [(f"block{i}", [layer]) for i, layer in enumerate(m.layers)]
+    if model.args.tie_embeddings:
+        return [("outer", [m.embed_tokens, m.norm, model.lm_head])] + blocks
+    return [("embed", [m.embed_tokens])] + blocks + [("head", [m.norm, model.lm_head])]
 
 
-OFFLOAD = ("none", "frozen", "all")
-
-
-def offloaded(offload, trainable):
-    """Does a group's shard live in (pinned) CPU memory? offload="frozen": only frozen groups (the
-    NF4 base, norms, embeddings: most of the bytes for (Q)LoRA) while the small trainable shards,
-    their gradients and AdamW state stay on the GPU; "all": every shard, so gradients and optimizer
-    state follow to the CPU and the optimizer steps there."""
-    if offload not in OFFLOAD:
-        raise ValueError(f"offload={offload!r} is not one of {', '.join(OFFLOAD)}")
-    return offload == "all" or (offload == "frozen" and not trainable)
+def schedule(n_blocks, train=True):
+    """The order units compute in, as positions: 0 the embedding, 1..L the blocks, L + 1 the head
+    (the same unit as 0 when tied). Training runs the loss's backward through the head at once,
+    then the blocks' backward in reverse."""
+    forward = list(range(n_blocks + 2))
+    return forward + (list(range(n_blocks, 0, -1)) if train else [])
 
 
 class Unit:
-    """The tensors of some modules (a block, or embedding + norm + head), in FlatGroups."""
+    """The tensors of some modules (a block, the embedding, norm + head), in FlatGroups."""
 
-    def __init__(self, name, modules, trainable_dtype, rank, world, device, offload, materialize=None):
+    def __init__(self, name, modules, param_dtype, groups, device, offload, materialize=None):
         self.name, self.modules, self.state, self.works, self.pending = name, modules, "free", [], []
         if materialize is not None:  # load this unit's weights now (the model was built on the meta device)
             materialize(modules)
-        groups = group_tensors(modules)
-        self.groups = [FlatGroup(tensors, trainable, decay, trainable_dtype, rank, world, device, offloaded(offload, trainable))
-                       for (_, trainable, decay), tensors in groups.items()]
-        # The modules now compute with plain attributes (views into the gathered buffers).
-        for _, owners in [entry for tensors in groups.values() for entry in tensors]:
-            for sub, k in owners:
+        tensors = group_tensors(modules)
+        self.groups = [FlatGroup(ts, trainable, decay, param_dtype, groups, device, offloaded(offload, trainable))
+                       for (_, trainable, decay), ts in tensors.items()]
+        for _, owners in [entry for ts in tensors.values() for entry in ts]:
+            for sub, k in owners:  # the modules now compute with plain attributes: views of the buffers
                 sub._parameters.pop(k, None)
                 sub._buffers.pop(k, None)
         for g in self.groups:
-            g.bind()  # views made while the buffer has memory; they stay valid objects once it is freed
+            g.bind()  # views made while the buffer has memory stay valid objects once it is freed
             g.free()
 
     @property
@@ -196,25 +264,30 @@ class Unit:
 
 
 class Sharded:
-    def __init__(self, model: M.Llama, d, prefetch=1, checkpointing=True, param_dtype=torch.float32,
-                 reduce_dtype=torch.float32, offload="none", log_events=False, materialize=None):
+    def __init__(self, model: M.Llama, d, prefetch=1, param_dtype=torch.float32, reduce_dtype=torch.float32,
+                 offload="none", strategy="full", shard_group=0, amp_dtype=None, loss_chunk=0, log_events=False,
+                 materialize=None):
         """d: train.Dist (rank, world, device). Shards `model` in place. The model is either on
         d.device already, or on the meta device with materialize(modules) loading one unit's
         modules at a time (stream_from_pretrained), so the whole model never exists on any rank."""
-        self.model, self.d, self.prefetch, self.checkpointing = model, d, prefetch, checkpointing
-        self.reduce_dtype = reduce_dtype
-        self.units = [Unit(name, mods, param_dtype, d.rank, d.world, d.device, offload, materialize)
+        self.model, self.d, self.prefetch, self.strategy = model, d, prefetch, strategy
+        self.reduce_dtype, self.loss_chunk, self.amp_dtype = reduce_dtype, loss_chunk, amp_dtype
+        groups = shard_groups(d, strategy, shard_group)
+        self.pg, self.shard_world = groups[0], groups[1]
+        self.units = [Unit(name, mods, param_dtype, groups, d.device, offload, materialize)
                       for name, mods in unit_module_lists(model)]
-        self.outer, self.blocks = self.units[0], self.units[1:]
+        self.at = self.units + ([self.units[0]] if model.args.tie_embeddings else [])  # schedule position -> unit
         self.stream = torch.cuda.Stream(d.device) if d.device.type == "cuda" else None
-        self.events = [] if log_events else None  # ("gather" | "wait" | "compute" | "free" | "reduce", unit)
-        self.managed = False  # True inside forward_backward; else hooks gather on demand (eval, generate)
-        for unit in self.units:
-            for module in unit.modules:
-                module.register_forward_pre_hook(lambda mod, args, u=unit: self._on_demand(u))
-                module.register_forward_hook(lambda mod, args, out, u=unit: self._release(u))
+        self.freed = deque()  # CUDA: events after which a freed unit's memory is no longer read
+        self.events = [] if log_events else None  # ("gather" | "wait" | "compute" | "free" | "reduce", unit, n gathered)
+        names = {id(mod): name for name, mod in model.named_modules()}
+        self.names = {id(g): [names[id(owners[0][0])] + "." + owners[0][1] for owners in g.owners]
+                      for u in self.units for g in u.groups}
 
-    # -- the four moves on a unit --------------------------------------------------------
+    def amp(self):
+        return autocast(self.d.device, self.amp_dtype)
+
+    # -- the moves on a unit ---------------------------------------------------------------
 
     def log(self, what, unit):
         if self.events is not None:
@@ -223,14 +296,19 @@ class Sharded:
     def issue_gather(self, unit):
         if unit.state != "free":
             return
+        if self.stream is not None:  # at most prefetch + 1 units' buffers in use, freed ones included
+            while self.freed and self.freed[0].query():
+                self.freed.popleft()
+            while self.freed and len(self.freed) + sum(u.state != "free" for u in self.units) > self.prefetch:
+                self.freed.popleft().synchronize()
         unit.state = "pending"
         self.log("gather", unit)
         if self.stream is not None:  # on the side stream, after what the compute stream has queued
             self.stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(self.stream):
-                unit.works = [g.gather() for g in unit.groups]  # <- all_gather_into_tensor issued
+                unit.works = [g.gather() for g in unit.groups]  # <- all_gather issued
         else:
-            unit.works = [g.gather() for g in unit.groups]  # <- all_gather_into_tensor issued
+            unit.works = [g.gather() for g in unit.groups]  # <- all_gather issued
 
     def wait_gather(self, unit):
         self.issue_gather(unit)
@@ -254,16 +332,37 @@ class Sharded:
         for g in unit.groups:
             g.free()
         unit.state = "free"
+        if self.stream is not None:
+            self.freed.append(torch.cuda.current_stream().record_event())
         self.log("free", unit)
 
-    def issue_reduce(self, unit):
-        # A reduce-scatter in flight keeps its full-size gradient alive until it is waited for, so
-        # wait for the previous unit's first: it has had this unit's backward to finish in.
+    @contextlib.contextmanager
+    def computing(self, order, i, keep=False):
+        """Step i of a schedule (a list of units): prefetch, wait for the unit, compute (the body),
+        then free it unless it comes back within the next step's window (or keep: grad_op)."""
+        for u in order[i + 1:i + 1 + self.prefetch]:
+            self.issue_gather(u)  # prefetch: issued before this unit computes
+        self.wait_gather(order[i])
+        self.log("compute", order[i])
+        yield
+        if not keep and order[i] not in order[i + 1:i + 2 + self.prefetch]:
+            self.free(order[i])
+
+    def reduce(self, unit, sync):
+        """A unit's gradient is complete: issue its reduce-scatter (sync), or keep it in fp32."""
+        if not unit.trainable:
+            return
+        if not sync:
+            for g in unit.groups:
+                if g.trainable:
+                    g.stash()
+            return
+        # An in-flight reduce-scatter keeps its full-size gradient alive: wait for the previous
+        # unit's first; it has had this unit's backward to finish in.
         self.finish_reduces()
         for g in unit.groups:
-            if g.trainable and g.full.grad is not None:
-                work, out = g.reduce_scatter(self.reduce_dtype)  # <- reduce_scatter_tensor issued
-                unit.pending.append((g, work, out))
+            if g.trainable:
+                unit.pending.append((g, *g.reduce_scatter(self.reduce_dtype)))  # <- reduce_scatter issued
         self.log("reduce", unit)
 
     def finish_reduces(self):
@@ -274,122 +373,91 @@ class Sharded:
                 g.accumulate(out)
             unit.pending = []
 
-    # Outside forward_backward (eval, generate), hooks gather a unit on demand. They stay eager
-    # under torch.compile (--compile compiles each block, hooks included): storage resizes and
-    # collectives are not things to trace.
-    @torch.compiler.disable
-    def _on_demand(self, unit):
-        if not self.managed:
-            self.wait_gather(unit)
+    # -- the training step: the schedule as two plain loops ----------------------------------
 
-    @torch.compiler.disable
-    def _release(self, unit):
-        if not self.managed:
-            self.free(unit)
-
-    # -- the training step -----------------------------------------------------------------
-
-    def run(self, schedule, i):
-        """Step i of the schedule (a list of (unit, fn)): prefetch the next units, wait for this one,
-        compute, and free it unless it comes back within the prefetch window."""
-        upcoming = [u for u, _ in schedule[i + 1:i + 1 + self.prefetch]]
-        for u in upcoming:
-            self.issue_gather(u)  # prefetch: issued before this unit computes
-        unit, fn = schedule[i]
-        self.wait_gather(unit)
-        self.log("compute", unit)
-        out = fn()
-        if unit not in upcoming:
-            self.free(unit)
-        return out
-
-    def forward_backward(self, input_ids, labels, position_ids=None, doc_ids=None, loss_chunk=0, loss_scale=1.0,
-                         sync=True, autocast=None):
+    def forward_backward(self, batch, loss_scale=1.0, sync=True):
         """One micro-batch: the loss (summed over target tokens; and the token count), and the
         backward of loss * loss_scale. sync=True reduce-scatters the gradients into the shards'
-        .grad; sync=False keeps the full gradients for the next micro-batch (accumulation without
-        communication until the last micro-batch)."""
-        m, ckpt, s = self.model, self.checkpointing, {}
-        autocast = autocast or torch.autocast(input_ids.device.type, enabled=False)
-        saved = []  # per block: (input leaf, output, RNG state before its forward)
-
-        def embed():
-            with autocast:
-                s["emb"] = m.model.embed_tokens(input_ids)
-            s["cos"], s["sin"], s["mask"] = m.rope_and_mask(input_ids, position_ids, doc_ids, None, s["emb"].dtype)
-            s["x"] = s["emb"].detach().requires_grad_(True)
-
-        def block(j):
-            def fn():
-                x = s["x"]
-                rng = torch.get_rng_state(), (torch.cuda.get_rng_state(x.device) if x.is_cuda else None)
-                with torch.set_grad_enabled(not ckpt), autocast:  # checkpointing: no graph, only x is kept
-                    y = m.model.layers[j](x, s["cos"], s["sin"], s["mask"])
-                saved.append((x, y, rng))
-                s["x"] = y.detach().requires_grad_(True)
-            return fn
-
-        def head():
-            with autocast:
-                s["loss"], s["n"] = M.cross_entropy_sum(m.model.norm(s["x"]), m.lm_head, labels, loss_chunk)
-            (s["loss"] * loss_scale).backward()  # norm + head backward: the outer unit is still gathered
-            s["grad"] = s["x"].grad
-
-        def back_block(j):
-            def fn():
-                x, y, (cpu_rng, cuda_rng) = saved[j]
-                saved[j] = None  # once x.grad is passed on, neither x nor its gradient is kept
-                if ckpt:  # recompute the block's forward with the same dropout masks, keeping the graph
-                    with torch.random.fork_rng(devices=[x.device] if x.is_cuda else []):
-                        torch.set_rng_state(cpu_rng)
-                        if cuda_rng is not None:
-                            torch.cuda.set_rng_state(cuda_rng, x.device)
-                        with torch.enable_grad(), autocast:
-                            y = m.model.layers[j](x, s["cos"], s["sin"], s["mask"])
-                y.backward(s["grad"])
-                s["grad"] = x.grad
-            return fn
-
-        def back_embed():
-            if s["emb"].requires_grad:  # a trainable embedding (full fine-tuning)
-                s["emb"].backward(s["grad"])
-
-        L = len(self.blocks)
-        schedule = ([(self.outer, embed)] + [(self.blocks[j], block(j)) for j in range(L)] + [(self.outer, head)]
-                    + [(self.blocks[j], back_block(j)) for j in reversed(range(L))] + [(self.outer, back_embed)])
-        last = {id(u): i for i, (u, _) in enumerate(schedule)}  # the step after which a unit's gradient is complete
-        self.managed = True
-        for i in range(len(schedule)):
-            self.run(schedule, i)
-            unit = schedule[i][0]
-            if sync and i > L and last[id(unit)] == i and unit.trainable:
-                self.issue_reduce(unit)  # async; the next unit's backward overlaps it
+        .grad; sync=False keeps them, in fp32, for the next micro-batch."""
+        m, n_blocks, keep = self.model, len(self.model.model.layers), self.strategy == "grad_op"
+        order = [self.at[i] for i in schedule(n_blocks)]
+        outputs = []  # per block: (input leaf, output)
+        # forward: each block's input is a leaf, so that each block's backward runs on its own
+        with self.computing(order, 0, keep), self.amp():
+            emb, ctx = m.embed(batch["input_ids"], batch.get("position_ids"), batch.get("doc_ids"))
+        x = emb.detach().requires_grad_(True)
+        for j in range(n_blocks):
+            with self.computing(order, 1 + j, keep), self.amp():
+                y = m.block(j, x, ctx)  # with checkpointing (model.block) only x is kept
+            outputs.append((x, y))
+            x = y.detach().requires_grad_(True)
+        with self.computing(order, n_blocks + 1, keep):
+            with self.amp():
+                loss, n = m.head(x, batch["labels"], self.loss_chunk)
+            (loss * loss_scale).backward()  # through norm and head while they are gathered
+        if self.at[-1] is not self.at[0]:
+            self.reduce(self.at[-1], sync)  # the head's gradient is complete (untied)
+        grad = x.grad
+        # backward: each block re-gathered (prefetching the next), recomputed if checkpointing
+        for j in reversed(range(n_blocks)):
+            with self.computing(order, 2 * n_blocks + 1 - j, keep):
+                x, y = outputs[j]
+                y.backward(grad)
+            grad, outputs[j] = x.grad, None
+            self.reduce(self.at[1 + j], sync)  # async; the next block's backward overlaps it
+        if emb.requires_grad:  # a trainable embedding scatters gradient rows: no weights needed
+            emb.backward(grad)
+        self.reduce(self.at[0], sync)
         if sync:
             self.finish_reduces()
-        self.managed = False
-        return s["loss"].detach(), s["n"]
+            for g in self.trainable_groups():
+                g.settle()
+            for unit in self.units if keep else []:
+                self.free(unit)  # grad_op: the step's last backward is done
+        return loss.detach(), n
+
+    @torch.no_grad()
+    def forward(self, input_ids, labels=None, position_ids=None, doc_ids=None, cache=None, loss_chunk=0):
+        """Llama.forward under sharding (eval, generation): one gather per unit, with prefetching."""
+        m, n_blocks = self.model, len(self.model.model.layers)
+        order = [self.at[i] for i in schedule(n_blocks, train=False)]
+        with self.computing(order, 0), self.amp():
+            x, ctx = m.embed(input_ids, position_ids, doc_ids, cache)
+        for j in range(n_blocks):
+            with self.computing(order, 1 + j), self.amp():
+                x = m.block(j, x, ctx, cache)
+        with self.computing(order, n_blocks + 1), self.amp():
+            return m.head(x, labels, loss_chunk or self.loss_chunk, cache)
+
+    __call__ = forward
 
     # -- optimizer side -----------------------------------------------------------------
 
-    def parameters(self):
-        return [g.shard for u in self.units for g in u.groups if g.trainable]
+    def trainable_groups(self):
+        return [g for u in self.units for g in u.groups if g.trainable]
 
     def param_groups(self, weight_decay):
-        groups = [g for u in self.units for g in u.groups if g.trainable]
+        groups = self.trainable_groups()
         return [{"params": [g.shard for g in groups if g.decay], "weight_decay": weight_decay},
                 {"params": [g.shard for g in groups if not g.decay], "weight_decay": 0.0}]
 
     def clip_grad_norm_(self, max_norm):
-        """Clip by the norm of the whole gradient: sum of squares over local shards, summed over ranks."""
-        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        """Clip by the norm of the whole gradient: squares summed over local shards, then over the
+        shard group (replicas of a shard hold the same gradient)."""
+        grads = [g.shard.grad for g in self.trainable_groups() if g.shard.grad is not None]
         sq = sum((g.float().pow(2).sum() for g in grads), torch.zeros((), device=self.d.device)).to(self.d.device)
-        if self.d.world > 1:
-            dist.all_reduce(sq)
+        if self.shard_world > 1:
+            dist.all_reduce(sq, group=self.pg)
         norm = sq.sqrt()
         scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
         for g in grads:
             g.mul_(scale.to(g.device))
         return norm
+
+    def counts(self):
+        """(trainable parameters, adapter parameters), whole model."""
+        numels = {n: g.numels[k] for g in self.trainable_groups() for k, n in enumerate(self.names[id(g)])}
+        return sum(numels.values()), sum(v for n, v in numels.items() if ".lora_" in n)
 
     # -- whole tensors, one unit at a time --------------------------------------------------
 
@@ -404,37 +472,175 @@ class Sharded:
             yield unit
             self.free(unit)
 
+    def trainable_state(self):
+        """Name -> full fp32 tensor of every trainable tensor (our names); every rank joins."""
+        state = {}
+        for unit in self.gathered_units():
+            for g in unit.groups:
+                for name, owners in zip(self.names[id(g)] if g.trainable else [], g.owners):
+                    state[name] = getattr(*owners[0]).detach().cpu().clone()
+        return state
 
-def stream_from_pretrained(model: M.Llama, path, device, dtype, then=None):
-    """A `materialize` for Sharded: read just the given modules' tensors from the HF folder (NF4
-    targets quantize as they arrive), then call then(modules) (e.g. to add adapters)."""
-    shapes = M.checkpoint_shapes(model)  # taken now: sharded modules stop listing their parameters
-    names = {id(mod): name for name, mod in model.named_modules()}
+    def export_hf(self, path, extra_files=(), dtype=torch.bfloat16):
+        """The trained model as an HF folder: one safetensors file per unit, so rank 0 holds one unit
+        at a time (adapters merged, NF4 dequantized). Every rank joins the gathers."""
+        names = {id(mod): name for name, mod in self.model.named_modules()}
 
-    def materialize(modules):
-        prefixes = tuple(names[id(mod)] + "." for mod in modules)
-        M.load_tensors(model, path, device, dtype, only={k for k in shapes if k.startswith(prefixes)}, shapes=shapes)
-        if then is not None:
-            then(modules)
-    return materialize
+        def unit_states():
+            for unit in self.gathered_units():
+                state = {name: t.detach().to("cpu", dtype).contiguous().clone() for mod in unit.modules
+                         for name, t in dense_tensors(names[id(mod)], mod)}
+                if self.model.args.tie_embeddings:
+                    state.pop("lm_head.weight", None)
+                yield state
+
+        if self.d.rank == 0:
+            M.write_hf_folder(path, self.model.args, unit_states(), len(self.units), dtype, extra_files)
+        else:
+            for _ in unit_states():
+                pass
+
+    def export_adapter(self, path, base_model_name_or_path=""):
+        """The trained adapters in PEFT's layout (fp32 masters), written by rank 0."""
+        state = {"base_model.model." + k: v for k, v in self.trainable_state().items()}
+        if self.d.rank == 0:
+            L.save_adapter(self.model, path, base_model_name_or_path, state=state)
+
+    # -- checkpoints: this rank's shards; re-sharded on load ----------------------------------
+
+    def layout(self):
+        return [(u.name, g.numel, str(g.shard.dtype)) for u in self.units for g in u.groups]
+
+    def checkpoint_state(self, opt):
+        return {"shards": [g.shard.detach().cpu() for u in self.units for g in u.groups], "layout": self.layout(),
+                "shard_world": self.shard_world, "optimizer": opt.state_dict()}
+
+    def load_checkpoint_state(self, old, opt, path):
+        """old: every saved rank's checkpoint_state. Saved at another shard-group size, each buffer
+        and each AdamW state tensor is re-assembled from the first group's files and re-sliced."""
+        if [tuple(x) for x in old[0]["layout"]] != self.layout():
+            raise ValueError(f"{path}: saved for a different model, --train_type or --lora_target")
+        S_old, groups = old[0]["shard_world"], [g for u in self.units for g in u.groups]
+
+        def reshard(pieces, g):
+            if S_old == g.world:
+                return pieces[g.rank]
+            full = torch.cat([p.reshape(-1) for p in pieces[:S_old]])[:g.numel]
+            part = full[g.rank * g.shard_numel:(g.rank + 1) * g.shard_numel]
+            return torch.cat([part, part.new_zeros(g.shard_numel - part.numel())])
+
+        with torch.no_grad():
+            for i, g in enumerate(groups):
+                g.shard.copy_(reshard([o["shards"][i] for o in old], g))
+        trainable = [g for grp in self.param_groups(0.0) for p in grp["params"] for g in groups if g.shard is p]
+        state = dict(old[0]["optimizer"])  # its tensors are replaced by this rank's slices below
+        state["state"] = {k: {name: (reshard([o["optimizer"]["state"][k][name] for o in old], trainable[k])
+                                     if torch.is_tensor(v) and v.dim() == 1 else v) for name, v in s.items()}
+                          for k, s in state["state"].items()}
+        opt.load_state_dict(state)
 
 
-def trainable_state(sharded: Sharded):
-    """Name -> full fp32 tensor of every trainable tensor (our parameter names); every rank joins."""
-    names = {id(mod): name for name, mod in sharded.model.named_modules()}
-    state = {}
-    for unit in sharded.gathered_units():
-        for g in unit.groups:
-            if g.trainable:
-                for owners in g.owners:
-                    module, attr = owners[0]
-                    state[(names[id(module)] + "." + attr).lstrip(".")] = getattr(module, attr).detach().cpu().clone()
-    return state
+class Replicated:
+    """Plain data parallelism behind the same interface: every rank holds the whole model, and the
+    gradients are all-reduced in buckets issued as they become ready in backward (overlapping it)."""
+
+    def __init__(self, model, d, amp_dtype=None, loss_chunk=0, bucket_bytes=25 * 2**20):
+        self.model, self.d, self.loss_chunk, self.amp_dtype = model, d, loss_chunk, amp_dtype
+        named = {id(p): (n, p) for n, p in model.named_parameters() if p.requires_grad}  # a tied head once
+        self.named = list(named.values())
+        self.buckets, size = [[]], 0  # in reverse registration order: roughly the order backward finishes them
+        for _, p in reversed(self.named):
+            if size and size + p.numel() * 4 > bucket_bytes:
+                self.buckets.append([])
+                size = 0
+            self.buckets[-1].append(p)
+            size += p.numel() * 4
+        self.bucket_of = {id(p): k for k, b in enumerate(self.buckets) for p in b}
+        self.syncing, self.works = False, []
+        if d.world > 1:
+            for _, p in self.named:
+                p.register_post_accumulate_grad_hook(self._ready)
+
+    def amp(self):
+        return autocast(self.d.device, self.amp_dtype)
+
+    def _ready(self, p):
+        if self.syncing:
+            self.waiting[self.bucket_of[id(p)]] -= 1
+            self._issue_ready()
+
+    def _issue_ready(self):
+        """Issue complete buckets strictly in order, so every rank issues the same all-reduces."""
+        while self.next < len(self.buckets) and self.waiting[self.next] <= 0:
+            params = self.buckets[self.next]
+            flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
+            self.works.append((params, flat, dist.all_reduce(flat, group=dist.group.WORLD, async_op=True)))
+            self.next += 1
+
+    def forward_backward(self, batch, loss_scale=1.0, sync=True):
+        self.syncing = sync and self.d.world > 1
+        self.waiting, self.next, self.works = [len(b) for b in self.buckets], 0, []
+        with self.amp():
+            loss, n = self.model(**batch, loss_chunk=self.loss_chunk)
+        (loss * loss_scale).backward()
+        if self.syncing:
+            self.waiting = [0] * len(self.buckets)  # parameters this batch did not reach: zeros
+            self._issue_ready()
+            for params, flat, work in self.works:
+                work.wait()  # <- all-reduces waited for
+                for p, piece in zip(params, flat.split([p.numel() for p in params])):
+                    p.grad = piece.view_as(p).to(p.dtype)
+            self.syncing = False
+        return loss.detach(), n
+
+    def forward(self, *args, **kw):
+        with torch.no_grad(), self.amp():
+            return self.model(*args, **kw)
+
+    __call__ = forward
+
+    def param_groups(self, weight_decay):
+        params = [p for _, p in self.named]
+        return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+                {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+
+    def clip_grad_norm_(self, max_norm):
+        return torch.nn.utils.clip_grad_norm_([p for _, p in self.named], max_norm)
+
+    def counts(self):
+        return sum(p.numel() for _, p in self.named), sum(p.numel() for n, p in self.named if ".lora_" in n)
+
+    def model_state(self):
+        """All of the model, or with adapters only the trainable tensors (the frozen base is
+        reloaded from --model on resume)."""
+        if L.lora_layers(self.model):
+            return {n: p.detach() for n, p in self.named}
+        return self.model.state_dict()
+
+    def checkpoint_state(self, opt):
+        return {"model": self.model_state(), "optimizer": opt.state_dict()} if self.d.rank == 0 else {}
+
+    def load_checkpoint_state(self, old, opt, path):
+        state = old[0]
+        missing, unexpected = self.model.load_state_dict(state["model"], strict=not L.lora_layers(self.model))
+        lacking = {n for n, _ in self.named} - set(state["model"])
+        if unexpected or lacking:
+            raise ValueError(f"{path}: saved with a different --train_type or --lora_target "
+                             f"({len(unexpected)} unexpected, {len(lacking)} missing tensors)")
+        opt.load_state_dict(state["optimizer"])
+
+    def export_hf(self, path, extra_files=(), dtype=torch.bfloat16):
+        if self.d.rank == 0:  # adapters folded into dense weights (dequantized when 4-bit)
+            model = L.merge_and_unload(self.model) if L.lora_layers(self.model) else self.model
+            M.save_pretrained(model, path, dtype=dtype, extra_files=extra_files)
+
+    def export_adapter(self, path, base_model_name_or_path=""):
+        if self.d.rank == 0:
+            L.save_adapter(self.model, path, base_model_name_or_path)
 
 
 def dense_tensors(prefix, module):
     """HF name -> dense tensor for the leaves under `module`: adapters merged, NF4 dequantized."""
-    import lora as L
     if isinstance(module, L.LoRALinear):
         yield prefix + ".weight", module.dense_weight()
         if module.base_layer.bias is not None:
@@ -455,32 +661,79 @@ def dense_tensors(prefix, module):
         yield from dense_tensors(f"{prefix}.{name}", child)
 
 
-def export_hf(sharded: Sharded, path, extra_files=(), dtype=torch.bfloat16):
-    """The trained model as an HF folder: one safetensors file per unit, so rank 0 holds one unit at
-    a time (adapters merged, NF4 dequantized). Every rank must call this (it joins the gathers)."""
-    names = {id(mod): name for name, mod in sharded.model.named_modules()}
+def stream_from_pretrained(model: M.Llama, path, device, dtype, then=None):
+    """A `materialize` for Sharded: read just the given modules' tensors from the HF folder (NF4
+    targets quantize as they arrive), then call then(modules) (e.g. to add adapters)."""
+    shapes = M.checkpoint_shapes(model)  # taken now: sharded modules stop listing their parameters
+    names = {id(mod): name for name, mod in model.named_modules()}
 
-    def unit_states():
-        for unit in sharded.gathered_units():
-            state = {name: t.detach().to("cpu", dtype).contiguous().clone() for mod in unit.modules
-                     for name, t in dense_tensors(names[id(mod)], mod)}
-            if sharded.model.args.tie_embeddings:
-                state.pop("lm_head.weight", None)
-            yield state
-
-    if sharded.d.rank == 0:
-        M.write_hf_folder(path, sharded.model.args, unit_states(), len(sharded.units), dtype, extra_files)
-    else:
-        for _ in unit_states():
-            pass
+    def materialize(modules):
+        prefixes = tuple(names[id(mod)] + "." for mod in modules)
+        M.load_tensors(model, path, device, dtype, only={k for k in shapes if k.startswith(prefixes)}, shapes=shapes)
+        if then is not None:
+            then(modules)
+    return materialize
 
 
-def export_adapter(sharded: Sharded, path, base_model_name_or_path=""):
-    """The trained adapters in PEFT's layout (fp32 masters), written by rank 0."""
-    import lora as L
-    state = {"base_model.model." + k: v for k, v in trainable_state(sharded).items()}
-    if sharded.d.rank == 0:
-        L.save_adapter(sharded.model, path, base_model_name_or_path, state=state)
+# -- checkpoints: a folder per save, made current by one rename ----------------------------
+
+
+def latest_checkpoint(path):
+    """The newest complete step folder under `path` (a save in progress ends in .tmp), or None."""
+    done = sorted(p for p in glob.glob(os.path.join(path, "step-*")) if not p.endswith(".tmp"))
+    return done[-1] if done else None
+
+
+def save_checkpoint(path, engine, opt, step, extra):
+    """Every rank writes rank<r>.pt (its shards or, replicated, rank 0 the model; the optimizer;
+    `extra`: data position, RNG, ...) into <path>/step-<step>.tmp; after all have finished, rank 0
+    renames the folder to step-<step>: that one rename makes it current, so a kill at any moment
+    leaves the previous checkpoint loadable. Older step folders are then removed."""
+    d = engine.d
+    tmp = os.path.join(path, f"step-{step:08d}.tmp")
+    if d.rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    if d.world > 1:
+        dist.barrier()
+    state = {**engine.checkpoint_state(opt), **extra, "step": step, "world": d.world, "engine": type(engine).__name__}
+    file = os.path.join(tmp, f"rank{d.rank}.pt")
+    torch.save(state, file)
+    if d.world > 1:
+        dist.barrier()  # every rank's file is complete
+    if d.rank == 0:
+        final = tmp.removesuffix(".tmp")
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)  # <- the commit
+        for old in glob.glob(os.path.join(path, "step-*")):
+            if old != final:
+                shutil.rmtree(old, ignore_errors=True)
+    if d.world > 1:
+        dist.barrier()
+
+
+def load_checkpoint(path, engine, opt):
+    """Restore the engine and the optimizer from the newest complete save; returns this rank's
+    rest (step, data, rng, ...). Saved at another world size, the model and optimizer are
+    re-sharded from memory-mapped rank files, the data position becomes the same global position
+    (index * old_world / new_world), and a new rank takes the RNG state of the old rank with its
+    number (or rank 0's)."""
+    folder = latest_checkpoint(path)
+    if folder is None:
+        raise FileNotFoundError(f"{path}: no complete checkpoint to --resume from")
+    world = len(glob.glob(os.path.join(folder, "rank*.pt")))
+    old = [torch.load(os.path.join(folder, f"rank{r}.pt"), map_location="cpu", weights_only=False, mmap=True)
+           for r in range(world)]
+    if old[0]["world"] != world:
+        raise ValueError(f"{folder}: holds {world} rank files, saved at world size {old[0]['world']}")
+    if old[0]["engine"] != type(engine).__name__:
+        raise ValueError(f"{folder}: saved by {old[0]['engine']}, resuming with {type(engine).__name__} "
+                         f"(--fsdp must match the run that saved it)")
+    engine.load_checkpoint_state(old, opt, folder)
+    state = dict(old[engine.d.rank if engine.d.rank < world else 0])
+    if world != engine.d.world:
+        state["data"] = dict(state["data"], index=state["data"]["index"] * world // engine.d.world)
+    return state
 
 
 # -- the memory plan: what a rank will hold, from a meta-device model ----------------------
@@ -488,20 +741,19 @@ def export_adapter(sharded: Sharded, path, base_model_name_or_path=""):
 
 def activation_bytes_per_token(model, act, kernels):
     """Bytes per token kept for backward: (by one block, outside the blocks for the whole step,
-    by the final norm until the head's backward), written out from the tensors the code saves. act: bytes of the compute dtype (2 bf16, 4 fp32).
+    by the final norm until the head's backward), written out from the tensors the code saves. act:
+    bytes of the compute dtype (2 bf16, 4 fp32).
 
     A block keeps its input x; each RMSNorm keeps its input (the PyTorch reference keeps an fp32
     copy, which is x itself in fp32; the kernel keeps x), an fp32 rstd per row and, in the
-    reference when its weight trains, x_hat; the projections keep their inputs (the two norm outputs, the attention output, the
-    SwiGLU output) and attention keeps q, k, v and an fp32 log-sum-exp per head (flash attention;
-    its output is laid out so that o_proj's input is a view of it). SwiGLU keeps gate and up (the
-    reference also silu(gate)); each adapter keeps its rank-r middle. Outside the blocks: the
-    embedding's output, RoPE's cos and sin, and the final norm.
+    reference when its weight trains, x_hat; the projections keep their inputs (the two norm
+    outputs, the attention output, the SwiGLU output) and attention keeps q, k, v and an fp32
+    log-sum-exp per head (flash attention; its output is laid out so that o_proj's input is a view
+    of it). SwiGLU keeps gate and up (the reference also silu(gate)); each adapter keeps its rank-r
+    middle. Outside the blocks: the embedding's output, RoPE's cos and sin, and the final norm.
     """
-    import lora as L
     a = model.args
     q, kv = a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim
-
     x_hat = act * a.dim if model.model.norm.weight.requires_grad else 0  # for the weight's gradient
 
     def norm(input_is_kept):  # what an RMSNorm adds to what is already kept
@@ -519,147 +771,95 @@ def activation_bytes_per_token(model, act, kernels):
     return block, outside, head
 
 
+def unit_bytes(model, world, offload, param_bytes):
+    """Per unit of unit_module_lists: (gathered bytes, full gradient bytes, sharded gradient bytes,
+    AdamW bytes), and the (GPU, CPU) bytes of all shards; Sharded's grouping, padding, offloading."""
+    rows, gpu, cpu = [], 0, 0
+    for _, modules in unit_module_lists(model):
+        full = grad = sgrad = optim = 0
+        for (dtype, trainable, _), tensors in group_tensors(modules).items():
+            shard = math.ceil(sum(t.numel() for t, _ in tensors) / world)
+            size = 4 if trainable else torch.empty((), dtype=dtype).element_size()
+            if offloaded(offload, trainable):
+                cpu += shard * size
+            else:
+                gpu += shard * size
+            if trainable or world > 1 or offloaded(offload, trainable):  # else resident: the shard is the buffer
+                full += shard * world * (param_bytes if trainable else size)
+            if trainable:
+                grad, sgrad, optim = grad + shard * world * param_bytes, sgrad + shard * 4, optim + shard * 8
+        rows.append((full, grad, sgrad, optim))
+    return rows, gpu, cpu
+
+
 def plan_memory(model, world, batch_size, seq_len, prefetch=1, checkpointing=True, param_bytes=2, reduce_every_micro=True,
-                offload="none", loss_chunk=0, kernels=False):
+                offload="none", loss_chunk=0, kernels=False, strategy="full", shard_group=0):
     """Predicted peak bytes per rank, by category, without allocating (the model may be on the
     meta device). Returns (gpu, cpu): the GPU bytes of each category at the peak, and their
     "total"; the pinned CPU bytes with offload.
 
     param_bytes is the compute dtype's size: trainable weights are gathered in it and activations
     are kept in it. kernels: the Triton kernels run (CUDA); they keep less for backward than the
-    PyTorch references. Weights follow the same grouping, padding and offloading as Sharded.
+    PyTorch references. Shards are 1/S of each buffer, S = world (hybrid: shard_group). Units
+    gathered at a moment are those of `schedule`'s window (grad_op: all of them).
 
-    The peak is the largest of these moments of a step (after the first, which creates AdamW's
-    state):
+    The peak is the largest of these moments of a step (after the first, which creates AdamW's state):
     - the loss: every block's activations kept (checkpointing: only the blocks' inputs), and the
       logits at their largest;
     - the backward of each block j: the activations of blocks 0..j (checkpointing: their inputs,
-      and block j recomputed), the gradients in flight through the block (two hidden-sized and
-      two ffn-sized tensors at most), its dequantized 4-bit weight, the full gradients of the unit
-      (and of the outer unit, kept from the head's backward to the end, and with world > 1 of
-      block j + 1, whose reduce-scatter is in flight), and the sharded gradients of the blocks
-      after j;
-    - the embedding's backward, when it trains: a dense gradient of the table, then the unit's
-      gradient it is added to;
+      and block j recomputed), the gradients in flight through the block (two hidden-sized and two
+      ffn-sized tensors at most), its dequantized 4-bit weight, the full gradients of the unit (of
+      the unit before it in backward, whose reduce-scatter is in flight when S > 1, and of a tied
+      outer unit, kept to the end), and the sharded gradients of the units already reduced;
+    - the embedding's backward, when it trains: a dense gradient of the table, then the unit's;
     - the optimizer step (fused AdamW: no temporaries) with every sharded gradient.
     The logits are fp32 for the rows computed at once (all, or loss_chunk): log-softmax's output
     and, in backward, two more of the same size; the fused kernel instead holds 4096-row chunks of
     logits in the compute dtype and the gradients of the head's input (and weight, when it trains).
     """
-    a, L = model.args, model.args.n_layers
-    gpu_shards = cpu_shards = optim = 0
-    unit_full, unit_grad, shard_grad = [], [], []  # per unit: gathered bytes, full gradient bytes, sharded gradient bytes
-    for _, modules in unit_module_lists(model):
-        full = grad = sgrad = 0
-        for (dtype, trainable, _), tensors in group_tensors(modules).items():
-            shard = math.ceil(sum(t.numel() for t, _ in tensors) / world)
-            size = 4 if trainable else torch.empty((), dtype=dtype).element_size()
-            if offloaded(offload, trainable):
-                cpu_shards += shard * size
-            else:
-                gpu_shards += shard * size
-            if trainable or world > 1 or offloaded(offload, trainable):  # else resident: the shard is the buffer
-                full += shard * world * (param_bytes if trainable else size)
-            if trainable:
-                grad += shard * world * param_bytes
-                sgrad += shard * 4
-                optim += shard * 8  # AdamW's exp_avg and exp_avg_sq in fp32
-        unit_full.append(full)
-        unit_grad.append(grad)
-        shard_grad.append(sgrad)
-    # Units gathered: the current one and `prefetch` ahead, along the forward + backward schedule.
-    order = [0] + list(range(1, L + 1)) + [0] + list(range(L, 0, -1)) + [0]
-    gathered = max(sum(unit_full[u] for u in set(order[i:i + prefetch + 1])) for i in range(len(order)))
+    a, n_blocks, tied = model.args, model.args.n_layers, model.args.tie_embeddings
+    S = shard_group if strategy == "hybrid" else world
+    rows, gpu_shards, cpu_shards = unit_bytes(model, S, offload, param_bytes)
+    full, grad, sgrad = [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows]
+    optim = sum(r[3] for r in rows)
+    pos = list(range(n_blocks + 1)) + [0 if tied else n_blocks + 1]  # schedule position -> unit of `rows`
+    order = [pos[i] for i in schedule(n_blocks)]
+    if strategy == "grad_op":
+        gathered = sum(full)
+    else:
+        gathered = max(sum(full[u] for u in set(order[i:i + prefetch + 1])) for i in range(len(order)))
     tokens, act = batch_size * seq_len, param_bytes
     block, outside, head = activation_bytes_per_token(model, act, kernels)
     kept = act * a.dim if checkpointing else block  # per block and token, between its forward and its backward
     dequant = max([m.in_features * m.out_features * param_bytes for m in model.modules() if isinstance(m, Linear4bit)] + [0])
     if kernels:
         logits = min(tokens, 4096 if loss_chunk <= 0 else loss_chunk) * a.vocab_size * act + tokens * a.dim * act
-        logits += a.vocab_size * a.dim * act if unit_grad[0] else 0
+        logits += a.vocab_size * a.dim * act if grad[pos[-1]] else 0
     else:
         logits = (loss_chunk if 0 < loss_chunk < tokens else tokens) * a.vocab_size * 4 * 3
     on_gpu = offload != "all"  # else sharded gradients and AdamW state live on the CPU
     static = {"weight shards": gpu_shards, "gathered units": gathered, "optimizer": optim if on_gpu else 0}
-    accumulated = 0 if reduce_every_micro else sum(unit_grad)  # full gradients kept across micro-batches
-    moments = [dict(static, gradients=accumulated, activations=tokens * (L * kept + outside + head), **{"dequantized weight": 0},
-                    logits=logits)]
-    for j in reversed(range(L)):
-        reducing = unit_grad[j + 2] if world > 1 and j + 2 <= L else 0  # the previous block's, still in flight
-        grads = (sum(shard_grad[j + 2:]) if on_gpu else 0) + (accumulated or unit_grad[0] + unit_grad[j + 1] + reducing)
+    accumulated = 0 if reduce_every_micro else sum(grad) // param_bytes * 4  # fp32 sums kept across micro-batches
+    moments = [dict(static, gradients=accumulated, activations=tokens * (n_blocks * kept + outside + head),
+                    **{"dequantized weight": 0}, logits=logits)]
+    backward = [pos[-1]] + list(range(n_blocks, 0, -1)) + [0]  # units in the order their gradient completes
+    held = grad[0] if tied else 0  # a tied outer unit's gradient waits for the embedding's backward
+    for k in range(1, n_blocks + 1):
+        j, unit, before = n_blocks - k, backward[k], backward[k - 1]
+        reducing = grad[before] if S > 1 and not (tied and before == 0) else 0
+        reduced = sum(sgrad[u] for u in backward[:k - 1] if not (tied and u == 0)) if on_gpu else 0
         acts = tokens * ((j + 1) * kept + (block if checkpointing else 0) + outside + 2 * act * (a.dim + a.ffn_dim))
-        moments.append(dict(static, gradients=grads, activations=acts, **{"dequantized weight": dequant}, logits=0))
+        moments.append(dict(static, gradients=reduced + (accumulated or held + grad[unit] + reducing), activations=acts,
+                            **{"dequantized weight": dequant}, logits=0))
     if model.model.embed_tokens.weight.requires_grad:  # its backward: a dense [vocab, dim] gradient, then the unit's
-        grads = (sum(shard_grad[1:]) if on_gpu else 0) + (accumulated or unit_grad[0]) + a.vocab_size * a.dim * act + unit_grad[0]
-        moments.append(dict(static, gradients=grads, activations=tokens * outside, **{"dequantized weight": 0}, logits=0))
+        reduced, reducing = (sum(sgrad[1:]) if on_gpu else 0), (grad[1] if S > 1 else 0)
+        moments.append(dict(static, gradients=reduced + (accumulated or held + reducing) + a.vocab_size * a.dim * act + grad[0],
+                            activations=tokens * outside, **{"dequantized weight": 0}, logits=0))
     # The optimizer step (fused AdamW, as train.py uses on CUDA: no temporaries): every sharded gradient.
-    moments.append(dict(static, **{"gathered units": 0}, gradients=sum(shard_grad) if on_gpu else 0, activations=0,
+    moments.append(dict(static, **{"gathered units": 0}, gradients=sum(sgrad) if on_gpu else 0, activations=0,
                         **{"dequantized weight": 0}, logits=0))
     gpu = max(moments, key=lambda m: sum(m.values()))
     gpu["total"] = sum(gpu.values())
-    cpu = {"weight shards": cpu_shards, "gradients": 0 if on_gpu else sum(shard_grad),
+    cpu = {"weight shards": cpu_shards, "gradients": 0 if on_gpu else sum(sgrad),
            "optimizer": 0 if on_gpu else optim} if offload != "none" else {}
     return gpu, cpu
-
-
-# -- sharded, resumable checkpoints: each rank its shards and optimizer state --------------
-
-
-def save_sharded(path, sharded: Sharded, extra):
-    """<path>/rank<r>.pt per rank, each written to a temp name and renamed; then rank 0 writes
-    <path>/done.json, so a folder without it is an interrupted save."""
-    os.makedirs(path, exist_ok=True)
-    if sharded.d.rank == 0 and os.path.exists(os.path.join(path, "done.json")):
-        os.remove(os.path.join(path, "done.json"))
-    if sharded.d.world > 1:
-        dist.barrier()
-    layout = [(u.name, g.numel, str(g.shard.dtype)) for u in sharded.units for g in u.groups]
-    state = {"shards": [g.shard.detach().cpu() for u in sharded.units for g in u.groups], "layout": layout,
-             "world": sharded.d.world, **extra}
-    file = os.path.join(path, f"rank{sharded.d.rank}.pt")
-    torch.save(state, file + ".tmp")
-    os.replace(file + ".tmp", file)
-    if sharded.d.world > 1:
-        dist.barrier()
-    if sharded.d.rank == 0:
-        json.dump({"world": sharded.d.world}, open(os.path.join(path, "done.json"), "w"))
-
-
-def load_sharded(path, sharded: Sharded):
-    """Restore this rank's shards; returns the rest of what save_sharded stored (optimizer, step, ...).
-
-    Saved at another world size, the checkpoint is re-sharded on the fly: every rank memory-maps all
-    the old rank files and copies out its new slice of each buffer and of each AdamW state tensor.
-    The data position becomes the same global position (rank_index * old_world / new_world), and a
-    new rank takes the RNG state of the old rank with its number (or rank 0's)."""
-    done = os.path.join(path, "done.json")
-    if not os.path.isfile(done):
-        raise FileNotFoundError(f"{path}: no complete sharded checkpoint (done.json missing)")
-    world, d = json.load(open(done))["world"], sharded.d
-    groups = [g for u in sharded.units for g in u.groups]
-    layout = [(u.name, g.numel, str(g.shard.dtype)) for u in sharded.units for g in u.groups]
-    files = [os.path.join(path, f"rank{r}.pt") for r in range(world)]
-    old = [torch.load(f, map_location="cpu", weights_only=False, mmap=True) for f in files]
-    if [tuple(x) for x in old[0]["layout"]] != layout:
-        raise ValueError(f"{path}: saved for a different model, --train_type or --lora_target")
-
-    def reshard(pieces, g):
-        if world == d.world:
-            return pieces[d.rank]
-        full = torch.cat([p.reshape(-1) for p in pieces])[:g.numel]
-        lo = d.rank * g.shard_numel
-        mine = full[lo:lo + g.shard_numel]
-        return torch.cat([mine, mine.new_zeros(g.shard_numel - mine.numel())])
-
-    with torch.no_grad():
-        for i, g in enumerate(groups):
-            g.shard.copy_(reshard([o["shards"][i] for o in old], g))
-    state = dict(old[d.rank if d.rank < world else 0])
-    trainable = [g for grp in sharded.param_groups(0.0) for g_shard in grp["params"] for g in groups if g.shard is g_shard]
-    opt = state["optimizer"]
-    opt["state"] = {k: {name: (reshard([o["optimizer"]["state"][k][name] for o in old], trainable[k])
-                               if torch.is_tensor(v) and v.dim() == 1 else v) for name, v in s.items()}
-                    for k, s in opt["state"].items()}
-    if world != d.world:
-        state["data"] = dict(state["data"], index=state["data"]["index"] * world // d.world)
-    return state

@@ -362,23 +362,36 @@ class Llama(nn.Module):
             mask = None
         return cos, sin, mask
 
-    def hidden_states(self, input_ids, position_ids=None, doc_ids=None, cache=None):
-        """input_ids (B, T) -> final-normed hidden states (B, T, dim).
+    # The forward in three pieces, which `forward` composes and fsdp.py's schedule calls one unit
+    # at a time: embed (+ RoPE and mask), each block, and norm + head (+ loss).
+
+    def embed(self, input_ids, position_ids=None, doc_ids=None, cache=None):
+        """input_ids (B, T) -> (x, ctx): token embeddings, and what every block needs besides x.
 
         position_ids: per-token RoPE positions (restart at 0 for every packed document).
         doc_ids: per-token document id; None means one document per row (plain causal mask).
         cache: a KVCache; tokens go into slots cache.pos .. cache.pos + T - 1.
         """
         x = self.model.embed_tokens(input_ids)
-        cos, sin, mask = self.rope_and_mask(input_ids, position_ids, doc_ids, cache, x.dtype)
-        for layer in self.model.layers:
-            if self.gradient_checkpointing and self.training:
-                x = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
-            else:
-                x = layer(x, cos, sin, mask, cache)
+        return x, self.rope_and_mask(input_ids, position_ids, doc_ids, cache, x.dtype)
+
+    def block(self, i, x, ctx, cache=None):
+        """Block i. The one place of activation checkpointing: when training with it on, only x is
+        kept and the block is recomputed (same dropout masks) in backward."""
+        layer = self.model.layers[i]
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled() and cache is None:
+            return checkpoint(layer, x, *ctx, use_reentrant=False)
+        return layer(x, *ctx, cache)
+
+    def head(self, x, labels=None, loss_chunk=0, cache=None):
+        """Final norm, then fp32 logits (B, T, vocab), or with labels (summed loss, number of target
+        tokens). The cache's filled slots advance here, once all blocks have written theirs."""
         if cache is not None:
-            cache.pos += input_ids.shape[1]
-        return self.model.norm(x)
+            cache.pos += x.shape[1]
+        h = self.model.norm(x)
+        if labels is None:
+            return self.lm_head(h).float()
+        return cross_entropy_sum(h, self.lm_head, labels, loss_chunk)
 
     def forward(self, input_ids, labels=None, position_ids=None, doc_ids=None, cache=None, loss_chunk=0):
         """Without labels: fp32 logits (B, T, vocab). With labels: (summed loss, number of target tokens).
@@ -387,10 +400,10 @@ class Llama(nn.Module):
         lets packing decide where documents end. The sum (not mean) lets the trainer divide by the
         token count of the whole global batch across micro-steps and ranks.
         """
-        h = self.hidden_states(input_ids, position_ids, doc_ids, cache)
-        if labels is None:
-            return self.lm_head(h).float()
-        return cross_entropy_sum(h, self.lm_head, labels, loss_chunk)
+        x, ctx = self.embed(input_ids, position_ids, doc_ids, cache)
+        for i in range(len(self.model.layers)):
+            x = self.block(i, x, ctx, cache)
+        return self.head(x, labels, loss_chunk, cache)
 
 
 def _ce_chunk(h, head, labels):
@@ -446,13 +459,16 @@ def sample(logits, temperature, top_k, generator=None):
 
 @torch.no_grad()
 def generate(model: Llama, prompts, max_new_tokens, temperature=0.0, top_k=0, eos_id=None,
-             use_cache=True, generator=None, stop_early=True):
+             use_cache=True, generator=None, stop_early=True, forward=None):
     """Continue each prompt (a list of token ids); returns the new tokens of each, cut after eos.
 
     use_cache=False recomputes the whole sequence every step: slow, and the reference the cached
     path is tested against. stop_early=False runs all max_new_tokens steps even when every row has
     ended, so that sharded ranks (fsdp.py), which gather weights together, take the same steps.
+    forward: what computes the logits, model's own forward by default (fsdp.Sharded.forward gathers
+    each unit once per step, with prefetching).
     """
+    forward = forward or model
     was_training = model.training
     model.eval()
     device = model.inv_freq.device
@@ -471,11 +487,11 @@ def generate(model: Llama, prompts, max_new_tokens, temperature=0.0, top_k=0, eo
     step_ids, step_pos, step_doc = ids, pos, doc
     for _ in range(max_new_tokens):
         if use_cache:
-            logits = model(step_ids, position_ids=step_pos, doc_ids=step_doc, cache=cache)[:, -1]
+            logits = forward(step_ids, position_ids=step_pos, doc_ids=step_doc, cache=cache)[:, -1]
         else:
             all_ids, all_pos = torch.cat([ids, out], 1), torch.cat([pos, pos[:, -1:] + 1 + torch.arange(out.shape[1], device=device)], 1)
             all_doc = torch.cat([doc, torch.zeros_like(out)], 1)
-            logits = model(all_ids, position_ids=all_pos, doc_ids=all_doc)[:, -1]
+            logits = forward(all_ids, position_ids=all_pos, doc_ids=all_doc)[:, -1]
         nxt = sample(logits, temperature, top_k, generator)
         if eos_id is not None:
             nxt = torch.where(done, eos_id, nxt)

@@ -23,6 +23,7 @@ import random
 import re
 import sys
 import time
+import types
 from dataclasses import dataclass
 
 import torch
@@ -72,10 +73,12 @@ class Config:
     grad_checkpointing: bool = False  # recompute each block in backward instead of storing activations
     loss_chunk: int = 0  # >0: cross-entropy over this many tokens at a time (never all [tokens, vocab] logits)
     threads: int = 0  # CPU threads per process; 0 = cores / processes on this machine
-    kernels: str = "triton"  # triton (the Triton kernels where they can run: CUDA; else the reference) | torch (every PyTorch reference)
+    kernels: str = "triton"  # triton (Triton kernels where they can run: CUDA; else the reference) | torch (every reference) | interpret (Triton on CPU too, under TRITON_INTERPRET=1: tests of the GPU path)
     kernels_off: str = ""  # comma list of Triton kernels to replace by their reference: nf4,nf4_matmul,rmsnorm,swiglu,linear_ce,rope,lora
     # sharding (fsdp.py)
     fsdp: bool = False  # shard weights, gradients and optimizer state over ranks (else plain data parallel)
+    shard: str = "full"  # full (ZeRO-3) | grad_op (ZeRO-2: weights gathered for the whole step) | hybrid (HSDP: shard within --shard_group ranks, all-reduce across groups)
+    shard_group: int = 0  # ranks per shard group for --shard=hybrid (e.g. GPUs per node)
     prefetch: int = 1  # units whose all-gather is issued ahead of the one computing
     reduce_dtype: str = "fp32"  # fp32 | bf16: dtype gradients are reduce-scattered in
     reduce_every_micro: bool = True  # reduce-scatter after every micro-batch (false: only the last; keeps full grads)
@@ -148,13 +151,17 @@ def parse_args(argv) -> Config:
                           ("eval_metric", ("auto", "exact", "last_number")),
                           ("train_type", ("full", "lora", "qlora", "dora", "qdora")), ("reduce_dtype", ("fp32", "bf16")),
                           ("chat_format", ("auto", "alpaca", "chatml", "llama3")), ("hf_dtype", ("bf16", "fp32")),
-                          ("kernels", ("triton", "torch")), ("offload", F.OFFLOAD)):
+                          ("kernels", ("triton", "torch", "interpret")), ("offload", F.OFFLOAD), ("shard", F.STRATEGIES)):
         if getattr(cfg, name) not in allowed:
             raise ValueError(f"flag --{name}={getattr(cfg, name)} is not one of {', '.join(allowed)}")
     if not 0 <= cfg.lora_dropout < 1:
         raise ValueError(f"flag --lora_dropout must be in [0, 1), got {cfg.lora_dropout}")
     if cfg.offload != "none" and not (cfg.fsdp or cfg.dry_run):
         raise ValueError(f"flag --offload={cfg.offload} needs --fsdp (it offloads the shards)")
+    if cfg.shard == "hybrid" and cfg.shard_group < 1:
+        raise ValueError("flag --shard=hybrid needs --shard_group=N (ranks per shard group, e.g. GPUs per node)")
+    if cfg.kernels == "interpret" and os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
+        raise ValueError("flag --kernels=interpret needs TRITON_INTERPRET=1 in the environment (set before Python starts)")
     off = [k for k in cfg.kernels_off.split(",") if k]
     if any(k not in K.NAMES for k in off):
         raise ValueError(f"flag --kernels_off: unknown kernel {next(k for k in off if k not in K.NAMES)!r}; "
@@ -206,20 +213,6 @@ def all_reduce_sum(values, d: Dist):
     return t.tolist()
 
 
-def all_reduce_grads(params, d: Dist):
-    """Plain data parallelism: sum gradients over ranks in one flat buffer (fsdp.py replaces this)."""
-    if d.world == 1:
-        return
-    for p in params:
-        if p.grad is None:  # e.g. a parameter this rank's batch did not reach: it still takes part
-            p.grad = torch.zeros_like(p)
-    grads = [p.grad for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
-    for g, piece in zip(grads, flat.split([g.numel() for g in grads])):
-        g.copy_(piece.view_as(g))
-
-
 # -----------------------------------------------------------------------------
 # Pieces of the loop
 
@@ -239,11 +232,9 @@ def lr_at(step, cfg: Config):
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * decay)
 
 
-def make_optimizer(model, cfg: Config, device):
-    params = [p for p in model.parameters() if p.requires_grad]  # a tied head is one parameter, once
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")
+def make_optimizer(engine, cfg: Config, device):
+    return torch.optim.AdamW(engine.param_groups(cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                             fused=device.type == "cuda" and cfg.offload != "all")
 
 
 def flops_per_token(args: M.ModelArgs, seq_len, frozen_base=False, adapter_params=0):
@@ -272,10 +263,11 @@ def to_device(batch, device):
 
 
 @torch.no_grad()
-def evaluate(model, cfg, d, eval_data, eval_docs, tok, autocast):
+def evaluate(engine, cfg, d, eval_data, eval_docs, tok):
     """Held-out loss over up to eval_batches batches, and accuracy on up to eval_samples prompts.
     Under --fsdp every rank must run the same forwards (they gather weights together), so a rank
     with less work repeats a batch or prompt and ignores the result."""
+    model = engine.model
     model.eval()
     loader = D.Batches(eval_data, eval_docs, cfg.seq_len, cfg.batch_size, tok.pad_id, pack=cfg.pack, shuffle=False)
     n_batches = min(len(loader.plan(0)), cfg.eval_batches)
@@ -284,8 +276,7 @@ def evaluate(model, cfg, d, eval_data, eval_docs, tok, autocast):
         loader.index = min(i, n_batches - 1)
         batch = to_device(next(loader), d.device)
         batch.pop("num_tokens")
-        with autocast:
-            s, n = model(**batch, loss_chunk=cfg.loss_chunk)
+        s, n = engine.forward(**batch)
         if i < n_batches:
             loss_sum, n_tok = loss_sum + s.item(), n_tok + n
     correct, asked = 0, 0
@@ -295,9 +286,7 @@ def evaluate(model, cfg, d, eval_data, eval_docs, tok, autocast):
     n_chunks = math.ceil(math.ceil(len(prompts) / d.world) / 32) if cfg.fsdp else math.ceil(len(mine) / 32)
     for i in range(0, 32 * n_chunks, 32):
         chunk = mine[i:i + 32] or prompts[:1]  # an empty share repeats a prompt (fsdp)
-        with autocast:
-            outs = M.generate(model, [tok.encode(p, bos=True) for p, _ in chunk], cfg.max_new_tokens, eos_id=tok.eos_id,
-                              stop_early=not cfg.fsdp)
+        outs = generate(engine, cfg, tok, [p for p, _ in chunk], temperature=0.0)
         for out, (_, ref) in zip(outs, mine[i:i + 32]):
             correct += D.score_answer(tok.decode(out), ref, cfg.eval_metric)
             asked += 1
@@ -309,48 +298,17 @@ def evaluate(model, cfg, d, eval_data, eval_docs, tok, autocast):
     return result
 
 
-def model_state(model):
-    """What checkpoint.pt keeps of the model: all of it, or with adapters only the trainable tensors
-    (the frozen base is reloaded from --model on resume)."""
-    if L.lora_layers(model):
-        return {k: v.detach() for k, v in model.named_parameters() if v.requires_grad}
-    return model.state_dict()
+def generate(engine, cfg, tok, prompts, temperature, top_k=0, generator=None):
+    """New tokens for each text prompt, through engine.forward (sharded: every rank takes the same
+    steps). Autocast here too: the KV cache takes the autocast dtype."""
+    with F.autocast(engine.d.device, engine.amp_dtype):
+        return M.generate(engine.model, [tok.encode(p, bos=True) for p in prompts], cfg.max_new_tokens, temperature,
+                          top_k, eos_id=tok.eos_id, generator=generator, stop_early=not cfg.fsdp, forward=engine.forward)
 
 
-def save_checkpoint(path, model, opt, step, loader, d: Dist, cfg):
-    """Everything needed to continue exactly: weights, optimizer, step, data position, every rank's RNG."""
-    rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if d.device.type == "cuda" else None,
-           "python": random.getstate()}
-    rngs = [None] * d.world
-    if d.world > 1:
-        dist.all_gather_object(rngs, rng)
-    else:
-        rngs = [rng]
-    if d.main:
-        state = {"model": model_state(model), "optimizer": opt.state_dict(), "step": step,
-                 "data": loader.state_dict(), "rng": rngs, "config": dataclasses.asdict(cfg), "world": d.world}
-        torch.save(state, path + ".tmp")
-        os.replace(path + ".tmp", path)  # never a half-written checkpoint under the real name
-    if d.world > 1:
-        dist.barrier()
-
-
-def load_checkpoint(path, model, opt, loader, d: Dist):
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no checkpoint to --resume from")
-    state = torch.load(path, map_location=d.device, weights_only=False)
-    if state["world"] != d.world:
-        raise ValueError(f"{path}: saved at world size {state['world']}, resuming at {d.world}; the data order "
-                         f"and RNG streams would differ (re-sharding comes with fsdp.py)")
-    missing, unexpected = model.load_state_dict(state["model"], strict=not L.lora_layers(model))
-    trainable = {k for k, v in model.named_parameters() if v.requires_grad}
-    if unexpected or trainable - set(state["model"]):
-        raise ValueError(f"{path}: saved with a different --train_type or --lora_target "
-                         f"({len(unexpected)} unexpected, {len(trainable - set(state['model']))} missing tensors)")
-    opt.load_state_dict(state["optimizer"])
-    loader.load_state_dict(state["data"])
-    set_rng(state["rng"][d.rank])
-    return state["step"]
+def rng_state():
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
 
 
 def set_rng(rng):
@@ -462,8 +420,9 @@ def dry_run(cfg: Config, d: Dist):
     # The Triton kernels that keep less for backward, when they would run (a GPU, --kernels=triton).
     kernels = K.HAS_TRITON and cfg.kernels == "triton" and not {"rmsnorm", "swiglu", "linear_ce"} & set(cfg.kernels_off.split(","))
     gpu, cpu = F.plan_memory(model, world, cfg.batch_size, cfg.seq_len, cfg.prefetch, cfg.grad_checkpointing,
-                             2 if use_bf16 else 4, cfg.reduce_every_micro, cfg.offload, cfg.loss_chunk, kernels)
-    print(f"memory plan: {cfg.model} {cfg.train_type}, world {world}, batch {cfg.batch_size} x {cfg.seq_len}, "
+                             2 if use_bf16 else 4, cfg.reduce_every_micro, cfg.offload, cfg.loss_chunk, kernels,
+                             cfg.shard, cfg.shard_group)
+    print(f"memory plan: {cfg.model} {cfg.train_type}, world {world}, --shard={cfg.shard}, batch {cfg.batch_size} x {cfg.seq_len}, "
           f"checkpointing {cfg.grad_checkpointing}, prefetch {cfg.prefetch}, offload {cfg.offload}, "
           f"loss_chunk {cfg.loss_chunk}, Triton kernels {'on' if kernels else 'off'}; {describe(model)}")
     print("per rank, GPU at the peak:" + "".join(f"\n  {k:<20}{v / 2**30:8.2f} GiB" for k, v in gpu.items()))
@@ -495,24 +454,39 @@ def ask(cfg: Config, d: Dist):
     return answer
 
 
-def main(argv):
-    cfg = parse_args(argv)
-    K.DISABLED.clear()
-    K.DISABLED.update(K.NAMES if cfg.kernels == "torch" else [k for k in cfg.kernels_off.split(",") if k])
-    if cfg.ask:
-        return ask(cfg, init_distributed(cfg.threads))
-    if cfg.dry_run:
-        return dry_run(cfg, Dist(0, 0, int(os.environ.get("WORLD_SIZE", 1)), torch.device("meta")))
-    d = init_distributed(cfg.threads)
-    log = print if d.main else (lambda *a, **k: None)
+def make_engine(model, cfg: Config, d: Dist):
+    """Plain data parallelism or fsdp.py's sharding, behind the same interface (fsdp.py)."""
+    amp = torch.bfloat16 if uses_bf16(cfg, d.device.type) else None
+    if not cfg.fsdp:
+        return F.Replicated(model, d, amp, cfg.loss_chunk)
+    engine = F.Sharded(model, d, cfg.prefetch, amp or torch.float32, torch.bfloat16 if cfg.reduce_dtype == "bf16" else
+                       torch.float32, cfg.offload, cfg.shard, cfg.shard_group, amp, cfg.loss_chunk,
+                       materialize=getattr(model, "materialize", None))
+    if cfg.train_type != "full":  # for the adapter's config, once the modules have stopped listing parameters
+        model.lora_config = next(mod.lora_config for mod in model.modules() if hasattr(mod, "lora_config"))
+    return engine
+
+
+def setup(cfg: Config, d: Dist, log):
+    """The model, its engine and optimizer, the data, and the resumed state: what the loop needs."""
     os.makedirs(cfg.out_dir, exist_ok=True)
     model, tok, extra_files = build_model(cfg, d)
     model.gradient_checkpointing = cfg.grad_checkpointing
     if cfg.compile:
         for layer in model.model.layers:
             layer.compile()
-    log(f"model {cfg.model} ({cfg.train_type}): " + ("" if hasattr(model, "materialize") else f"{describe(model)}; ")
-        + f"{model.args.n_layers} layers, dim {model.args.dim}, world {d.world} on {d.device.type}")
+    engine = make_engine(model, cfg, d)
+    trainable, adapters = engine.counts()
+    log(f"model {cfg.model} ({cfg.train_type}): " + (f"{trainable / 1e6:.3f}M trainable" if cfg.fsdp else describe(model))
+        + (f", {adapters / 1e6:.3f}M of them in adapters" if adapters else "")
+        + f"; {model.args.n_layers} layers, dim {model.args.dim}, world {d.world} on {d.device.type}")
+    if cfg.fsdp:
+        groups = [g for u in engine.units for g in u.groups]
+        frozen = sum(g.numel * g.shard.element_size() for g in groups if not g.trainable)
+        shard_bytes = sum(g.shard.numel() * g.shard.element_size() for g in groups)
+        log(f"fsdp: {cfg.shard} sharding over {engine.shard_world} ranks, {len(engine.units)} units; frozen tensors "
+            f"{frozen / 2**20:.1f} MiB in all; {shard_bytes / 2**20:.1f} MiB of shards on this rank; prefetch "
+            f"{cfg.prefetch}, checkpointing {cfg.grad_checkpointing}, reduce in {cfg.reduce_dtype}")
 
     # Data: rank 0 tokenizes files into the cache first, the others then open the same files.
     cache = cfg.data_cache or os.path.join(cfg.out_dir, "token_cache")
@@ -532,69 +506,26 @@ def main(argv):
     if cfg.eval_metric == "auto":
         cfg.eval_metric = "exact" if cfg.data == "arith" else "last_number"
 
-    use_bf16 = uses_bf16(cfg, d.device.type)
-    autocast = torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=use_bf16)
-    sharded = None
-    if cfg.fsdp:
-        sharded = F.Sharded(model, d, cfg.prefetch, cfg.grad_checkpointing, torch.bfloat16 if use_bf16 else torch.float32,
-                            torch.bfloat16 if cfg.reduce_dtype == "bf16" else torch.float32, cfg.offload,
-                            materialize=getattr(model, "materialize", None))
-        if cfg.train_type != "full":
-            model.lora_config = next(mod.lora_config for mod in model.modules() if hasattr(mod, "lora_config"))
-        opt = torch.optim.AdamW(sharded.param_groups(cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                                fused=d.device.type == "cuda" and cfg.offload != "all")
-        groups = [g for u in sharded.units for g in u.groups]
-        trainable = sum(g.numel for g in groups if g.trainable)
-        frozen = sum(g.numel * g.shard.element_size() for g in groups if not g.trainable)
-        shard_bytes = sum(g.shard.numel() * g.shard.element_size() for g in groups)
-        log(f"fsdp: {len(sharded.units)} units; {trainable / 1e6:.3f}M trainable parameters, frozen tensors "
-            f"{frozen / 2**20:.1f} MiB in all; {shard_bytes / 2**20:.1f} MiB of shards on this rank; prefetch "
-            f"{cfg.prefetch}, checkpointing {cfg.grad_checkpointing}, reduce in {cfg.reduce_dtype}")
-    else:
-        opt = make_optimizer(model, cfg, d.device)
-    params = [p for g in opt.param_groups for p in g["params"]]
-    ckpt_path = os.path.join(cfg.out_dir, "checkpoint" if cfg.fsdp else "checkpoint.pt")
-    start = 0
-    def save(step):
-        if sharded:
-            rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
-                   "cuda": torch.cuda.get_rng_state() if d.device.type == "cuda" else None}
-            F.save_sharded(ckpt_path, sharded, {"optimizer": opt.state_dict(), "step": step, "data": loader.state_dict(),
-                                                "rng": rng, "config": dataclasses.asdict(cfg)})
-        else:
-            save_checkpoint(ckpt_path, model, opt, step, loader, d, cfg)
-
-    if cfg.resume and cfg.fsdp:
-        state = F.load_sharded(ckpt_path, sharded)
-        opt.load_state_dict(state["optimizer"])
+    opt = make_optimizer(engine, cfg, d.device)
+    ckpt_path, start = os.path.join(cfg.out_dir, "checkpoint"), 0
+    if cfg.resume:
+        state = F.load_checkpoint(ckpt_path, engine, opt)
         loader.load_state_dict(state["data"])
         set_rng(state["rng"])
         start = state["step"]
-    elif cfg.resume:
-        start = load_checkpoint(ckpt_path, model, opt, loader, d)
-    if start:
         log(f"resumed from {ckpt_path} at step {start}, data epoch {loader.epoch} batch {loader.index}")
-    metrics = open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a" if cfg.resume else "w") if d.main else None
+    return types.SimpleNamespace(model=model, tok=tok, extra_files=extra_files, engine=engine, opt=opt, dataset=dataset,
+                                 eval_docs=eval_docs, loader=loader, ckpt_path=ckpt_path, start=start,
+                                 adapters=adapters)
 
-    def record(row):
-        if metrics:
-            metrics.write(json.dumps(row) + "\n")
-            metrics.flush()
 
-    def run_eval(step):
-        if cfg.eval_frac <= 0:
-            return
-        r = evaluate(model, cfg, d, dataset, eval_docs, tok, autocast)
-        log(f"eval step {step}: loss {r['eval_loss']:.4f}" + (f" | accuracy {r['accuracy']:.1%}" if "accuracy" in r else ""))
-        record({"step": step, **r})
-
-    if start == 0:
-        run_eval(0)
-    adapter_params = sum(p.numel() for n, p in model.named_parameters() if ".lora_" in n)
-    flops_tok = flops_per_token(model.args, cfg.seq_len, cfg.train_type != "full", adapter_params)
+def train_loop(cfg: Config, d: Dist, r, log, record):
+    """Steps r.start .. max_steps: micro-batches, clip, AdamW, log; eval and save now and then."""
+    engine, opt, loader = r.engine, r.opt, r.loader
+    flops_tok = flops_per_token(r.model.args, cfg.seq_len, cfg.train_type != "full", r.adapters)
     peak = peak_flops(d.device)
     t_start, t_last, tokens_since = time.time(), time.time(), 0
-    for step in range(start, cfg.max_steps):
+    for step in range(r.start, cfg.max_steps):
         lr = lr_at(step, cfg)
         for g in opt.param_groups:
             g["lr"] = lr
@@ -603,22 +534,10 @@ def main(argv):
         n_target, n_real = all_reduce_sum([sum(int((b["labels"] != D.IGNORE).sum()) for b in micro), n_real], d)
         loss_sum = 0.0
         for k, b in enumerate(micro):
-            b = to_device(b, d.device)
-            if sharded:
-                sync = cfg.reduce_every_micro or k == len(micro) - 1
-                s_, _ = sharded.forward_backward(**b, loss_chunk=cfg.loss_chunk, loss_scale=1 / max(n_target, 1),
-                                                 sync=sync, autocast=autocast)
-            else:
-                with autocast:
-                    s_, _ = model(**b, loss_chunk=cfg.loss_chunk)
-                (s_ / max(n_target, 1)).backward()
+            sync = k == len(micro) - 1 or (cfg.fsdp and cfg.reduce_every_micro)
+            s_, _ = engine.forward_backward(to_device(b, d.device), loss_scale=1 / max(n_target, 1), sync=sync)
             loss_sum += s_.item()
-        max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-        if sharded:
-            gnorm = sharded.clip_grad_norm_(max_norm).item()
-        else:
-            all_reduce_grads(params, d)
-            gnorm = torch.nn.utils.clip_grad_norm_(params, max_norm).item()
+        gnorm = engine.clip_grad_norm_(cfg.grad_clip if cfg.grad_clip > 0 else float("inf")).item()
         opt.step()
         opt.zero_grad(set_to_none=True)
         loss = all_reduce_sum([loss_sum], d)[0] / max(n_target, 1)
@@ -632,47 +551,77 @@ def main(argv):
         t_last = now
         record(row)
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.max_steps:
-            done = step + 1 - start
+            done = step + 1 - r.start
             eta = (now - t_start) / done * (cfg.max_steps - step - 1)
             extra = f" | mfu {row['mfu']:.1%} | mem {row['peak_mem_gib']:.1f}GiB" if peak else ""
             log(f"step {step + 1:>5}/{cfg.max_steps} {100 * (step + 1) // cfg.max_steps:>3}% | loss {loss:.4f} | "
                 f"lr {lr:.2e} | gnorm {gnorm:.2f} | {tokens_since / (now - t_start):,.0f} tok/s{extra} | "
                 f"eta {int(eta) // 60}:{int(eta) % 60:02d}")
         if (step + 1) % cfg.eval_every == 0 and step + 1 != cfg.max_steps:
-            run_eval(step + 1)
+            run_eval(cfg, d, r, log, record, step + 1)
         if cfg.save_every and (step + 1) % cfg.save_every == 0:
-            save(step + 1)
+            save(cfg, d, r, step + 1)
+    log(f"trained {cfg.max_steps - r.start} steps in {time.time() - t_start:.1f}s")
 
-    run_eval(cfg.max_steps)
-    log(f"trained {cfg.max_steps - start} steps in {time.time() - t_start:.1f}s")
-    prompts = [dataset.prompts[j] for j in eval_docs if dataset.prompts[j] is not None][:cfg.samples]
+
+def run_eval(cfg: Config, d: Dist, r, log, record, step):
+    if cfg.eval_frac <= 0:
+        return
+    result = evaluate(r.engine, cfg, d, r.dataset, r.eval_docs, r.tok)
+    log(f"eval step {step}: loss {result['eval_loss']:.4f}"
+        + (f" | accuracy {result['accuracy']:.1%}" if "accuracy" in result else ""))
+    record({"step": step, **result})
+
+
+def save(cfg: Config, d: Dist, r, step):
+    """The resumable checkpoint: the engine's state, optimizer, data position, every rank's RNG."""
+    F.save_checkpoint(r.ckpt_path, r.engine, r.opt, step,
+                      {"data": r.loader.state_dict(), "rng": rng_state(), "config": dataclasses.asdict(cfg)})
+
+
+def finish(cfg: Config, d: Dist, r, log, record):
+    """The last eval, a few samples, the checkpoint, and the exports (HF folder, PEFT adapter)."""
+    run_eval(cfg, d, r, log, record, cfg.max_steps)
+    prompts = [r.dataset.prompts[j] for j in r.eval_docs if r.dataset.prompts[j] is not None][:cfg.samples]
     if prompts and (d.main or cfg.fsdp):  # sharded: every rank takes part in the gathers
         gen = torch.Generator(device=d.device).manual_seed(cfg.seed)
-        with autocast:
-            outs = M.generate(model, [tok.encode(p, bos=True) for p in prompts], cfg.max_new_tokens, temperature=0.7,
-                              top_k=50, eos_id=tok.eos_id, generator=gen, stop_early=not cfg.fsdp)
-        for p, out in zip(prompts, outs):
-            log(f"sample: {p!r} -> {tok.decode(out)!r}")
-    save(cfg.max_steps)
-    log(f"saved {ckpt_path}")
+        for p, out in zip(prompts, generate(r.engine, cfg, r.tok, prompts, 0.7, 50, gen)):
+            log(f"sample: {p!r} -> {r.tok.decode(out)!r}")
+    save(cfg, d, r, cfg.max_steps)
+    log(f"saved {r.ckpt_path}")
     base_name = cfg.model if os.path.isdir(cfg.model) else ""
-    hf_dtype = torch.float32 if cfg.hf_dtype == "fp32" else torch.bfloat16
-    if sharded:  # gathered unit by unit; every rank joins, rank 0 writes
-        if cfg.train_type != "full":
-            F.export_adapter(sharded, os.path.join(cfg.out_dir, "adapter"), base_name)
-        if cfg.save_hf:
-            F.export_hf(sharded, os.path.join(cfg.out_dir, "hf"), extra_files, hf_dtype)
-        saved = (["adapter"] if cfg.train_type != "full" else []) + (["hf"] if cfg.save_hf else [])
-        if saved:
-            log(f"saved {' and '.join(os.path.join(cfg.out_dir, s) for s in saved)}")
-    elif d.main and cfg.train_type != "full":
-        L.save_adapter(model, os.path.join(cfg.out_dir, "adapter"), base_name)
+    if cfg.train_type != "full":
+        r.engine.export_adapter(os.path.join(cfg.out_dir, "adapter"), base_name)
         log(f"saved the adapter (PEFT layout) to {os.path.join(cfg.out_dir, 'adapter')}")
-    if d.main and cfg.save_hf and not sharded:
-        if cfg.train_type != "full":  # the adapters folded into dense weights (dequantized when 4-bit)
-            model = L.merge_and_unload(model)
-        M.save_pretrained(model, os.path.join(cfg.out_dir, "hf"), dtype=hf_dtype, extra_files=extra_files)
+    if cfg.save_hf:  # adapters merged into dense weights (dequantized when 4-bit)
+        r.engine.export_hf(os.path.join(cfg.out_dir, "hf"), r.extra_files,
+                           torch.float32 if cfg.hf_dtype == "fp32" else torch.bfloat16)
         log(f"saved {os.path.join(cfg.out_dir, 'hf')}" + (" (merged)" if cfg.train_type != "full" else ""))
+
+
+def main(argv):
+    cfg = parse_args(argv)
+    K.DISABLED.clear()
+    K.DISABLED.update(K.NAMES if cfg.kernels == "torch" else [k for k in cfg.kernels_off.split(",") if k])
+    K.FORCE = cfg.kernels == "interpret"
+    if cfg.ask:
+        return ask(cfg, init_distributed(cfg.threads))
+    if cfg.dry_run:
+        return dry_run(cfg, Dist(0, 0, int(os.environ.get("WORLD_SIZE", 1)), torch.device("meta")))
+    d = init_distributed(cfg.threads)
+    log = print if d.main else (lambda *a, **k: None)
+    r = setup(cfg, d, log)
+    metrics = open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a" if cfg.resume else "w") if d.main else None
+
+    def record(row):
+        if metrics:
+            metrics.write(json.dumps(row) + "\n")
+            metrics.flush()
+
+    if r.start == 0:
+        run_eval(cfg, d, r, log, record, 0)
+    train_loop(cfg, d, r, log, record)
+    finish(cfg, d, r, log, record)
     if metrics:
         metrics.close()
     if d.world > 1:

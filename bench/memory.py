@@ -102,18 +102,19 @@ def compare(args, kind, ckpt, d, batch_size, seq_len, bf16, kernels, offload="no
     dtype = torch.bfloat16 if bf16 else torch.float32
     plan, _ = F.plan_memory(build_model(args, kind, torch.device("meta"), dtype), d.world, batch_size, seq_len,
                             prefetch, ckpt, 2 if bf16 else 4, offload=offload, kernels=kernels)
-    autocast = torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=bf16)
     tokens = batch_size * seq_len * d.world
 
     def build():
-        sharded = F.Sharded(build_model(args, kind, d.device, dtype), d, prefetch, ckpt, dtype, offload=offload)
-        opt = torch.optim.AdamW(sharded.parameters(), lr=1e-5, fused=True)  # as train.py on CUDA
+        model = build_model(args, kind, d.device, dtype)
+        model.gradient_checkpointing = ckpt
+        sharded = F.Sharded(model, d, prefetch, dtype, offload=offload, amp_dtype=dtype if bf16 else None)
+        opt = torch.optim.AdamW(sharded.param_groups(0.0), lr=1e-5, fused=True)  # as train.py on CUDA
         g = torch.Generator().manual_seed(d.rank)
         ids = torch.randint(0, args.vocab_size, (batch_size, seq_len), generator=g).to(d.device)
         return sharded, opt, ids
 
     def step(sharded, opt, ids):
-        sharded.forward_backward(ids, ids, loss_scale=1 / tokens, autocast=autocast)
+        sharded.forward_backward({"input_ids": ids, "labels": ids}, loss_scale=1 / tokens)
         sharded.clip_grad_norm_(1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -76,7 +76,8 @@ def main(out):
     results = {}
     for train_type, accum, ckpt in CONFIGS:
         model = build(train_type, tie=train_type == "full")
-        sharded = F.Sharded(model, d, prefetch=1, checkpointing=ckpt, log_events=True)
+        model.gradient_checkpointing = ckpt
+        sharded = F.Sharded(model, d, prefetch=1, log_events=True)
         opt = torch.optim.AdamW(sharded.param_groups(0.1), lr=1e-2)
         losses = []
         for step in range(STEPS):
@@ -84,7 +85,7 @@ def main(out):
             total = torch.zeros(())
             for k in range(accum):
                 ids, labels = batch(step, k, d.rank)
-                s, _ = sharded.forward_backward(ids, labels, loss_scale=1 / n, sync=k == accum - 1)
+                s, _ = sharded.forward_backward({"input_ids": ids, "labels": labels}, loss_scale=1 / n, sync=k == accum - 1)
                 total += s
             dist.all_reduce(total)
             losses.append(total.item() / n)
@@ -93,11 +94,11 @@ def main(out):
             opt.zero_grad(set_to_none=True)
         shard_bytes = sum(g.shard.numel() * g.shard.element_size() for u in sharded.units for g in u.groups)
         padded = sum(g.shard_numel * d.world * g.shard.element_size() for u in sharded.units for g in u.groups)
-        results[(train_type, accum, ckpt)] = {"losses": losses, "state": F.trainable_state(sharded),
+        results[(train_type, accum, ckpt)] = {"losses": losses, "state": sharded.trainable_state(),
                                               "events": sharded.events, "shard_bytes": shard_bytes, "padded_bytes": padded}
         if (train_type, accum, ckpt) == ("qlora", 1, True):
-            F.export_hf(sharded, out + ".hf", dtype=torch.float32)
-            F.export_adapter(sharded, out + ".adapter")
+            sharded.export_hf(out + ".hf", dtype=torch.float32)
+            sharded.export_adapter(out + ".adapter")
     results["fsdp2"] = fsdp2_losses(d)
     if d.rank == 0:
         torch.save(results, out)

@@ -10,6 +10,7 @@ import torch
 from conftest import ROOT
 
 import data as D
+import fsdp as F
 import model as M
 import quant as Q
 import train
@@ -21,6 +22,12 @@ FAST = ["--seq_len=32", "--batch_size=4", "--eval_samples=0", "--samples=0", "--
 def losses(out_dir):
     rows = [json.loads(line) for line in open(os.path.join(out_dir, "metrics.jsonl"))]
     return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def saved_model(out_dir):
+    """The model state of the newest checkpoint in out_dir (rank 0's file holds it)."""
+    folder = F.latest_checkpoint(os.path.join(out_dir, "checkpoint"))
+    return torch.load(os.path.join(folder, "rank0.pt"), weights_only=False)["model"]
 
 
 def eval_losses(out_dir):
@@ -73,23 +80,20 @@ def test_seq_len_beyond_context_is_refused(tmp_path):
 @pytest.mark.parametrize("train_type", ["full", "qdora"])
 def test_resume_reproduces_the_uninterrupted_losses(tmp_path, monkeypatch, train_type):
     args = FAST + ["--max_steps=6", "--save_every=3", "--grad_accum=2", f"--train_type={train_type}"]
-    save = train.save_checkpoint
+    save = F.save_checkpoint
 
-    def keep_step_3(path, model, opt, step, *a):
-        save(path, model, opt, step, *a)
+    def keep_step_3(path, engine, opt, step, extra):
+        save(path, engine, opt, step, extra)
         if step == 3:
-            shutil.copy(path, str(tmp_path / "step3.pt"))
+            shutil.copytree(path, str(tmp_path / "resumed" / "checkpoint"))
 
-    monkeypatch.setattr(train, "save_checkpoint", keep_step_3)
+    monkeypatch.setattr(F, "save_checkpoint", keep_step_3)
     train.main(args + [f"--out_dir={tmp_path / 'full'}"])
-    os.makedirs(tmp_path / "resumed")
-    shutil.copy(tmp_path / "step3.pt", tmp_path / "resumed" / "checkpoint.pt")
     train.main(args + [f"--out_dir={tmp_path / 'resumed'}", "--resume"])
     full, resumed = losses(tmp_path / "full"), losses(tmp_path / "resumed")
     assert sorted(resumed) == [4, 5, 6]
     assert all(resumed[s] == full[s] for s in resumed), (full, resumed)
-    a = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=False)["model"]
-    b = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=False)["model"]
+    a, b = saved_model(tmp_path / "full"), saved_model(tmp_path / "resumed")
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -103,8 +107,7 @@ def test_two_process_data_parallel_equals_one_process_with_accumulation(tmp_path
     one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert sorted(one) == sorted(two) == [1, 2, 3, 4]
     assert all(abs(one[s] - two[s]) <= 1e-5 * abs(one[s]) for s in one), (one, two)
-    a = torch.load(tmp_path / "one" / "checkpoint.pt", weights_only=False)["model"]
-    b = torch.load(tmp_path / "two" / "checkpoint.pt", weights_only=False)["model"]
+    a, b = saved_model(tmp_path / "one"), saved_model(tmp_path / "two")
     assert all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6) for k in a)
 
 
