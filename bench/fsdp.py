@@ -1,6 +1,7 @@
 """Hand-written FSDP (fsdp.py) against PyTorch's FSDP2 (fully_shard) on the same model and batch.
 
     torchrun --nproc_per_node=2 bench/fsdp.py                     # CPU: gloo, tiny preset, fp32
+    torchrun --nproc_per_node=4 bench/fsdp.py                     # also --shard=hybrid as 2 x 2
     torchrun --nproc_per_node=N bench/fsdp.py --model=tinyllama-1.1b --seq_len=2048 --batch_size=2   # GPU
 
 Full fine-tuning, one micro-batch per step, AdamW, activation checkpointing on; random weights.
@@ -10,7 +11,9 @@ step, the time spent in collectives and the share of it that overlaps compute:
     comm = the union of the collectives' intervals (GPU: NCCL kernels; CPU: gloo's worker threads)
     hidden = |comm intersected with compute| / |comm|   (compute: the other GPU kernels; CPU: the
              top-level ops of the main thread)
-For ours also, from timing: (step time with prefetch 0 - with prefetch 1) / (the same collectives
+Ours runs once per sharding strategy (full = ZeRO-3, grad_op = ZeRO-2, hybrid = HSDP over groups of
+world / 2 ranks, at even world sizes above 2) and plain data parallelism (fsdp.Replicated). For
+full sharding also, from timing: (step time with prefetch 0 - with prefetch 1) / (the same collectives
 alone), i.e. how much of the communication prefetching actually saved (prefetch 0 waits for every
 gather right before the unit computes).
 """
@@ -113,44 +116,55 @@ def main(argv):
     ids = torch.randint(0, M.MODELS[preset].vocab_size, (B, T), generator=g).to(d.device)
     rows = []
 
-    def ours(prefetch):
+    def ours(prefetch=1, strategy="full", replicated=False):
         model = build(preset, d.device)
-        sharded = F.Sharded(model, d, prefetch=prefetch, checkpointing=True, param_dtype=dtype)
-        opt = torch.optim.AdamW(sharded.parameters(), lr=1e-5)
+        model.gradient_checkpointing = True
+        if replicated:
+            engine = F.Replicated(model, d, amp_dtype=dtype if cuda else None, loss_chunk=1024)
+        else:
+            engine = F.Sharded(model, d, prefetch, dtype, strategy=strategy, shard_group=d.world // 2,
+                               amp_dtype=dtype if cuda else None, loss_chunk=1024)
+        opt = torch.optim.AdamW(engine.param_groups(0.0), lr=1e-5)
 
         def step():
-            sharded.forward_backward(ids, ids, loss_chunk=1024, loss_scale=1 / (B * T * d.world), autocast=autocast)
-            sharded.clip_grad_norm_(1.0)
+            engine.forward_backward({"input_ids": ids, "labels": ids}, loss_scale=1 / (B * T * d.world))
+            engine.clip_grad_norm_(1.0)
             opt.step()
             opt.zero_grad(set_to_none=True)
 
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         t = timed_steps(step, d.device, n)
+        pk = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
+        return t, pk, model, traced_comm(step, cuda), engine, opt
 
-        def comm_only():  # the same collectives, nothing to overlap with
-            for unit in sharded.units + sharded.blocks[::-1] + [sharded.outer]:
-                sharded.wait_gather(unit)
-                sharded.free(unit)
-            for unit in sharded.units:
-                for grp in unit.groups:
-                    if grp.trainable:
-                        grp.full.grad = torch.zeros(grp.full.shape, dtype=grp.gather_dtype, device=d.device)
-                sharded.issue_reduce(unit)
-            sharded.finish_reduces()
-            opt.zero_grad(set_to_none=True)
-        comm = timed_steps(comm_only, d.device, n)
-        return t, comm, model, traced_comm(step, cuda)
+    def comm_only(engine, opt):  # full sharding's collectives in schedule order, nothing to overlap with
+        order = [engine.at[i] for i in F.schedule(len(engine.model.model.layers))]
+        for unit in order:
+            engine.wait_gather(unit)
+            engine.free(unit)
+        for unit in engine.units:
+            for grp in unit.groups:
+                if grp.trainable:
+                    grp.full.grad = torch.zeros(grp.full.shape, dtype=grp.gather_dtype, device=d.device)
+            engine.reduce(unit, sync=True)
+        engine.finish_reduces()
+        opt.zero_grad(set_to_none=True)
 
-    t1, comm, model, trace1 = ours(1)
-    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
-    t0, _, _, trace0 = ours(0)
+    t1, peak, model, trace1, engine, opt = ours(1)
+    comm = timed_steps(lambda: comm_only(engine, opt), d.device, n)
+    t0, _, _, trace0, _, _ = ours(0)
     flops = train.flops_per_token(model.args, T)
     peak_flops = train.peak_flops(d.device)
     saved = max(0.0, (t0 - t1) / comm) if comm > 0 else 0.0
-    rows.append(("fsdp.py, prefetch 1", t1, peak, trace1, f"{min(saved, 1):.0%}"))
-    rows.append(("fsdp.py, prefetch 0", t0, None, trace0, "0% (by construction)"))
+    rows.append(("fsdp.py full, prefetch 1", t1, peak, trace1, f"{min(saved, 1):.0%}"))
+    rows.append(("fsdp.py full, prefetch 0", t0, None, trace0, "0% (by construction)"))
     rows.append(("collectives alone", comm, None, None, ""))
+    for strategy in ["grad_op"] + (["hybrid"] if d.world > 2 and d.world % 2 == 0 else []):
+        t, pk, _, trace, _, _ = ours(1, strategy)
+        rows.append((f"fsdp.py {strategy}", t, pk, trace, ""))
+    t, pk, _, trace, _, _ = ours(replicated=True)
+    rows.append(("fsdp.Replicated (plain DP)", t, pk, trace, ""))
 
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard

@@ -1,6 +1,7 @@
 """Run by tests/test_fsdp.py under torchrun: sharded training of small models, results to a file.
 
     torchrun --nproc_per_node=W tests/fsdp_worker.py OUT_FILE
+    torchrun --nproc_per_node=4 tests/fsdp_worker.py OUT_FILE --strategies   # full, grad_op, hybrid (2 x 2)
 """
 import itertools
 import os
@@ -69,29 +70,76 @@ def fsdp2_losses(d):
     return losses
 
 
+def train_sharded(d, train_type, accum, ckpt, **kw):
+    """STEPS optimizer steps of Sharded: (losses, the Sharded object)."""
+    model = build(train_type, tie=train_type == "full")
+    model.gradient_checkpointing = ckpt
+    sharded = F.Sharded(model, d, prefetch=1, **kw)
+    opt = torch.optim.AdamW(sharded.param_groups(0.1), lr=1e-2)
+    losses = []
+    for step in range(STEPS):
+        n = n_targets(step, accum, d.world)
+        total = torch.zeros(())
+        for k in range(accum):
+            ids, labels = batch(step, k, d.rank)
+            s, _ = sharded.forward_backward({"input_ids": ids, "labels": labels}, loss_scale=1 / n, sync=k == accum - 1)
+            total += s
+        dist.all_reduce(total)
+        losses.append(total.item() / n)
+        sharded.clip_grad_norm_(1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return losses, sharded
+
+
+STRATEGY_CONFIGS = [("full", 2, True), ("qlora", 1, False)]
+
+
+def strategies(d):
+    """Each strategy on each config: losses and this rank's shard bytes; then two collective checks."""
+    results = {}
+    for strategy in ("full", "grad_op", "hybrid"):
+        for config in STRATEGY_CONFIGS:
+            losses, sharded = train_sharded(d, *config, strategy=strategy, shard_group=2)
+            results[(strategy, config)] = {"losses": losses, "shard_bytes": sum(
+                g.shard.numel() * g.shard.element_size() for u in sharded.units for g in u.groups)}
+    # A rank whose batch gave a group no gradient still joins its reduce-scatter (with zeros).
+    sharded = F.Sharded(build("lora"), d)
+    unit = next(u for u in sharded.units if u.trainable)
+    for g in unit.groups:
+        g.full.grad = torch.ones_like(g.full) if d.rank % 2 == 0 else None
+    sharded.reduce(unit, sync=True)
+    sharded.finish_reduces()
+    results["zero_filled"] = [g.shard.grad[:g.numel - g.rank * g.shard_numel].unique().tolist()
+                              for g in unit.groups if g.trainable]
+    # Plain data parallelism issues its all-reduces while backward is still running.
+    engine = F.Replicated(build("full", tie=True), d, bucket_bytes=4096)
+    inside, issue = [], dist.all_reduce
+
+    def logged(*a, **kw):
+        inside.append(torch._C._current_graph_task_id() != -1)  # -1: no backward running
+        return issue(*a, **kw)
+    F.dist.all_reduce = logged
+    ids, labels = batch(0, 0, d.rank)
+    engine.forward_backward({"input_ids": ids, "labels": labels})
+    F.dist.all_reduce = issue
+    results["dp_overlap"] = (sum(inside), len(inside), len(engine.buckets))
+    return results
+
+
 def main(out):
     dist.init_process_group("gloo")
     torch.set_num_threads(1)
     d = Dist(dist.get_rank(), dist.get_rank(), dist.get_world_size(), torch.device("cpu"))
+    if "--strategies" in sys.argv:
+        results = strategies(d)
+        if d.rank == 0:
+            torch.save(results, out)
+        dist.destroy_process_group()
+        return
     results = {}
     for train_type, accum, ckpt in CONFIGS:
-        model = build(train_type, tie=train_type == "full")
-        model.gradient_checkpointing = ckpt
-        sharded = F.Sharded(model, d, prefetch=1, log_events=True)
-        opt = torch.optim.AdamW(sharded.param_groups(0.1), lr=1e-2)
-        losses = []
-        for step in range(STEPS):
-            n = n_targets(step, accum, d.world)
-            total = torch.zeros(())
-            for k in range(accum):
-                ids, labels = batch(step, k, d.rank)
-                s, _ = sharded.forward_backward({"input_ids": ids, "labels": labels}, loss_scale=1 / n, sync=k == accum - 1)
-                total += s
-            dist.all_reduce(total)
-            losses.append(total.item() / n)
-            sharded.clip_grad_norm_(1.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+        losses, sharded = train_sharded(d, train_type, accum, ckpt, log_events=True)
         shard_bytes = sum(g.shard.numel() * g.shard.element_size() for u in sharded.units for g in u.groups)
         padded = sum(g.shard_numel * d.world * g.shard.element_size() for u in sharded.units for g in u.groups)
         results[(train_type, accum, ckpt)] = {"losses": losses, "state": sharded.trainable_state(),

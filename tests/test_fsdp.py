@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 from conftest import ROOT, small_model
-from fsdp_worker import CONFIGS, STEPS, batch, build, n_targets
+from fsdp_worker import CONFIGS, STEPS, STRATEGY_CONFIGS, batch, build, n_targets
 
 import lora as L
 import model as M
@@ -108,6 +108,57 @@ def test_exports_load_in_one_process_with_the_same_logits(run):
         fresh = Q.quantize_model(small_model(seed=0))  # the base the worker started from, no adapters
         L.load_adapter(fresh, out + ".adapter")
         torch.testing.assert_close(fresh(x), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def strategies(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("strategies") / "results.pt")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4",
+                        os.path.join(ROOT, "tests", "fsdp_worker.py"), out, "--strategies"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return torch.load(out, weights_only=False)
+
+
+@pytest.mark.parametrize("strategy", ["full", "grad_op", "hybrid"])
+def test_each_sharding_strategy_gives_the_data_parallel_losses_and_the_planned_bytes_at_world_4(strategies, strategy):
+    import fsdp as F
+    for config in STRATEGY_CONFIGS:
+        _, losses = unsharded(config[0], config[1], 4)
+        got = strategies[(strategy, config)]
+        assert got["losses"] == pytest.approx(losses, rel=1e-5), (strategy, config)
+        with torch.device("meta"):
+            model = build(config[0], tie=config[0] == "full")
+        gpu, _ = F.plan_memory(model, 4, batch_size=2, seq_len=12, param_bytes=4, strategy=strategy, shard_group=2)
+        assert gpu["weight shards"] == got["shard_bytes"], (strategy, config)
+    if strategy == "hybrid":  # shards of 1/2, not 1/4: twice the bytes of full sharding
+        assert strategies[("hybrid", STRATEGY_CONFIGS[0])]["shard_bytes"] > 1.9 * strategies[("full", STRATEGY_CONFIGS[0])]["shard_bytes"]
+
+
+def test_a_rank_without_a_gradient_still_joins_the_reduce_scatter_with_zeros(strategies):
+    assert strategies["zero_filled"] and all(v == [2.0] for v in strategies["zero_filled"])  # ranks 0 and 2 sent ones
+
+
+def test_data_parallel_all_reduces_overlap_the_backward(strategies):
+    inside, issued, buckets = strategies["dp_overlap"]
+    assert issued == buckets > 3 and inside >= buckets - 1  # all but at most the last issued while backward ran
+
+
+def test_unsynced_micro_batches_sum_their_gradients_in_fp32():
+    """16 micro-batches gathered in bf16: accumulating without reducing (sync=False) gives the same
+    gradient as reducing every micro-batch into the fp32 shard gradient; a bf16 running sum would
+    drift by ~0.5%."""
+    import fsdp as F
+    from train import Dist
+    grads = {}
+    for every in (True, False):
+        sharded = F.Sharded(build("lora"), Dist(0, 0, 1, torch.device("cpu")), param_dtype=torch.bfloat16,
+                            amp_dtype=torch.bfloat16)
+        for k in range(16):
+            ids, labels = batch(0, k, 0)
+            sharded.forward_backward({"input_ids": ids, "labels": labels}, loss_scale=1 / 300, sync=every or k == 15)
+        grads[every] = torch.cat([g.shard.grad for g in sharded.trainable_groups()])
+    torch.testing.assert_close(grads[False], grads[True], rtol=1e-6, atol=1e-9)
 
 
 def test_streamed_fsdp_run_equals_data_parallel_and_resumes(tmp_path, smollm2_dir):
@@ -271,3 +322,16 @@ def test_streamed_loading_holds_one_file_plus_the_shards(tmp_path):
         assert row["streamed"] < row["file"] + row["shards"], row
     full = [row for row in rows if row["kind"] == "full"]
     assert all(row["dense"] > row["file"] + row["shards"] for row in full), full
+
+
+def test_generation_under_sharding_gathers_each_unit_once_per_forward_and_matches_the_model():
+    import fsdp as F
+    from train import Dist
+    prompts = [[3, 4, 5], [6, 7]]
+    expected = M.generate(build("full", tie=True), prompts, 3, eos_id=49)
+    sharded = F.Sharded(build("full", tie=True), Dist(0, 0, 1, torch.device("cpu")), log_events=True)
+    got = M.generate(sharded.model, prompts, 3, eos_id=49, stop_early=False, forward=sharded.forward)
+    assert got == expected
+    gathers = [unit for what, unit, _ in sharded.events if what == "gather"]
+    assert sorted(set(gathers)) == ["block0", "block1", "outer"]
+    assert all(gathers.count(u) == 3 for u in ("block0", "block1")) and gathers.count("outer") == 3 * 2  # embed, head

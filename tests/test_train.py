@@ -190,3 +190,28 @@ def test_short_qlora_run_on_gsm8k_lowers_loss_and_exports_match(tmp_path, smollm
     x = torch.randint(0, 49152, (1, 24))
     with torch.no_grad():
         torch.testing.assert_close(merged(x), base(x), rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("fsdp", [False, True], ids=["replicated", "sharded"])
+def test_a_save_killed_halfway_leaves_the_previous_checkpoint_to_resume_from(tmp_path, monkeypatch, fsdp):
+    """The save at step 4 dies after writing half a rank file: the step-2 checkpoint is still the
+    current one, and resuming from it gives the uninterrupted run's steps 3 and 4."""
+    args = FAST + ["--max_steps=4", "--save_every=2", "--train_type=lora"] + (["--fsdp"] if fsdp else [])
+    train.main(args + [f"--out_dir={tmp_path / 'whole'}"])
+    save = torch.save
+
+    def dies_at_step_4(obj, f, *a, **kw):
+        if "step-00000004" in str(f):
+            open(f, "wb").write(b"PK\x03\x04 half a zip")
+            raise KeyboardInterrupt("killed during the save")
+        return save(obj, f, *a, **kw)
+
+    monkeypatch.setattr(F.torch, "save", dies_at_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(args + [f"--out_dir={tmp_path / 'killed'}"])
+    monkeypatch.setattr(F.torch, "save", save)
+    assert F.latest_checkpoint(str(tmp_path / "killed" / "checkpoint")).endswith("step-00000002")
+    train.main(args + [f"--out_dir={tmp_path / 'killed'}", "--resume"])
+    whole, resumed = losses(tmp_path / "whole"), losses(tmp_path / "killed")
+    assert resumed[3] == whole[3] and resumed[4] == whole[4]
+    assert F.latest_checkpoint(str(tmp_path / "killed" / "checkpoint")).endswith("step-00000004")
