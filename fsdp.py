@@ -24,7 +24,7 @@ multiple of S; shard rank r keeps [r * n / S, (r + 1) * n / S). The full buffer 
 storage is resized to the full size to gather and to zero to free; module attributes are views of
 it, so model.py's code runs unchanged on gathered units.
 
-The schedule (`schedule`, also what `plan_memory` walks): embed, block 0 .. L-1, head (loss, and its
+The schedule (`schedule`, also what `plan.plan_memory` walks): embed, block 0 .. L-1, head (loss, and its
 backward through norm and head), then block L-1 .. 0 backward; a trainable embedding's backward
 needs no weights and runs last. Before a unit computes, the gathers of the next `prefetch` units
 are issued; a unit is freed after it computes unless it comes back within that window (the last
@@ -33,9 +33,9 @@ blocks' inputs are kept; without it each block's autograd graph keeps views of i
 again once the unit is re-gathered for its backward. On CUDA gathers run on a side stream, and at
 most prefetch + 1 units' buffers are in flight (events); on CPU (gloo) async work handles.
 
-Below: `stream_from_pretrained` (load an HF folder one unit at a time straight into shards),
+Below: `stream_from_pretrained` (load an HF folder one unit at a time straight into shards) and
 checkpoints (every rank writes its file into a new step folder, made current by one rename;
-re-sharded on load at another world size) and `plan_memory` (what a rank will hold, on the meta device).
+re-sharded on load at another world size). plan.py predicts what a rank will hold at its peak.
 """
 
 import contextlib
@@ -695,12 +695,12 @@ def save_checkpoint(path, engine, opt, step, extra):
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
     if d.world > 1:
-        dist.barrier()
+        dist.barrier(group=dist.group.WORLD)
     state = {**engine.checkpoint_state(opt), **extra, "step": step, "world": d.world, "engine": type(engine).__name__}
     file = os.path.join(tmp, f"rank{d.rank}.pt")
     torch.save(state, file)
     if d.world > 1:
-        dist.barrier()  # every rank's file is complete
+        dist.barrier(group=dist.group.WORLD)  # every rank's file is complete
     if d.rank == 0:
         final = tmp.removesuffix(".tmp")
         shutil.rmtree(final, ignore_errors=True)
@@ -709,7 +709,7 @@ def save_checkpoint(path, engine, opt, step, extra):
             if old != final:
                 shutil.rmtree(old, ignore_errors=True)
     if d.world > 1:
-        dist.barrier()
+        dist.barrier(group=dist.group.WORLD)
 
 
 def load_checkpoint(path, engine, opt):
@@ -734,132 +734,3 @@ def load_checkpoint(path, engine, opt):
     if world != engine.d.world:
         state["data"] = dict(state["data"], index=state["data"]["index"] * world // engine.d.world)
     return state
-
-
-# -- the memory plan: what a rank will hold, from a meta-device model ----------------------
-
-
-def activation_bytes_per_token(model, act, kernels):
-    """Bytes per token kept for backward: (by one block, outside the blocks for the whole step,
-    by the final norm until the head's backward), written out from the tensors the code saves. act:
-    bytes of the compute dtype (2 bf16, 4 fp32).
-
-    A block keeps its input x; each RMSNorm keeps its input (the PyTorch reference keeps an fp32
-    copy, which is x itself in fp32; the kernel keeps x), an fp32 rstd per row and, in the
-    reference when its weight trains, x_hat; the projections keep their inputs (the two norm
-    outputs, the attention output, the SwiGLU output) and attention keeps q, k, v and an fp32
-    log-sum-exp per head (flash attention; its output is laid out so that o_proj's input is a view
-    of it). SwiGLU keeps gate and up (the reference also silu(gate)); each adapter keeps its rank-r
-    middle. Outside the blocks: the embedding's output, RoPE's cos and sin, and the final norm.
-    """
-    a = model.args
-    q, kv = a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim
-    x_hat = act * a.dim if model.model.norm.weight.requires_grad else 0  # for the weight's gradient
-
-    def norm(input_is_kept):  # what an RMSNorm adds to what is already kept
-        if kernels:
-            return (0 if input_is_kept else act * a.dim) + 4
-        return (0 if input_is_kept and act == 4 else 4 * a.dim) + x_hat + 4
-
-    block = (act * a.dim + norm(True) + norm(False)  # input, the two norms
-             + act * (2 * a.dim + q + a.ffn_dim)  # the projections' inputs
-             + act * (q + 2 * kv) + 4 * a.n_heads  # q, k, v, log-sum-exp
-             + act * a.ffn_dim * (2 if kernels else 3))  # gate, up (, silu(gate))
-    block += sum(act * m.rank for m in model.model.layers[0].modules() if isinstance(m, L.LoRALinear)) if a.n_layers else 0
-    outside = act * a.dim + 2 * act * a.head_dim  # the embedding's output, cos and sin
-    head = norm(False) + act * a.dim  # the final norm and its output, until the head's backward
-    return block, outside, head
-
-
-def unit_bytes(model, world, offload, param_bytes):
-    """Per unit of unit_module_lists: (gathered bytes, full gradient bytes, sharded gradient bytes,
-    AdamW bytes), and the (GPU, CPU) bytes of all shards; Sharded's grouping, padding, offloading."""
-    rows, gpu, cpu = [], 0, 0
-    for _, modules in unit_module_lists(model):
-        full = grad = sgrad = optim = 0
-        for (dtype, trainable, _), tensors in group_tensors(modules).items():
-            shard = math.ceil(sum(t.numel() for t, _ in tensors) / world)
-            size = 4 if trainable else torch.empty((), dtype=dtype).element_size()
-            if offloaded(offload, trainable):
-                cpu += shard * size
-            else:
-                gpu += shard * size
-            if trainable or world > 1 or offloaded(offload, trainable):  # else resident: the shard is the buffer
-                full += shard * world * (param_bytes if trainable else size)
-            if trainable:
-                grad, sgrad, optim = grad + shard * world * param_bytes, sgrad + shard * 4, optim + shard * 8
-        rows.append((full, grad, sgrad, optim))
-    return rows, gpu, cpu
-
-
-def plan_memory(model, world, batch_size, seq_len, prefetch=1, checkpointing=True, param_bytes=2, reduce_every_micro=True,
-                offload="none", loss_chunk=0, kernels=False, strategy="full", shard_group=0):
-    """Predicted peak bytes per rank, by category, without allocating (the model may be on the
-    meta device). Returns (gpu, cpu): the GPU bytes of each category at the peak, and their
-    "total"; the pinned CPU bytes with offload.
-
-    param_bytes is the compute dtype's size: trainable weights are gathered in it and activations
-    are kept in it. kernels: the Triton kernels run (CUDA); they keep less for backward than the
-    PyTorch references. Shards are 1/S of each buffer, S = world (hybrid: shard_group). Units
-    gathered at a moment are those of `schedule`'s window (grad_op: all of them).
-
-    The peak is the largest of these moments of a step (after the first, which creates AdamW's state):
-    - the loss: every block's activations kept (checkpointing: only the blocks' inputs), and the
-      logits at their largest;
-    - the backward of each block j: the activations of blocks 0..j (checkpointing: their inputs,
-      and block j recomputed), the gradients in flight through the block (two hidden-sized and two
-      ffn-sized tensors at most), its dequantized 4-bit weight, the full gradients of the unit (of
-      the unit before it in backward, whose reduce-scatter is in flight when S > 1, and of a tied
-      outer unit, kept to the end), and the sharded gradients of the units already reduced;
-    - the embedding's backward, when it trains: a dense gradient of the table, then the unit's;
-    - the optimizer step (fused AdamW: no temporaries) with every sharded gradient.
-    The logits are fp32 for the rows computed at once (all, or loss_chunk): log-softmax's output
-    and, in backward, two more of the same size; the fused kernel instead holds 4096-row chunks of
-    logits in the compute dtype and the gradients of the head's input (and weight, when it trains).
-    """
-    a, n_blocks, tied = model.args, model.args.n_layers, model.args.tie_embeddings
-    S = shard_group if strategy == "hybrid" else world
-    rows, gpu_shards, cpu_shards = unit_bytes(model, S, offload, param_bytes)
-    full, grad, sgrad = [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows]
-    optim = sum(r[3] for r in rows)
-    pos = list(range(n_blocks + 1)) + [0 if tied else n_blocks + 1]  # schedule position -> unit of `rows`
-    order = [pos[i] for i in schedule(n_blocks)]
-    if strategy == "grad_op":
-        gathered = sum(full)
-    else:
-        gathered = max(sum(full[u] for u in set(order[i:i + prefetch + 1])) for i in range(len(order)))
-    tokens, act = batch_size * seq_len, param_bytes
-    block, outside, head = activation_bytes_per_token(model, act, kernels)
-    kept = act * a.dim if checkpointing else block  # per block and token, between its forward and its backward
-    dequant = max([m.in_features * m.out_features * param_bytes for m in model.modules() if isinstance(m, Linear4bit)] + [0])
-    if kernels:
-        logits = min(tokens, 4096 if loss_chunk <= 0 else loss_chunk) * a.vocab_size * act + tokens * a.dim * act
-        logits += a.vocab_size * a.dim * act if grad[pos[-1]] else 0
-    else:
-        logits = (loss_chunk if 0 < loss_chunk < tokens else tokens) * a.vocab_size * 4 * 3
-    on_gpu = offload != "all"  # else sharded gradients and AdamW state live on the CPU
-    static = {"weight shards": gpu_shards, "gathered units": gathered, "optimizer": optim if on_gpu else 0}
-    accumulated = 0 if reduce_every_micro else sum(grad) // param_bytes * 4  # fp32 sums kept across micro-batches
-    moments = [dict(static, gradients=accumulated, activations=tokens * (n_blocks * kept + outside + head),
-                    **{"dequantized weight": 0}, logits=logits)]
-    backward = [pos[-1]] + list(range(n_blocks, 0, -1)) + [0]  # units in the order their gradient completes
-    held = grad[0] if tied else 0  # a tied outer unit's gradient waits for the embedding's backward
-    for k in range(1, n_blocks + 1):
-        j, unit, before = n_blocks - k, backward[k], backward[k - 1]
-        reducing = grad[before] if S > 1 and not (tied and before == 0) else 0
-        reduced = sum(sgrad[u] for u in backward[:k - 1] if not (tied and u == 0)) if on_gpu else 0
-        acts = tokens * ((j + 1) * kept + (block if checkpointing else 0) + outside + 2 * act * (a.dim + a.ffn_dim))
-        moments.append(dict(static, gradients=reduced + (accumulated or held + grad[unit] + reducing), activations=acts,
-                            **{"dequantized weight": dequant}, logits=0))
-    if model.model.embed_tokens.weight.requires_grad:  # its backward: a dense [vocab, dim] gradient, then the unit's
-        reduced, reducing = (sum(sgrad[1:]) if on_gpu else 0), (grad[1] if S > 1 else 0)
-        moments.append(dict(static, gradients=reduced + (accumulated or held + reducing) + a.vocab_size * a.dim * act + grad[0],
-                            activations=tokens * outside, **{"dequantized weight": 0}, logits=0))
-    # The optimizer step (fused AdamW, as train.py uses on CUDA: no temporaries): every sharded gradient.
-    moments.append(dict(static, **{"gathered units": 0}, gradients=sum(sgrad) if on_gpu else 0, activations=0,
-                        **{"dequantized weight": 0}, logits=0))
-    gpu = max(moments, key=lambda m: sum(m.values()))
-    gpu["total"] = sum(gpu.values())
-    cpu = {"weight shards": cpu_shards, "gradients": 0 if on_gpu else sum(sgrad),
-           "optimizer": 0 if on_gpu else optim} if offload != "none" else {}
-    return gpu, cpu

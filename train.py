@@ -34,6 +34,7 @@ import fsdp as F
 import kernels as K
 import lora as L
 import model as M
+import plan as P
 import quant as Q
 
 
@@ -419,7 +420,7 @@ def dry_run(cfg: Config, d: Dist):
                 p.data = p.data.to(torch.bfloat16)
     # The Triton kernels that keep less for backward, when they would run (a GPU, --kernels=triton).
     kernels = K.HAS_TRITON and cfg.kernels == "triton" and not {"rmsnorm", "swiglu", "linear_ce"} & set(cfg.kernels_off.split(","))
-    gpu, cpu = F.plan_memory(model, world, cfg.batch_size, cfg.seq_len, cfg.prefetch, cfg.grad_checkpointing,
+    gpu, cpu = P.plan_memory(model, world, cfg.batch_size, cfg.seq_len, cfg.prefetch, cfg.grad_checkpointing,
                              2 if use_bf16 else 4, cfg.reduce_every_micro, cfg.offload, cfg.loss_chunk, kernels,
                              cfg.shard, cfg.shard_group)
     print(f"memory plan: {cfg.model} {cfg.train_type}, world {world}, --shard={cfg.shard}, batch {cfg.batch_size} x {cfg.seq_len}, "

@@ -1,4 +1,4 @@
-"""The memory plan (fsdp.plan_memory, what `train.py --dry_run` prints) against measured peak memory.
+"""The memory plan (plan.plan_memory, what `train.py --dry_run` prints) against measured peak memory.
 
     python bench/memory.py                          # CPU: tiny preset, fp32, 4 x 256 tokens
     torchrun --nproc_per_node=2 bench/memory.py     # the same, each rank sharded over 2 (gloo)
@@ -38,6 +38,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import fsdp as F  # noqa: E402
 import lora as L  # noqa: E402
 import model as M  # noqa: E402
+import plan as P  # noqa: E402
 import quant as Q  # noqa: E402
 import train  # noqa: E402
 
@@ -100,7 +101,7 @@ def build_model(args, kind, device, dtype):
 def compare(args, kind, ckpt, d, batch_size, seq_len, bf16, kernels, offload="none", prefetch=1):
     """(planned GPU bytes by category, measured peak bytes) for one configuration on this rank."""
     dtype = torch.bfloat16 if bf16 else torch.float32
-    plan, _ = F.plan_memory(build_model(args, kind, torch.device("meta"), dtype), d.world, batch_size, seq_len,
+    plan, _ = P.plan_memory(build_model(args, kind, torch.device("meta"), dtype), d.world, batch_size, seq_len,
                             prefetch, ckpt, 2 if bf16 else 4, offload=offload, kernels=kernels)
     tokens = batch_size * seq_len * d.world
 

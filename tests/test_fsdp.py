@@ -8,8 +8,10 @@ import torch
 from conftest import ROOT, small_model
 from fsdp_worker import CONFIGS, STEPS, STRATEGY_CONFIGS, batch, build, n_targets
 
+import fsdp as F
 import lora as L
 import model as M
+import plan as P
 import quant as Q
 
 
@@ -122,14 +124,13 @@ def strategies(tmp_path_factory):
 
 @pytest.mark.parametrize("strategy", ["full", "grad_op", "hybrid"])
 def test_each_sharding_strategy_gives_the_data_parallel_losses_and_the_planned_bytes_at_world_4(strategies, strategy):
-    import fsdp as F
     for config in STRATEGY_CONFIGS:
         _, losses = unsharded(config[0], config[1], 4)
         got = strategies[(strategy, config)]
         assert got["losses"] == pytest.approx(losses, rel=1e-5), (strategy, config)
         with torch.device("meta"):
             model = build(config[0], tie=config[0] == "full")
-        gpu, _ = F.plan_memory(model, 4, batch_size=2, seq_len=12, param_bytes=4, strategy=strategy, shard_group=2)
+        gpu, _ = P.plan_memory(model, 4, batch_size=2, seq_len=12, param_bytes=4, strategy=strategy, shard_group=2)
         assert gpu["weight shards"] == got["shard_bytes"], (strategy, config)
     if strategy == "hybrid":  # shards of 1/2, not 1/4: twice the bytes of full sharding
         assert strategies[("hybrid", STRATEGY_CONFIGS[0])]["shard_bytes"] > 1.9 * strategies[("full", STRATEGY_CONFIGS[0])]["shard_bytes"]
@@ -148,7 +149,6 @@ def test_unsynced_micro_batches_sum_their_gradients_in_fp32():
     """16 micro-batches gathered in bf16: accumulating without reducing (sync=False) gives the same
     gradient as reducing every micro-batch into the fp32 shard gradient; a bf16 running sum would
     drift by ~0.5%."""
-    import fsdp as F
     from train import Dist
     grads = {}
     for every in (True, False):
@@ -204,12 +204,11 @@ def test_streamed_fsdp_run_equals_data_parallel_and_resumes(tmp_path, smollm2_di
 
 
 def test_memory_plan_predicts_the_shards_each_rank_holds(run):
-    import fsdp as F
     world, _, results = run
     for config in CONFIGS:
         with torch.device("meta"):
             model = build(config[0], tie=config[0] == "full")
-        gpu, _ = F.plan_memory(model, world, batch_size=2, seq_len=12, param_bytes=4)
+        gpu, _ = P.plan_memory(model, world, batch_size=2, seq_len=12, param_bytes=4)
         assert gpu["weight shards"] == results[config]["shard_bytes"], config
 
 
@@ -258,7 +257,6 @@ def test_memory_plan_is_within_10_percent_of_the_measured_peak_on_2_ranks(tmp_pa
 
 @pytest.mark.parametrize("offload", ["frozen", "all"])
 def test_offload_keeps_the_chosen_shards_on_the_cpu_and_trains_the_same(offload):
-    import fsdp as F
     from train import Dist
     d = Dist(0, 0, 1, torch.device("cpu"))
     losses = {}
@@ -278,7 +276,7 @@ def test_offload_keeps_the_chosen_shards_on_the_cpu_and_trains_the_same(offload)
     frozen = sum(g.shard.numel() * g.shard.element_size() for g in groups if not g.trainable)
     trainable = sum(g.shard.numel() * g.shard.element_size() for g in groups if g.trainable)
     with torch.device("meta"):
-        gpu, cpu = F.plan_memory(build("qlora"), 1, 2, 12, param_bytes=4, offload=offload)
+        gpu, cpu = P.plan_memory(build("qlora"), 1, 2, 12, param_bytes=4, offload=offload)
     assert cpu["weight shards"] == frozen + (trainable if offload == "all" else 0)
     assert gpu["weight shards"] == (trainable if offload == "frozen" else 0)
     assert (cpu["optimizer"], gpu["optimizer"]) == ((2 * trainable, 0) if offload == "all" else (0, 2 * trainable))
@@ -325,7 +323,6 @@ def test_streamed_loading_holds_one_file_plus_the_shards(tmp_path):
 
 
 def test_generation_under_sharding_gathers_each_unit_once_per_forward_and_matches_the_model():
-    import fsdp as F
     from train import Dist
     prompts = [[3, 4, 5], [6, 7]]
     expected = M.generate(build("full", tie=True), prompts, 3, eos_id=49)
