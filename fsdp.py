@@ -178,9 +178,11 @@ class FlatGroup:
         """Issue the reduce-scatter (sum) of the full gradient into this rank's slice (async):
         (work, output). A rank whose batch gave this group no gradient sends zeros, so every rank
         issues the same collectives in the same order."""
-        self.stash()
-        grad = self.acc if self.acc is not None else torch.zeros_like(self.full, dtype=torch.float32)
-        self.acc, grad = None, grad.to(reduce_dtype)
+        g, self.full.grad = self.full.grad, None
+        if self.acc is not None:  # earlier micro-batches, summed in fp32
+            g = self.acc.add_(g) if g is not None else self.acc
+        grad = (g if g is not None else torch.zeros_like(self.full)).to(reduce_dtype)
+        self.acc = None
         out = torch.empty(self.shard_numel, dtype=reduce_dtype, device=self.device)
         if self.world == 1:
             return None, out.copy_(grad)
@@ -470,6 +472,9 @@ class Sharded:
                 if g.trainable:
                     g.bind(g.gather_master())
             yield unit
+            for g in unit.groups:
+                if g.trainable:
+                    g.bind()  # back to the compute buffer: the fp32 copy is dropped with this unit
             self.free(unit)
 
     def trainable_state(self):
@@ -524,7 +529,7 @@ class Sharded:
 
         def reshard(pieces, g):
             if S_old == g.world:
-                return pieces[g.rank]
+                return pieces[g.rank].clone()  # not a view of the memory-mapped file a later save deletes
             full = torch.cat([p.reshape(-1) for p in pieces[:S_old]])[:g.numel]
             part = full[g.rank * g.shard_numel:(g.rank + 1) * g.shard_numel]
             return torch.cat([part, part.new_zeros(g.shard_numel - part.numel())])
@@ -590,10 +595,11 @@ class Replicated:
                 work.wait()  # <- all-reduces waited for
                 for p, piece in zip(params, flat.split([p.numel() for p in params])):
                     p.grad = piece.view_as(p).to(p.dtype)
-            self.syncing = False
+            self.syncing, self.works = False, []  # the grads own the buckets now: zero_grad frees them
         return loss.detach(), n
 
     def forward(self, *args, **kw):
+        kw.setdefault("loss_chunk", self.loss_chunk)
         with torch.no_grad(), self.amp():
             return self.model(*args, **kw)
 
@@ -703,7 +709,9 @@ def save_checkpoint(path, engine, opt, step, extra):
         dist.barrier(group=dist.group.WORLD)  # every rank's file is complete
     if d.rank == 0:
         final = tmp.removesuffix(".tmp")
-        shutil.rmtree(final, ignore_errors=True)
+        if os.path.exists(final):  # the same step saved again: keep a complete copy until the commit
+            shutil.rmtree(final + ".old", ignore_errors=True)
+            os.replace(final, final + ".old")
         os.replace(tmp, final)  # <- the commit
         for old in glob.glob(os.path.join(path, "step-*")):
             if old != final:

@@ -332,3 +332,14 @@ def test_generation_under_sharding_gathers_each_unit_once_per_forward_and_matche
     gathers = [unit for what, unit, _ in sharded.events if what == "gather"]
     assert sorted(set(gathers)) == ["block0", "block1", "outer"]
     assert all(gathers.count(u) == 3 for u in ("block0", "block1")) and gathers.count("outer") == 3 * 2  # embed, head
+
+
+def test_gathering_for_export_keeps_no_unit_alive_afterwards():
+    """trainable_state / export gather fp32 masters one unit at a time: afterwards no module points
+    at a full-size copy (else export would hold the whole model on every rank)."""
+    from train import Dist
+    sharded = F.Sharded(build("full", tie=True), Dist(0, 0, 1, torch.device("cpu")))
+    state = sharded.trainable_state()
+    assert state and all(v.dtype == torch.float32 for v in state.values())
+    weights = [sharded.model.model.layers[0].self_attn.q_proj.weight, sharded.model.lm_head.weight]
+    assert all(w.untyped_storage().nbytes() == 0 for w in weights)
