@@ -5,7 +5,7 @@ flat token array with document offsets (in memory, or memory-mapped .bin files f
 -> rows of `seq_len` tokens -> batches, each rank taking a disjoint share.
 
 Sources (`load_documents`):
-- `arith`: built-in two-digit addition ("37+45=" -> "82"), no download; a 3M-parameter model learns
+- `arith`: built-in two-digit addition ("37+45=" -> "082"), no download; a 0.8M-parameter model learns
   it on CPU in well under a minute, and exact-match accuracy on held-out sums proves the pipeline.
 - `.txt`: one document per file. `.jsonl`: one record per line. `.json`: a list of records.
   A record is {"text"} (trained on everywhere), Alpaca {"instruction", "input", "output"},
@@ -24,8 +24,8 @@ Two ways to make rows (`Batches`):
   carries its position within its document (restarting at 0) and a document id, and the model
   masks attention so documents never see each other. Documents longer than a row are cut into
   row-sized pieces (text) or truncated (instruction data: a response without its prompt is noise);
-  the log reports both, and packing efficiency = real tokens / slots. Measured: arith at 64 tokens
-  96.6%; GSM8K (byte tokens, 300-1000 per record) 94% at 2048 but 87% at 1024, where few pairs of
+  the log reports both, and packing efficiency = real tokens / slots. Measured: arith at 66 tokens
+  100% (six 11-token sums a row); GSM8K (byte tokens, 300-1000 per record) 94% at 2048 but 87% at 1024, where few pairs of
   documents fit one row (sorting by length first does not help: 76-85%).
 - padding: one document per row, rows of similar length grouped into a batch (sorted within a
   window of 64 batches) and right-padded to the longest, so a plain causal mask is exact.
@@ -196,10 +196,12 @@ def record_segments(rec, where, fmt="alpaca"):
 
 
 def arith_records(n=10000, seed=1234):
-    """All sums a+b with a, b < 100, in a fixed shuffled order (so the held-out tail is unseen)."""
+    """All sums a+b with a, b < 100, in a fixed shuffled order (so the held-out tail is unseen),
+    written at fixed width ("07+45=" -> "052"): every digit keeps its place, which a small model
+    learns several times faster than ragged numbers."""
     pairs = [(a, b) for a in range(100) for b in range(100)]
     random.Random(seed).shuffle(pairs)
-    return [{"prompt": f"{a}+{b}=", "completion": str(a + b)} for a, b in pairs[:n]]
+    return [{"prompt": f"{a:02d}+{b:02d}=", "completion": f"{a + b:03d}"} for a, b in pairs[:n]]
 
 
 def read_records(path):
