@@ -21,6 +21,7 @@ import math
 import os
 import random
 import re
+import shutil
 import sys
 import time
 import types
@@ -67,6 +68,8 @@ class Config:
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0  # clip the global gradient norm to this; 0 = no clipping
+    nan_policy: str = "stop"  # stop (at the first step whose loss or gradient norm is not finite, saving nothing) | skip (drop such steps; stop after --nan_skips in a row)
+    nan_skips: int = 5  # with --nan_policy=skip: consecutive non-finite steps before stopping
     # system
     seed: int = 0
     precision: str = "auto"  # auto (bf16 autocast on CUDA and on CPUs with AMX / AVX512-BF16, else fp32) | bf16 | fp32
@@ -103,6 +106,7 @@ class Config:
     adapter: str = ""  # a PEFT LoRA adapter folder to put on --model for --ask
     temperature: float = 0.0  # for --ask and the end-of-run samples: 0 = greedy
     top_k: int = 0  # for --ask and the samples: sample from the k most likely tokens; 0 = all
+    overwrite: bool = False  # start afresh in an --out_dir that holds a previous run (else refused; --resume continues it)
     resume: bool = False  # continue from the newest complete <out_dir>/checkpoint/step-N (also at another world size)
 
 
@@ -152,7 +156,7 @@ def parse_args(argv) -> Config:
                           ("eval_metric", ("auto", "exact", "last_number")),
                           ("train_type", ("full", "lora", "qlora", "dora", "qdora")), ("reduce_dtype", ("fp32", "bf16")),
                           ("chat_format", ("auto", "alpaca", "chatml", "llama3")), ("hf_dtype", ("bf16", "fp32")),
-                          ("kernels", ("triton", "torch", "interpret")), ("offload", F.OFFLOAD), ("shard", F.STRATEGIES)):
+                          ("kernels", ("triton", "torch", "interpret")), ("nan_policy", ("stop", "skip")), ("offload", F.OFFLOAD), ("shard", F.STRATEGIES)):
         if getattr(cfg, name) not in allowed:
             raise ValueError(f"flag --{name}={getattr(cfg, name)} is not one of {', '.join(allowed)}")
     if not 0 <= cfg.lora_dropout < 1:
@@ -167,7 +171,7 @@ def parse_args(argv) -> Config:
     if any(k not in K.NAMES for k in off):
         raise ValueError(f"flag --kernels_off: unknown kernel {next(k for k in off if k not in K.NAMES)!r}; "
                          f"kernels are {', '.join(K.NAMES)}")
-    for name in ("seq_len", "batch_size", "grad_accum", "max_steps", "log_every", "eval_every", "lora_rank"):
+    for name in ("seq_len", "batch_size", "grad_accum", "max_steps", "log_every", "eval_every", "lora_rank", "nan_skips"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"flag --{name} must be at least 1, got {getattr(cfg, name)}")
     return cfg
@@ -463,6 +467,18 @@ def ask(cfg: Config, d: Dist):
     return answer
 
 
+def open_metrics(path, start):
+    """metrics.jsonl for appending. On resume the rows after the checkpoint's step (written by the
+    run that was interrupted, and about to be written again) are dropped first."""
+    rows = []
+    if start and os.path.isfile(path):
+        rows = [line for line in open(path) if json.loads(line).get("step", 0) <= start]
+    with open(path + ".tmp", "w") as f:
+        f.writelines(rows)
+    os.replace(path + ".tmp", path)
+    return open(path, "a")
+
+
 def make_engine(model, cfg: Config, d: Dist):
     """Plain data parallelism or fsdp.py's sharding, behind the same interface (fsdp.py)."""
     amp = torch.bfloat16 if uses_bf16(cfg, d.device.type) else None
@@ -478,6 +494,12 @@ def make_engine(model, cfg: Config, d: Dist):
 
 def setup(cfg: Config, d: Dist, log):
     """The model, its engine and optimizer, the data, and the resumed state: what the loop needs."""
+    used = [f for f in ("checkpoint", "metrics.jsonl") if os.path.exists(os.path.join(cfg.out_dir, f))]
+    if used and not (cfg.resume or cfg.overwrite):
+        raise ValueError(f"--out_dir={cfg.out_dir} holds a previous run ({', '.join(used)}): pass --resume to continue "
+                         f"it or --overwrite to replace it")
+    if cfg.overwrite and d.main:
+        shutil.rmtree(os.path.join(cfg.out_dir, "checkpoint"), ignore_errors=True)
     os.makedirs(cfg.out_dir, exist_ok=True)
     model, tok, extra_files = build_model(cfg, d)
     model.gradient_checkpointing = cfg.grad_checkpointing
@@ -522,6 +544,9 @@ def setup(cfg: Config, d: Dist, log):
         loader.load_state_dict(state["data"])
         set_rng(state["rng"])
         start = state["step"]
+        if start > cfg.max_steps:
+            raise ValueError(f"--max_steps={cfg.max_steps} is below the step of the checkpoint in {ckpt_path} "
+                             f"({start}); pass --max_steps above it to train on")
         log(f"resumed from {ckpt_path} at step {start}, data epoch {loader.epoch} batch {loader.index}")
     return types.SimpleNamespace(model=model, tok=tok, extra_files=extra_files, engine=engine, opt=opt, dataset=dataset,
                                  eval_docs=eval_docs, loader=loader, ckpt_path=ckpt_path, start=start,
@@ -533,7 +558,7 @@ def train_loop(cfg: Config, d: Dist, r, log, record):
     engine, opt, loader = r.engine, r.opt, r.loader
     flops_tok = flops_per_token(r.model.args, cfg.seq_len, cfg.train_type != "full", r.adapters)
     peak = peak_flops(d.device)
-    t_start, t_last, tokens_since = time.time(), time.time(), 0
+    t_start, t_last, tokens_since, skipped = time.time(), time.time(), 0, 0
     for step in range(r.start, cfg.max_steps):
         lr = lr_at(step, cfg)
         for g in opt.param_groups:
@@ -547,9 +572,21 @@ def train_loop(cfg: Config, d: Dist, r, log, record):
             s_, _ = engine.forward_backward(to_device(b, d.device), loss_scale=1 / max(n_target, 1), sync=sync)
             loss_sum += s_.item()
         gnorm = engine.clip_grad_norm_(cfg.grad_clip if cfg.grad_clip > 0 else float("inf")).item()
+        loss = all_reduce_sum([loss_sum], d)[0] / max(n_target, 1)
+        bad = next(((name, v) for name, v in (("loss", loss), ("gradient norm", gnorm)) if not math.isfinite(v)), None)
+        # Every rank sees the same loss and global norm, so all take the same branch.
+        skipped = skipped + 1 if bad else 0
+        if bad and (cfg.nan_policy == "stop" or skipped > cfg.nan_skips):
+            raise ValueError(f"step {step + 1}: the {bad[0]} is {bad[1]}" + (f" for {skipped} steps in a row" if skipped > 1 else "")
+                             + "; stopped without saving this state (lower --lr, keep --grad_clip, check the data and "
+                             "--precision; the last checkpoint, if any, is intact)")
+        if bad:
+            log(f"step {step + 1}: the {bad[0]} is {bad[1]}; step skipped ({skipped} in a row, --nan_policy=skip)")
+            record({"step": step + 1, "skipped": bad[0]})
+            opt.zero_grad(set_to_none=True)
+            continue
         opt.step()
         opt.zero_grad(set_to_none=True)
-        loss = all_reduce_sum([loss_sum], d)[0] / max(n_target, 1)
 
         now = time.time()
         tokens_since += n_real
@@ -620,7 +657,7 @@ def main(argv):
     d = init_distributed(cfg.threads)
     log = print if d.main else (lambda *a, **k: None)
     r = setup(cfg, d, log)
-    metrics = open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a" if cfg.resume else "w") if d.main else None
+    metrics = open_metrics(os.path.join(cfg.out_dir, "metrics.jsonl"), r.start) if d.main else None
 
     def record(row):
         if metrics:

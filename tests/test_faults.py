@@ -1,0 +1,87 @@
+"""Faults and bad input: nothing silent, nothing lost. Each test provokes one fault and checks the
+one-line error (or the correct handling) the trainer gives it."""
+import json
+import math
+import os
+
+import pytest
+import torch
+
+import fsdp as F
+import train
+
+FAST = ["--seq_len=32", "--batch_size=4", "--eval_samples=0", "--samples=0", "--save_hf=false", "--log_every=1",
+        "--warmup_steps=2", "--lr=1e-3", "--precision=fp32", "--eval_every=100"]
+
+
+def rows(out_dir):
+    return [json.loads(line) for line in open(os.path.join(out_dir, "metrics.jsonl"))]
+
+
+def test_a_diverging_run_stops_at_the_first_non_finite_step_and_keeps_the_last_good_checkpoint(tmp_path):
+    with pytest.raises(ValueError, match=r"^step (\d+): the (loss|gradient norm) is (nan|inf); stopped without saving") as e:
+        train.main(FAST + ["--lr=1e20", "--grad_clip=0", "--max_steps=6", "--save_every=1", f"--out_dir={tmp_path}"])
+    bad_step = int(e.value.args[0].split(":")[0].split()[1])
+    folder = F.latest_checkpoint(str(tmp_path / "checkpoint"))
+    assert folder.endswith(f"step-{bad_step - 1:08d}")  # the state before the bad step, never the bad one
+    state = torch.load(os.path.join(folder, "rank0.pt"), weights_only=False)["model"]
+    assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+    assert all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) for r in rows(tmp_path) if "loss" in r)
+
+
+def poison(monkeypatch, steps):
+    """Make the loss of the given (1-based) optimizer steps NaN, as a bad batch would."""
+    real, calls = F.Replicated.forward_backward, {"n": 0}
+
+    def forward_backward(self, batch, loss_scale=1.0, sync=True):
+        calls["n"] += 1
+        loss, n = real(self, batch, loss_scale, sync)
+        return (loss * float("nan") if calls["n"] in steps else loss), n
+    monkeypatch.setattr(F.Replicated, "forward_backward", forward_backward)
+
+
+def test_nan_policy_skip_drops_the_bad_step_and_counts_it(tmp_path, monkeypatch):
+    poison(monkeypatch, {2})
+    train.main(FAST + ["--max_steps=4", "--nan_policy=skip", f"--out_dir={tmp_path}"])
+    steps = [r for r in rows(tmp_path) if "eval_loss" not in r]
+    assert [(r["step"], "skipped" in r) for r in steps] == [(1, False), (2, True), (3, False), (4, False)]
+
+
+def test_nan_policy_skip_stops_after_too_many_in_a_row(tmp_path, monkeypatch):
+    poison(monkeypatch, {2, 3, 4})
+    with pytest.raises(ValueError, match=r"^step 4: the loss is nan for 3 steps in a row; stopped without saving"):
+        train.main(FAST + ["--max_steps=6", "--nan_policy=skip", "--nan_skips=2", f"--out_dir={tmp_path}"])
+
+
+def test_a_used_out_dir_is_refused_unless_resumed_or_overwritten(tmp_path):
+    train.main(FAST + ["--max_steps=2", f"--out_dir={tmp_path}"])
+    with pytest.raises(ValueError, match=rf"^--out_dir={tmp_path} holds a previous run \(checkpoint, metrics.jsonl\): "
+                                         r"pass --resume to continue it or --overwrite to replace it$"):
+        train.main(FAST + ["--max_steps=1", f"--out_dir={tmp_path}"])
+    train.main(FAST + ["--max_steps=1", "--overwrite", f"--out_dir={tmp_path}"])
+    assert [r["step"] for r in rows(tmp_path) if "loss" in r] == [1]
+    assert F.latest_checkpoint(str(tmp_path / "checkpoint")).endswith("step-00000001")
+
+
+def test_resume_below_the_saved_step_is_refused_in_one_line(tmp_path):
+    train.main(FAST + ["--max_steps=3", f"--out_dir={tmp_path}"])
+    with pytest.raises(ValueError, match=r"^--max_steps=2 is below the step of the checkpoint in .* \(3\); pass --max_steps"):
+        train.main(FAST + ["--max_steps=2", "--resume", f"--out_dir={tmp_path}"])
+
+
+def test_metrics_after_a_resume_hold_each_step_once(tmp_path, monkeypatch):
+    """Killed after step 4 with the last checkpoint at step 2: the resumed run rewrites steps 3-4."""
+    args = FAST + ["--max_steps=5", "--save_every=2", f"--out_dir={tmp_path}"]
+    save = torch.save
+
+    def dies_at_step_4(obj, f, *a, **kw):
+        if "step-00000004" in str(f):
+            raise KeyboardInterrupt("killed")
+        return save(obj, f, *a, **kw)
+    monkeypatch.setattr(F.torch, "save", dies_at_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(args)
+    monkeypatch.setattr(F.torch, "save", save)
+    assert [r["step"] for r in rows(tmp_path) if "loss" in r] == [1, 2, 3, 4]
+    train.main(args + ["--resume"])
+    assert [r["step"] for r in rows(tmp_path) if "loss" in r] == [1, 2, 3, 4, 5]
