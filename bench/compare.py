@@ -7,9 +7,9 @@ the same batch, one training step at a time, side by side in one run.
 Each side runs at its best setting on this device, printed in the table:
 - ours: train.py's --precision=auto (bf16 autocast with fp32 master weights and a bf16 frozen base
   where the device multiplies bf16 natively: CUDA, or a CPU with AMX / AVX512-BF16; else fp32),
-  the Triton kernels on CUDA, fsdp.Replicated, AdamW (fused on CUDA);
+  the Triton kernels on CUDA, fsdp.Replicated, fused AdamW;
 - transformers + PEFT: bf16 autocast where ours uses it (same precision), the frozen base loaded
-  in bf16 for LoRA, fp32 master weights for full fine-tuning, SDPA attention, AdamW (fused on CUDA);
+  in bf16 for LoRA, fp32 master weights for full fine-tuning, SDPA attention, fused AdamW (as ours);
   QLoRA through bitsandbytes' 4-bit Linear, on a GPU only (its CPU backend is not its product).
 LoRA targets every linear layer but the head, rank --lora_rank, alpha 2 * rank, no dropout.
 A row whose library is not installed is skipped with a note: none of them is a dependency.
@@ -119,8 +119,7 @@ def theirs(path, kind, device, batch, rank, bf16):
                 if p.requires_grad:
                     p.data = p.data.float()  # fp32 adapters, as ours
         model.train()
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5,
-                                fused=device.type == "cuda")
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=True)
         ids = batch["input_ids"]
 
         def step():
