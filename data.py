@@ -7,7 +7,7 @@ flat token array with document offsets (in memory, or memory-mapped .bin files f
 Sources (`load_documents`):
 - `arith`: built-in two-digit addition ("37+45=" -> "082"), no download; a 0.8M-parameter model learns
   it on CPU in well under a minute, and exact-match accuracy on held-out sums proves the pipeline.
-- `.txt`: one document per file. `.jsonl`: one record per line. `.json`: a list of records.
+- `.txt`: each paragraph (text between blank lines) is a document. `.jsonl`: one record per line. `.json`: a list of records.
   A record is {"text"} (trained on everywhere), Alpaca {"instruction", "input", "output"},
   {"prompt", "completion"}, or chat {"messages": [{"role": system | user | assistant, "content"}]}.
 
@@ -39,6 +39,7 @@ import hashlib
 import json
 import os
 import random
+import re
 
 import numpy as np
 import torch
@@ -138,6 +139,16 @@ def detect_format(tok):
     return "chatml" if has("<|im_start|>") else "llama3" if has("<|start_header_id|>") else "alpaca"
 
 
+def text_field(rec, key, where, optional=False):
+    """rec[key] as a string; a null, number or list there is an error, never the text "None"."""
+    value = rec.get(key)
+    if optional and value is None:
+        return ""
+    if not isinstance(value, str):
+        raise ValueError(f"{where}: field {key!r} must be a string, got {'null' if value is None else type(value).__name__}")
+    return value
+
+
 def chat_turns(rec, where):
     """A record as (role, content) turns: {"messages": [{"role", "content"}, ...]}, or an Alpaca /
     prompt-completion record as one user turn and one assistant turn."""
@@ -148,14 +159,15 @@ def chat_turns(rec, where):
                 raise ValueError(f"{where}: messages[{i}] must be an object with 'role' and 'content'")
             if msg["role"] not in ROLES:
                 raise ValueError(f"{where}: messages[{i}] has unknown role {msg['role']!r}; expected one of {', '.join(ROLES)}")
-            turns.append((msg["role"], str(msg["content"])))
+            turns.append((msg["role"], text_field(msg, "content", f"{where}: messages[{i}]")))
         if not turns or turns[-1][0] != "assistant":
             raise ValueError(f"{where}: a chat record must end with an assistant message")
         return turns
     if "instruction" in rec and "output" in rec:
-        user = str(rec["instruction"]) + ("\n\n" + str(rec["input"]) if rec.get("input") else "")
-        return [("user", user), ("assistant", str(rec["output"]))]
-    return [("user", str(rec["prompt"])), ("assistant", str(rec["completion"]))]
+        extra = text_field(rec, "input", where, optional=True)
+        user = text_field(rec, "instruction", where) + ("\n\n" + extra if extra else "")
+        return [("user", user), ("assistant", text_field(rec, "output", where))]
+    return [("user", text_field(rec, "prompt", where)), ("assistant", text_field(rec, "completion", where))]
 
 
 def chat_segments(turns, fmt):
@@ -180,7 +192,7 @@ def record_segments(rec, where, fmt="alpaca"):
     if not isinstance(rec, dict):
         raise ValueError(f"{where}: expected a JSON object, got {type(rec).__name__}")
     if "text" in rec and not ({"instruction", "prompt", "messages"} & set(rec)):
-        return [(str(rec["text"]), True)], "text", None, True
+        return [(text_field(rec, "text", where), True)], "text", None, True
     if not ({"instruction", "output"} <= set(rec) or {"prompt", "completion"} <= set(rec) or "messages" in rec):
         raise ValueError(f"{where}: expected a 'text' field, Alpaca fields 'instruction' and 'output', "
                          f"'prompt' and 'completion', or 'messages', got keys {sorted(rec)}")
@@ -190,9 +202,11 @@ def record_segments(rec, where, fmt="alpaca"):
     if "messages" in rec:
         raise ValueError(f"{where}: a 'messages' record needs a chat format (--chat_format=chatml or llama3)")
     if "instruction" in rec:
-        prompt = alpaca_prompt(str(rec["instruction"]), str(rec.get("input") or ""))
-        return [(prompt, False), (str(rec["output"]), True)], "instruction", str(rec["output"]), True
-    return [(str(rec["prompt"]), False), (str(rec["completion"]), True)], "instruction", str(rec["completion"]), True
+        prompt = alpaca_prompt(text_field(rec, "instruction", where), text_field(rec, "input", where, optional=True))
+        output = text_field(rec, "output", where)
+        return [(prompt, False), (output, True)], "instruction", output, True
+    completion = text_field(rec, "completion", where)
+    return [(text_field(rec, "prompt", where), False), (completion, True)], "instruction", completion, True
 
 
 def arith_records(n=10000, seed=1234):
@@ -206,9 +220,11 @@ def arith_records(n=10000, seed=1234):
 
 def read_records(path):
     """Yield (record, where) from a .json list, a .jsonl file or a .txt file."""
-    if path.endswith(".txt"):
+    if path.endswith(".txt"):  # paragraphs (separated by blank lines) are documents: some can be held out
         with open(path, encoding="utf-8") as f:
-            yield {"text": f.read()}, path
+            paragraphs = [p.strip() for p in re.split(r"\n\s*\n", f.read())]
+        for k, text in enumerate(p for p in paragraphs if p):
+            yield {"text": text}, f"{path}: paragraph {k + 1}"
     elif path.endswith(".jsonl"):
         with open(path, encoding="utf-8") as f:
             for i, line in enumerate(f, 1):

@@ -671,6 +671,7 @@ def write_hf_folder(path, args: ModelArgs, shards, n_shards, dtype, extra_files=
     for i, shard in enumerate(shards):
         name = "model.safetensors" if n_shards == 1 else f"model-{i + 1:05d}-of-{n_shards:05d}.safetensors"
         save_file(shard, os.path.join(tmp, name), metadata={"format": "pt"})
+        os.chmod(os.path.join(tmp, name), 0o644)  # safetensors writes 0600; the rest of the folder is 0644
         weight_map.update({k: name for k in shard})
         total += sum(v.numel() * v.element_size() for v in shard.values())
     if n_shards > 1:

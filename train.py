@@ -159,8 +159,6 @@ def parse_args(argv) -> Config:
                           ("kernels", ("triton", "torch", "interpret")), ("nan_policy", ("stop", "skip")), ("offload", F.OFFLOAD), ("shard", F.STRATEGIES)):
         if getattr(cfg, name) not in allowed:
             raise ValueError(f"flag --{name}={getattr(cfg, name)} is not one of {', '.join(allowed)}")
-    if not 0 <= cfg.lora_dropout < 1:
-        raise ValueError(f"flag --lora_dropout must be in [0, 1), got {cfg.lora_dropout}")
     if cfg.offload != "none" and not (cfg.fsdp or cfg.dry_run):
         raise ValueError(f"flag --offload={cfg.offload} needs --fsdp (it offloads the shards)")
     if cfg.shard == "hybrid" and cfg.shard_group < 1:
@@ -171,10 +169,28 @@ def parse_args(argv) -> Config:
     if any(k not in K.NAMES for k in off):
         raise ValueError(f"flag --kernels_off: unknown kernel {next(k for k in off if k not in K.NAMES)!r}; "
                          f"kernels are {', '.join(K.NAMES)}")
-    for name in ("seq_len", "batch_size", "grad_accum", "max_steps", "log_every", "eval_every", "lora_rank", "nan_skips"):
-        if getattr(cfg, name) < 1:
-            raise ValueError(f"flag --{name} must be at least 1, got {getattr(cfg, name)}")
+    for name, (ok, expected) in RANGES.items():  # at parse time, before anything is loaded
+        if not ok(getattr(cfg, name)):
+            raise ValueError(f"flag --{name} must be {expected}, got {getattr(cfg, name)}")
     return cfg
+
+
+def at_least(n):
+    return (lambda v: v >= n), f"at least {n}"
+
+
+def within(lo, hi, closed=False):
+    return (lambda v: lo <= v <= hi if closed else lo <= v < hi), f"in [{lo}, {hi}{']' if closed else ')'}"
+
+
+RANGES = {**{k: at_least(1) for k in ("seq_len", "batch_size", "grad_accum", "max_steps", "log_every", "eval_every",
+                                      "eval_batches", "lora_rank", "nan_skips", "max_new_tokens")},
+          **{k: at_least(0) for k in ("warmup_steps", "save_every", "eval_samples", "samples", "prefetch", "threads",
+                                      "plan_world", "shard_group", "loss_chunk", "top_k")},
+          **{k: ((lambda v: 0 < v < math.inf), "a positive finite number") for k in ("lr", "lora_alpha")},
+          **{k: ((lambda v: 0 <= v < math.inf), "a finite number >= 0") for k in ("weight_decay", "grad_clip", "temperature")},
+          "eval_frac": within(0, 1), "lora_dropout": within(0, 1), "beta1": within(0, 1), "beta2": within(0, 1),
+          "min_lr_ratio": within(0, 1, closed=True)}
 
 
 # -----------------------------------------------------------------------------

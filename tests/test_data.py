@@ -136,10 +136,10 @@ def test_token_cache_is_memory_mapped_and_equals_in_memory(tmp_path):
     assert len(os.listdir(tmp_path / "cache")) == 1
 
 
-def test_plain_text_file_is_one_document(tmp_path):
-    (tmp_path / "a.txt").write_text("line one\nline two\n")
+def test_plain_text_file_is_one_document_per_paragraph(tmp_path):
+    (tmp_path / "a.txt").write_text("line one\nline two\n\n  \nsecond paragraph\n\n\n")
     data = D.load_documents(str(tmp_path / "a.txt"), D.ByteTokenizer())
-    assert len(data) == 1 and D.ByteTokenizer().decode(data.tokens) == "line one\nline two\n"
+    assert len(data) == 2 and D.ByteTokenizer().decode(data.tokens) == "line one\nline twosecond paragraph"
 
 
 def test_malformed_jsonl_line_names_file_and_line(tmp_path):

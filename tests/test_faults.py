@@ -85,3 +85,39 @@ def test_metrics_after_a_resume_hold_each_step_once(tmp_path, monkeypatch):
     assert [r["step"] for r in rows(tmp_path) if "loss" in r] == [1, 2, 3, 4]
     train.main(args + ["--resume"])
     assert [r["step"] for r in rows(tmp_path) if "loss" in r] == [1, 2, 3, 4, 5]
+
+
+@pytest.mark.parametrize("record, field, got", [({"text": None}, "text", "null"),
+                                                 ({"instruction": "a", "output": None}, "output", "null"),
+                                                 ({"instruction": "a", "output": ["x", "y"]}, "output", "list"),
+                                                 ({"instruction": 3, "output": "b"}, "instruction", "int"),
+                                                 ({"prompt": "a", "completion": 1.5}, "completion", "float")])
+def test_a_null_or_wrongly_typed_field_is_an_error_naming_the_record(tmp_path, record, field, got):
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps({"text": "fine"}) + "\n" + json.dumps(record) + "\n")
+    with pytest.raises(ValueError, match=rf"^{path}:2: field '{field}' must be a string, got {got}$"):
+        train.main(FAST + ["--max_steps=1", f"--data={path}", f"--out_dir={tmp_path / 'out'}"])
+
+
+@pytest.mark.parametrize("flag, message", [("--eval_frac=1.5", "must be in [0, 1), got 1.5"),
+                                            ("--eval_frac=-0.5", "must be in [0, 1), got -0.5"),
+                                            ("--eval_batches=0", "must be at least 1, got 0"),
+                                            ("--lr=nan", "must be a positive finite number, got nan"),
+                                            ("--threads=-1", "must be at least 0, got -1")])
+def test_out_of_range_numbers_are_refused_when_parsed(flag, message):
+    with pytest.raises(ValueError, match=rf"^flag {flag.split('=')[0]} {message.replace('[', '.').replace(')', '.')}$"):
+        train.parse_args([flag])
+
+
+def test_a_text_file_is_split_into_paragraphs_so_the_default_eval_works(tmp_path):
+    path = tmp_path / "book.txt"
+    path.write_text("\n\n".join(f"Paragraph {i}: " + "words and more words. " * 3 for i in range(40)) + "\n")
+    train.main(FAST + ["--max_steps=2", f"--data={path}", f"--out_dir={tmp_path / 'out'}"])
+    evals = [r for r in rows(tmp_path / "out") if "eval_loss" in r]
+    assert len(evals) == 2 and all(math.isfinite(r["eval_loss"]) and r["eval_loss"] > 0 for r in evals)
+
+
+def test_exported_weights_are_readable_by_everyone_like_the_rest_of_the_folder(tmp_path):
+    train.main(FAST + ["--max_steps=1", "--save_hf=true", f"--out_dir={tmp_path}"])
+    modes = {f: os.stat(tmp_path / "hf" / f).st_mode & 0o777 for f in os.listdir(tmp_path / "hf")}
+    assert modes["model.safetensors"] == 0o644 and modes["config.json"] == 0o644, modes
