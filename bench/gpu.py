@@ -39,13 +39,14 @@ SMOKE = "--smoke" in sys.argv
 if SMOKE:
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel is defined
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(1, os.path.dirname(os.path.abspath(__file__)))
 import fsdp as F  # noqa: E402
 import kernels as K  # noqa: E402
-import lora as L  # noqa: E402
 import model as M  # noqa: E402
 import plan as P  # noqa: E402
 import quant as Q  # noqa: E402
 import train  # noqa: E402
+from memory import build_model  # noqa: E402  (bench/memory.py: random weights, quantized, adapters, as each kind)
 
 HBM_PEAK = {"H200": 4.8e12, "H100": 3.35e12, "A100": 2.0e12}  # bytes/s
 
@@ -219,17 +220,8 @@ def shapes(smoke, layers):
 
 
 def our_step(args, kind, device, B, T):
-    """(step function, the meta model for the plan) for train.py's pieces at bf16."""
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = M.Llama(args)
-        model.init_weights()
-    if kind != "full":
-        model.to(torch.bfloat16)
-    if kind == "qlora":
-        Q.quantize_model(model)
-    if kind != "full":
-        L.add_lora(model, rank=16, alpha=32, targets="all-linear", generator=torch.Generator().manual_seed(0))
+    """(step function, the model) for train.py's pieces at bf16."""
+    model = build_model(args, kind, device, torch.bfloat16)
     model.gradient_checkpointing = True
     d = train.Dist(0, 0, 1, device)
     engine = F.Replicated(model, d, amp_dtype=torch.bfloat16, loss_chunk=4096)
@@ -291,15 +283,7 @@ def training_rows(t, device, smoke, layers):
         ours[kind] = (tok_s, peak)
         t.add("train step", f"ours {kind}, {args.n_layers}-layer llama3-8b shape, {B}x{T}",
               f"{tok_s:,.0f} tok/s, MFU {mfu:.1%}, peak {peak / 2**30:.2f} GiB" if mfu else f"{tok_s:,.0f} tok/s")
-        with torch.device("meta"):
-            meta = M.Llama(args)
-        if kind != "full":
-            meta.to(torch.bfloat16)
-        if kind == "qlora":
-            Q.quantize_model(meta)
-        if kind != "full":
-            L.add_lora(meta, rank=16, alpha=32, targets="all-linear", generator=torch.Generator().manual_seed(0))
-        gpu, _ = P.plan_memory(meta, 1, B, T, checkpointing=True, param_bytes=2, loss_chunk=4096,
+        gpu, _ = P.plan_memory(build_model(args, kind, torch.device("meta"), torch.bfloat16), 1, B, T, checkpointing=True, param_bytes=2, loss_chunk=4096,
                                kernels=device.type == "cuda" and K.HAS_TRITON)
         if device.type == "cuda":
             ratio = gpu["total"] / peak
@@ -332,13 +316,7 @@ def fsdp_rows(t, device, smoke):
     batch = {"input_ids": ids, "labels": ids}
     losses = {}
     for mode in ("replicated", "none", "frozen", "all"):
-        torch.manual_seed(0)
-        with torch.device(device):
-            model = M.Llama(args)
-            model.init_weights()
-        model.to(torch.bfloat16)
-        Q.quantize_model(model)
-        L.add_lora(model, rank=16, alpha=32, generator=torch.Generator().manual_seed(0))
+        model = build_model(args, "qlora", device, torch.bfloat16)
         model.gradient_checkpointing = True
         engine = (F.Replicated(model, d, amp_dtype=torch.bfloat16) if mode == "replicated" else
                   F.Sharded(model, d, param_dtype=torch.bfloat16, amp_dtype=torch.bfloat16, offload=mode))
