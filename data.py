@@ -487,7 +487,8 @@ class Batches:
         if per_rank == 0:
             raise ValueError(f"data: {len(batches)} batches of {self.batch_size} rows cannot give each of "
                              f"{self.world} ranks one; use less --batch_size or --seq_len, or more data")
-        self.stats = {"docs": len(order), "tokens": real, "cropped_tokens": cropped,
+        untrainable = sum(1 for start, n in pieces if not self.data.mask[start:start + n].any())  # prompt fills the row
+        self.stats = {"docs": len(order), "tokens": real, "cropped_tokens": cropped, "untrainable": untrainable,
                       "efficiency": real / max(slots, 1), "batches_per_rank": per_rank}
         self._plan = batches[self.rank:per_rank * self.world:self.world]
         self._plan_epoch = epoch

@@ -549,7 +549,8 @@ def setup(cfg: Config, d: Dist, log):
     s = loader.stats
     log(f"data {cfg.data} ({fmt}): {s['docs']} train docs, {len(eval_docs)} held out, {s['tokens']:,} tokens/epoch, "
         f"{'packing' if cfg.pack else 'padding'} efficiency {s['efficiency']:.1%}, "
-        f"{s['cropped_tokens']:,} tokens cropped, {s['batches_per_rank']} batches/rank/epoch")
+        f"{s['cropped_tokens']:,} tokens cropped, {s['batches_per_rank']} batches/rank/epoch"
+        + (f"; {s['untrainable']:,} documents with no trainable token within --seq_len" if s["untrainable"] else ""))
     if cfg.eval_metric == "auto":
         cfg.eval_metric = "exact" if cfg.data == "arith" else "last_number"
 
@@ -582,6 +583,10 @@ def train_loop(cfg: Config, d: Dist, r, log, record):
         micro = [next(loader) for _ in range(cfg.grad_accum)]
         n_real = sum(b.pop("num_tokens") for b in micro)
         n_target, n_real = all_reduce_sum([sum(int((b["labels"] != D.IGNORE).sum()) for b in micro), n_real], d)
+        if n_target == 0:  # the same on every rank: all stop
+            raise ValueError(f"step {step + 1}: no trainable token in this step's batches ({loader.stats['untrainable']:,} "
+                             f"of {loader.stats['docs']:,} documents have none within --seq_len={cfg.seq_len}: their "
+                             f"prompts fill the row); raise --seq_len or shorten the prompts")
         loss_sum = 0.0
         for k, b in enumerate(micro):
             sync = k == len(micro) - 1 or (cfg.fsdp and cfg.reduce_every_micro)

@@ -121,3 +121,12 @@ def test_exported_weights_are_readable_by_everyone_like_the_rest_of_the_folder(t
     train.main(FAST + ["--max_steps=1", "--save_hf=true", f"--out_dir={tmp_path}"])
     modes = {f: os.stat(tmp_path / "hf" / f).st_mode & 0o777 for f in os.listdir(tmp_path / "hf")}
     assert modes["model.safetensors"] == 0o644 and modes["config.json"] == 0o644, modes
+
+
+def test_data_whose_prompts_fill_seq_len_stops_with_the_reason(tmp_path, capsys):
+    path = tmp_path / "long.jsonl"
+    path.write_text("".join(json.dumps({"prompt": "p" * 60 + str(i), "completion": "ok"}) + "\n" for i in range(200)))
+    with pytest.raises(ValueError, match=r"^step 1: no trainable token in this step's batches \(190 of 190 documents have "
+                                         r"none within --seq_len=32: their prompts fill the row\)"):
+        train.main(FAST + ["--max_steps=2", f"--data={path}", f"--out_dir={tmp_path / 'out'}"])
+    assert "190 documents with no trainable token within --seq_len" in capsys.readouterr().out
