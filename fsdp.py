@@ -720,12 +720,12 @@ def save_checkpoint(path, engine, opt, step, extra):
         dist.barrier(group=dist.group.WORLD)
 
 
-def load_checkpoint(path, engine, opt):
+def load_checkpoint(path, engine, opt, check=None):
     """Restore the engine and the optimizer from the newest complete save; returns this rank's
     rest (step, data, rng, ...). Saved at another world size, the model and optimizer are
     re-sharded from memory-mapped rank files, the data position becomes the same global position
     (index * old_world / new_world), and a new rank takes the RNG state of the old rank with its
-    number (or rank 0's)."""
+    number (or rank 0's). check(rank 0's saved state, folder) may refuse first."""
     folder = latest_checkpoint(path)
     if folder is None:
         raise FileNotFoundError(f"{path}: no complete checkpoint to --resume from")
@@ -737,6 +737,8 @@ def load_checkpoint(path, engine, opt):
     if old[0]["engine"] != type(engine).__name__:
         raise ValueError(f"{folder}: saved by {old[0]['engine']}, resuming with {type(engine).__name__} "
                          f"(--fsdp must match the run that saved it)")
+    if check is not None:  # e.g. that the run's settings match the saved ones, before any tensor is loaded
+        check(old[0], folder)
     engine.load_checkpoint_state(old, opt, folder)
     state = dict(old[engine.d.rank if engine.d.rank < world else 0])
     if world != engine.d.world:

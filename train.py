@@ -15,6 +15,7 @@ a Hugging Face folder).
 
 import dataclasses
 import difflib
+import hashlib
 import inspect
 import json
 import math
@@ -495,6 +496,40 @@ def open_metrics(path, start):
     return open(path, "a")
 
 
+# What a resumed run must share with the run that saved: the model and adapters (the tensors), the
+# data and how it is cut into batches (the saved position indexes that plan). The rest may change.
+MUST_MATCH = ("train_type", "lora_rank", "lora_alpha", "lora_target", "data", "chat_format", "seq_len", "pack",
+              "eval_frac", "seed")
+
+
+def base_fingerprint(model):
+    """A preset's name, or a hash of an HF folder's safetensors files: each header (names, shapes,
+    dtypes, offsets) and the first MiB of its weights, which tells a base from its fine-tune."""
+    if not os.path.isdir(model):
+        return model
+    digest = hashlib.sha1()
+    for file in sorted(set(M.safetensors_files(model).values())):
+        with open(file, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            digest.update(f.read(n + 2**20))
+    return digest.hexdigest()[:16]
+
+
+def same_run(saved, where, cfg: Config, d: Dist):
+    """Refuse, in one line, a resume whose settings differ where the checkpoint depends on them."""
+    old = saved["config"]
+    for name in MUST_MATCH:
+        if old[name] != getattr(cfg, name):
+            raise ValueError(f"{where}: saved with --{name}={old[name]}, resuming with --{name}={getattr(cfg, name)}; "
+                             f"it must match (max_steps, lr, schedule, eval and logging flags may change)")
+    rows, now = old["batch_size"] * old["grad_accum"] * saved["world"], cfg.batch_size * cfg.grad_accum * d.world
+    if rows != now:
+        raise ValueError(f"{where}: saved with a global batch of {rows} rows (--batch_size x --grad_accum x world), "
+                         f"resuming with {now}; keep it (e.g. scale --grad_accum with the world size)")
+    if saved.get("base") != base_fingerprint(cfg.model):
+        raise ValueError(f"{where}: saved from another base model than --model={cfg.model} (its weights differ)")
+
+
 def make_engine(model, cfg: Config, d: Dist):
     """Plain data parallelism or fsdp.py's sharding, behind the same interface (fsdp.py)."""
     amp = torch.bfloat16 if uses_bf16(cfg, d.device.type) else None
@@ -557,7 +592,7 @@ def setup(cfg: Config, d: Dist, log):
     opt = make_optimizer(engine, cfg, d.device)
     ckpt_path, start = os.path.join(cfg.out_dir, "checkpoint"), 0
     if cfg.resume:
-        state = F.load_checkpoint(ckpt_path, engine, opt)
+        state = F.load_checkpoint(ckpt_path, engine, opt, check=lambda saved, where: same_run(saved, where, cfg, d))
         loader.load_state_dict(state["data"])
         set_rng(state["rng"])
         start = state["step"]
@@ -643,7 +678,8 @@ def run_eval(cfg: Config, d: Dist, r, log, record, step):
 def save(cfg: Config, d: Dist, r, step):
     """The resumable checkpoint: the engine's state, optimizer, data position, every rank's RNG."""
     F.save_checkpoint(r.ckpt_path, r.engine, r.opt, step,
-                      {"data": r.loader.state_dict(), "rng": rng_state(), "config": dataclasses.asdict(cfg)})
+                      {"data": r.loader.state_dict(), "rng": rng_state(), "config": dataclasses.asdict(cfg),
+                       "base": base_fingerprint(cfg.model)})
 
 
 def finish(cfg: Config, d: Dist, r, log, record):

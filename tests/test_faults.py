@@ -1,5 +1,6 @@
 """Faults and bad input: nothing silent, nothing lost. Each test provokes one fault and checks the
 one-line error (or the correct handling) the trainer gives it."""
+import dataclasses
 import json
 import math
 import os
@@ -130,3 +131,28 @@ def test_data_whose_prompts_fill_seq_len_stops_with_the_reason(tmp_path, capsys)
                                          r"none within --seq_len=32: their prompts fill the row\)"):
         train.main(FAST + ["--max_steps=2", f"--data={path}", f"--out_dir={tmp_path / 'out'}"])
     assert "190 documents with no trainable token within --seq_len" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("change, message", [
+    ("--batch_size=2", r"saved with a global batch of 4 rows \(--batch_size x --grad_accum x world\), resuming with 2"),
+    ("--seq_len=48", r"saved with --seq_len=32, resuming with --seq_len=48; it must match"),
+    ("--lora_rank=4", r"saved with --lora_rank=8, resuming with --lora_rank=4; it must match")])
+def test_resume_with_settings_the_checkpoint_depends_on_changed_is_refused(tmp_path, change, message):
+    args = FAST + ["--train_type=lora", f"--out_dir={tmp_path}"]
+    train.main(args + ["--max_steps=1"])
+    with pytest.raises(ValueError, match=rf"^{tmp_path}/checkpoint/step-00000001: {message}"):
+        train.main(args + ["--max_steps=2", "--resume", change])
+    train.main(args + ["--max_steps=2", "--resume", "--lr=5e-4", "--eval_every=1"])  # these may change
+
+
+def test_resume_onto_another_base_model_is_refused(tmp_path):
+    from conftest import small_model
+    import model as M
+    for seed in (0, 1):
+        M.save_pretrained(small_model(seed=seed), str(tmp_path / f"m{seed}"), dtype=torch.float32)
+    a, b = train.base_fingerprint(str(tmp_path / "m0")), train.base_fingerprint(str(tmp_path / "m1"))
+    assert a != b and a == train.base_fingerprint(str(tmp_path / "m0"))
+    cfg = train.Config(model=str(tmp_path / "m1"))
+    saved = {"config": dataclasses.asdict(cfg), "world": 1, "base": a}
+    with pytest.raises(ValueError, match=rf"^ckpt: saved from another base model than --model={tmp_path}/m1 "):
+        train.same_run(saved, "ckpt", cfg, train.Dist(0, 0, 1, torch.device("cpu")))
