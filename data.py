@@ -76,7 +76,10 @@ class HFTokenizer:
     def __init__(self, path, eos_id=None, bos_id=None):
         from tokenizers import Tokenizer
         self.path = path
-        self.tok = Tokenizer.from_file(path)
+        try:
+            self.tok = Tokenizer.from_file(path)
+        except Exception as e:  # the tokenizers library raises a bare Exception for a file it cannot parse
+            raise ValueError(f"{path}: not a readable tokenizer.json ({str(e).splitlines()[0][:120]})") from None
         self.vocab_size = self.tok.get_vocab_size()
         self.eos_id, self.bos_id = eos_id, bos_id
         self.pad_id = eos_id if eos_id is not None else 0
@@ -218,29 +221,36 @@ def arith_records(n=10000, seed=1234):
     return [{"prompt": f"{a:02d}+{b:02d}=", "completion": f"{a + b:03d}"} for a, b in pairs[:n]]
 
 
+def read_text(path):
+    """A file's text; bytes that are not UTF-8 are an error naming the line."""
+    raw = open(path, "rb").read()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise ValueError(f"{path}:{line}: not UTF-8 text (byte {raw[e.start]:#04x})") from None
+
+
 def read_records(path):
     """Yield (record, where) from a .json list, a .jsonl file or a .txt file."""
     if path.endswith(".txt"):  # paragraphs (separated by blank lines) are documents: some can be held out
-        with open(path, encoding="utf-8") as f:
-            paragraphs = [p.strip() for p in re.split(r"\n\s*\n", f.read())]
+        paragraphs = [p.strip() for p in re.split(r"\n\s*\n", read_text(path))]
         for k, text in enumerate(p for p in paragraphs if p):
             yield {"text": text}, f"{path}: paragraph {k + 1}"
     elif path.endswith(".jsonl"):
-        with open(path, encoding="utf-8") as f:
-            for i, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{i}: not valid JSON ({e.msg} at column {e.colno})") from None
-                yield rec, f"{path}:{i}"
-    elif path.endswith(".json"):
-        with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(read_text(path).splitlines(), 1):
+            if not line.strip():
+                continue
             try:
-                recs = json.load(f)
+                rec = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+                raise ValueError(f"{path}:{i}: not valid JSON ({e.msg} at column {e.colno})") from None
+            yield rec, f"{path}:{i}"
+    elif path.endswith(".json"):
+        try:
+            recs = json.loads(read_text(path))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
         if not isinstance(recs, list):
             raise ValueError(f"{path}: expected a JSON list of records, got {type(recs).__name__}")
         for i, rec in enumerate(recs):

@@ -720,6 +720,13 @@ def save_checkpoint(path, engine, opt, step, extra):
         dist.barrier(group=dist.group.WORLD)
 
 
+def read_rank_file(file):
+    try:
+        return torch.load(file, map_location="cpu", weights_only=False, mmap=True)
+    except Exception as e:  # zip, EOF and unpickling errors alike: the file is not a whole checkpoint
+        raise ValueError(f"{file}: not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:100]})") from None
+
+
 def load_checkpoint(path, engine, opt, check=None):
     """Restore the engine and the optimizer from the newest complete save; returns this rank's
     rest (step, data, rng, ...). Saved at another world size, the model and optimizer are
@@ -730,8 +737,7 @@ def load_checkpoint(path, engine, opt, check=None):
     if folder is None:
         raise FileNotFoundError(f"{path}: no complete checkpoint to --resume from")
     world = len(glob.glob(os.path.join(folder, "rank*.pt")))
-    old = [torch.load(os.path.join(folder, f"rank{r}.pt"), map_location="cpu", weights_only=False, mmap=True)
-           for r in range(world)]
+    old = [read_rank_file(os.path.join(folder, f"rank{r}.pt")) for r in range(world)]
     if old[0]["world"] != world:
         raise ValueError(f"{folder}: holds {world} rank files, saved at world size {old[0]['world']}")
     if old[0]["engine"] != type(engine).__name__:

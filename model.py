@@ -512,17 +512,24 @@ def generate(model: Llama, prompts, max_new_tokens, temperature=0.0, top_k=0, eo
 # Hugging Face checkpoint folders
 
 
+def read_json(path):
+    """A JSON file; text that is not JSON is a one-line error naming the file."""
+    with open(path) as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+
+
 def read_hf_config(path) -> ModelArgs:
     cfg_path = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_path):
         raise FileNotFoundError(f"{cfg_path}: not found, expected a Hugging Face model folder with config.json")
-    with open(cfg_path) as f:
-        cfg = json.load(f)
+    cfg = read_json(cfg_path)
     args = ModelArgs.from_hf_config(cfg, cfg_path)
     gen_path = os.path.join(path, "generation_config.json")  # eos for chat models often lives here
     if os.path.isfile(gen_path):
-        with open(gen_path) as f:
-            eos = json.load(f).get("eos_token_id")
+        eos = read_json(gen_path).get("eos_token_id")
         if eos is not None:
             args.eos_token_id = eos[0] if isinstance(eos, list) else eos
     return args
@@ -532,20 +539,26 @@ def safetensors_files(path):
     """{tensor name: file} for model.safetensors or a sharded folder with model.safetensors.index.json."""
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.isfile(index):
-        with open(index) as f:
-            return {k: os.path.join(path, v) for k, v in json.load(f)["weight_map"].items()}
+        return {k: os.path.join(path, v) for k, v in read_json(index)["weight_map"].items()}
     single = os.path.join(path, "model.safetensors")
     if not os.path.isfile(single):
         raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
-    from safetensors import safe_open
-    with safe_open(single, "pt") as f:
+    with open_safetensors(single) as f:
         return {k: single for k in f.keys()}
+
+
+def open_safetensors(file):
+    """safe_open, with a truncated or garbage file as a one-line error naming it."""
+    from safetensors import SafetensorError, safe_open
+    try:
+        return safe_open(file, "pt")
+    except SafetensorError as e:
+        raise ValueError(f"{file}: not a readable safetensors file ({e})") from None
 
 
 def iter_checkpoint(path, expected_shapes, only=None):
     """Yield (name, tensor) from an HF folder, one file open at a time, checking names and shapes.
     only: a set of names to read (the rest is checked but not loaded): one shard unit's tensors."""
-    from safetensors import safe_open
     where = safetensors_files(path)
     missing = [k for k in expected_shapes if k not in where]
     if missing:
@@ -559,7 +572,7 @@ def iter_checkpoint(path, expected_shapes, only=None):
         if only is None or name in only:
             by_file.setdefault(file, []).append(name)
     for file, names in by_file.items():
-        with safe_open(file, "pt") as f:
+        with open_safetensors(file) as f:
             for name in names:
                 shape = tuple(f.get_slice(name).get_shape())
                 if expected_shapes[name] is not None and shape != tuple(expected_shapes[name]):

@@ -29,6 +29,7 @@ Dequantization (kernels/nf4.py) runs as a Triton kernel on CUDA and in PyTorch e
 
 import json
 import math
+import os
 
 import torch
 import torch.nn as nn
@@ -251,8 +252,7 @@ def dequantize_model(model, dtype=torch.float32):
 
 def quantization_config(path):
     """config.json's quantization_config (transformers writes it for a pre-quantized folder), or {}."""
-    with open(f"{path}/config.json") as f:
-        return json.load(f).get("quantization_config") or {}
+    return M.read_json(os.path.join(path, "config.json")).get("quantization_config") or {}
 
 
 def is_prequantized(path):

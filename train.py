@@ -545,6 +545,8 @@ def make_engine(model, cfg: Config, d: Dist):
 
 def setup(cfg: Config, d: Dist, log):
     """The model, its engine and optimizer, the data, and the resumed state: what the loop needs."""
+    if os.path.exists(cfg.out_dir) and not os.path.isdir(cfg.out_dir):
+        raise ValueError(f"--out_dir={cfg.out_dir} is a file, expected a folder (or a path to create one at)")
     used = [f for f in ("checkpoint", "metrics.jsonl") if os.path.exists(os.path.join(cfg.out_dir, f))]
     if used and not (cfg.resume or cfg.overwrite):
         raise ValueError(f"--out_dir={cfg.out_dir} holds a previous run ({', '.join(used)}): pass --resume to continue "

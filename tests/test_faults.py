@@ -156,3 +156,47 @@ def test_resume_onto_another_base_model_is_refused(tmp_path):
     saved = {"config": dataclasses.asdict(cfg), "world": 1, "base": a}
     with pytest.raises(ValueError, match=rf"^ckpt: saved from another base model than --model={tmp_path}/m1 "):
         train.same_run(saved, "ckpt", cfg, train.Dist(0, 0, 1, torch.device("cpu")))
+
+
+@pytest.fixture
+def hf_folder(tmp_path):
+    """A small HF folder with a character tokenizer, to break in different ways."""
+    from conftest import small_model
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    import model as M
+    tok = Tokenizer(models.WordLevel({"<unk>": 0, **{chr(i): i - 30 for i in range(32, 79)}}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    tok.save(str(tmp_path / "tokenizer.json"))
+    M.save_pretrained(small_model(seed=0), str(tmp_path / "base"), dtype=torch.float32,
+                      extra_files=[str(tmp_path / "tokenizer.json")])
+    return tmp_path / "base"
+
+
+@pytest.mark.parametrize("broken, message", [
+    ("config.json", r"config.json: not valid JSON \(Expecting property name"),
+    ("model.safetensors", r"model.safetensors: not a readable safetensors file"),
+    ("tokenizer.json", r"tokenizer.json: not a readable tokenizer.json")])
+def test_a_corrupt_model_folder_file_is_a_one_line_error_naming_it(hf_folder, tmp_path, broken, message):
+    path = hf_folder / broken
+    path.write_bytes(path.read_bytes()[:40] if broken == "model.safetensors" else b"{not json")
+    with pytest.raises(ValueError, match=rf"^{hf_folder}/{message}"):
+        train.main(FAST + ["--max_steps=1", f"--model={hf_folder}", f"--out_dir={tmp_path / 'out'}"])
+
+
+def test_a_garbage_checkpoint_file_is_a_one_line_error_naming_it(tmp_path):
+    train.main(FAST + ["--max_steps=1", f"--out_dir={tmp_path}"])
+    rank0 = tmp_path / "checkpoint" / "step-00000001" / "rank0.pt"
+    rank0.write_bytes(rank0.read_bytes()[:1000])  # truncated
+    with pytest.raises(ValueError, match=rf"^{rank0}: not a readable checkpoint \("):
+        train.main(FAST + ["--max_steps=2", "--resume", f"--out_dir={tmp_path}"])
+
+
+def test_non_utf8_data_and_an_out_dir_that_is_a_file_are_one_line_errors(tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_bytes(b'{"text": "fine"}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(ValueError, match=rf"^{data}:2: not UTF-8 text \(byte 0xe9\)$"):
+        train.main(FAST + ["--max_steps=1", f"--data={data}", f"--out_dir={tmp_path / 'out'}"])
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match=r"--out_dir=.*file is a file, expected a folder"):
+        train.main(FAST + ["--max_steps=1", f"--out_dir={tmp_path / 'file'}"])
