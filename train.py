@@ -5,12 +5,14 @@
     python train.py --model=path/to/hf_llama --data=alpaca.json --seq_len=1024 --lr=2e-5
     python train.py --help                            # every flag, its default and what it does
 
-The loop, top to bottom: take grad_accum micro-batches, count their target tokens across all ranks,
-forward + backward each (loss = summed token losses / that global count, so every token weighs the
-same whatever the micro-batch or rank it lands on), all-reduce gradients (world > 1), clip, step,
-log, and now and then evaluate and checkpoint. Outputs in --out_dir: metrics.jsonl (one JSON line
-per step and per eval), checkpoint.pt (resumable, written atomically) and hf/ (the trained model as
-a Hugging Face folder).
+main() is setup (model, engine, optimizer, data, resume), train_loop and finish. The loop, top to
+bottom: take grad_accum micro-batches, count their target tokens across all ranks, forward +
+backward each through the engine (fsdp.Replicated, or fsdp.Sharded under --fsdp: the same
+interface; loss = summed token losses / that global count, so every token weighs the same whatever
+the micro-batch or rank it lands on), clip, stop on a non-finite loss or norm, step, log, and now
+and then evaluate and checkpoint. Outputs in --out_dir: metrics.jsonl (one JSON line per step and
+per eval), checkpoint/ (resumable: a step folder made current by one rename) and hf/ (the trained
+model as a Hugging Face folder).
 """
 
 import dataclasses
