@@ -383,6 +383,7 @@ class Sharded:
         .grad; sync=False keeps them, in fp32, for the next micro-batch."""
         m, n_blocks, keep = self.model, len(self.model.model.layers), self.strategy == "grad_op"
         order = [self.at[i] for i in schedule(n_blocks)]
+        self.free_if_stepped()
         outputs = []  # per block: (input leaf, output)
         # forward: each block's input is a leaf, so that each block's backward runs on its own
         with self.computing(order, 0, keep), self.amp():
@@ -414,15 +415,24 @@ class Sharded:
             self.finish_reduces()
             for g in self.trainable_groups():
                 g.settle()
-            for unit in self.units if keep else []:
-                self.free(unit)  # grad_op: the step's last backward is done
         return loss.detach(), n
+
+    def free_if_stepped(self):
+        """grad_op keeps units gathered across a step's micro-batches. Once the optimizer has stepped
+        and zeroed the gradients (no shard .grad and no unsynced sum left) the gathered copies are
+        stale: free them, so the next forward gathers the new weights. (So grad_op needs
+        zero_grad(set_to_none=True), torch's default, after each step.)"""
+        if any(g.shard.grad is not None or g.acc is not None for g in self.trainable_groups()):
+            return  # within a step
+        for unit in self.units:
+            self.free(unit)
 
     @torch.no_grad()
     def forward(self, input_ids, labels=None, position_ids=None, doc_ids=None, cache=None, loss_chunk=0):
         """Llama.forward under sharding (eval, generation): one gather per unit, with prefetching."""
         m, n_blocks = self.model, len(self.model.model.layers)
         order = [self.at[i] for i in schedule(n_blocks, train=False)]
+        self.free_if_stepped()
         with self.computing(order, 0), self.amp():
             x, ctx = m.embed(input_ids, position_ids, doc_ids, cache)
         for j in range(n_blocks):
@@ -466,6 +476,7 @@ class Sharded:
     @torch.no_grad()
     def gathered_units(self):
         """Yield each unit gathered (every rank must iterate), trainable tensors as fp32 masters."""
+        self.free_if_stepped()
         for unit in self.units:
             self.wait_gather(unit)
             for g in unit.groups:

@@ -70,7 +70,7 @@ def fsdp2_losses(d):
     return losses
 
 
-def train_sharded(d, train_type, accum, ckpt, **kw):
+def train_sharded(d, train_type, accum, ckpt, sync_every=False, **kw):
     """STEPS optimizer steps of Sharded: (losses, the Sharded object)."""
     model = build(train_type, tie=train_type == "full")
     model.gradient_checkpointing = ckpt
@@ -82,7 +82,8 @@ def train_sharded(d, train_type, accum, ckpt, **kw):
         total = torch.zeros(())
         for k in range(accum):
             ids, labels = batch(step, k, d.rank)
-            s, _ = sharded.forward_backward({"input_ids": ids, "labels": labels}, loss_scale=1 / n, sync=k == accum - 1)
+            s, _ = sharded.forward_backward({"input_ids": ids, "labels": labels}, loss_scale=1 / n,
+                                            sync=sync_every or k == accum - 1)
             total += s
         dist.all_reduce(total)
         losses.append(total.item() / n)
@@ -103,6 +104,9 @@ def strategies(d):
             losses, sharded = train_sharded(d, *config, strategy=strategy, shard_group=2)
             results[(strategy, config)] = {"losses": losses, "shard_bytes": sum(
                 g.shard.numel() * g.shard.element_size() for u in sharded.units for g in u.groups)}
+    # grad_op reducing every micro-batch still gathers each unit once per optimizer step.
+    losses, sharded = train_sharded(d, "full", 2, True, sync_every=True, strategy="grad_op", log_events=True)
+    results["grad_op_every_micro"] = {"losses": losses, "gathers": sum(e[0] == "gather" for e in sharded.events)}
     # A rank whose batch gave a group no gradient still joins its reduce-scatter (with zeros).
     sharded = F.Sharded(build("lora"), d)
     unit = next(u for u in sharded.units if u.trainable)

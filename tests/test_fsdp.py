@@ -136,6 +136,13 @@ def test_each_sharding_strategy_gives_the_data_parallel_losses_and_the_planned_b
         assert strategies[("hybrid", STRATEGY_CONFIGS[0])]["shard_bytes"] > 1.9 * strategies[("full", STRATEGY_CONFIGS[0])]["shard_bytes"]
 
 
+def test_grad_op_gathers_each_unit_once_per_step_even_when_reducing_every_micro_batch(strategies):
+    got = strategies["grad_op_every_micro"]
+    _, losses = unsharded("full", 2, 4)
+    assert got["losses"] == pytest.approx(losses, rel=1e-5)
+    assert got["gathers"] == STEPS * 3  # 3 units (outer + 2 blocks), once per step, not per micro-batch
+
+
 def test_a_rank_without_a_gradient_still_joins_the_reduce_scatter_with_zeros(strategies):
     assert strategies["zero_filled"] and all(v == [2.0] for v in strategies["zero_filled"])  # ranks 0 and 2 sent ones
 
