@@ -16,6 +16,7 @@ model as a Hugging Face folder).
 """
 
 import dataclasses
+import datetime
 import difflib
 import hashlib
 import inspect
@@ -80,6 +81,7 @@ class Config:
     grad_checkpointing: bool = False  # recompute each block in backward instead of storing activations
     loss_chunk: int = 0  # >0: cross-entropy over this many tokens at a time (never all [tokens, vocab] logits)
     threads: int = 0  # CPU threads per process; 0 = cores / processes on this machine
+    timeout: int = 600  # seconds a collective waits for the other ranks before the job stops with an error
     kernels: str = "triton"  # triton (Triton kernels where they can run: CUDA; else the reference) | torch (every reference) | interpret (Triton on CPU too, under TRITON_INTERPRET=1: tests of the GPU path)
     kernels_off: str = ""  # comma list of Triton kernels to replace by their reference: nf4,nf4_matmul,rmsnorm,swiglu,linear_ce,rope,lora
     # sharding (fsdp.py)
@@ -187,7 +189,7 @@ def within(lo, hi, closed=False):
 
 
 RANGES = {**{k: at_least(1) for k in ("seq_len", "batch_size", "grad_accum", "max_steps", "log_every", "eval_every",
-                                      "eval_batches", "lora_rank", "nan_skips", "max_new_tokens")},
+                                      "eval_batches", "lora_rank", "nan_skips", "max_new_tokens", "timeout")},
           **{k: at_least(0) for k in ("warmup_steps", "save_every", "eval_samples", "samples", "prefetch", "threads",
                                       "plan_world", "shard_group", "loss_chunk", "top_k")},
           **{k: ((lambda v: 0 < v < math.inf), "a positive finite number") for k in ("lr", "lora_alpha")},
@@ -212,7 +214,7 @@ class Dist:
         return self.rank == 0
 
 
-def init_distributed(threads=0) -> Dist:
+def init_distributed(threads=0, timeout=600) -> Dist:
     """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; a plain `python train.py` is world size 1."""
     world = int(os.environ.get("WORLD_SIZE", 1))
     rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
@@ -225,7 +227,8 @@ def init_distributed(threads=0) -> Dist:
         # Processes sharing a CPU would oversubscribe it with one thread per core each.
         torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // local_world))
     if world > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None,
+                                timeout=datetime.timedelta(seconds=timeout))  # a stuck rank ends the job
     return Dist(rank, local_rank, world, device)
 
 
@@ -605,7 +608,7 @@ def setup(cfg: Config, d: Dist, log):
                              f"({start}); pass --max_steps above it to train on")
         log(f"resumed from {ckpt_path} at step {start}, data epoch {loader.epoch} batch {loader.index}")
     return types.SimpleNamespace(model=model, tok=tok, extra_files=extra_files, engine=engine, opt=opt, dataset=dataset,
-                                 eval_docs=eval_docs, loader=loader, ckpt_path=ckpt_path, start=start,
+                                 eval_docs=eval_docs, loader=loader, ckpt_path=ckpt_path, start=start, step=start,
                                  adapters=adapters)
 
 
@@ -616,6 +619,7 @@ def train_loop(cfg: Config, d: Dist, r, log, record):
     peak = peak_flops(d.device)
     t_start, t_last, tokens_since, skipped = time.time(), time.time(), 0, 0
     for step in range(r.start, cfg.max_steps):
+        r.step = step + 1  # named if a collective times out
         lr = lr_at(step, cfg)
         for g in opt.param_groups:
             g["lr"] = lr
@@ -715,7 +719,7 @@ def main(argv):
         return ask(cfg, init_distributed(cfg.threads))
     if cfg.dry_run:
         return dry_run(cfg, Dist(0, 0, int(os.environ.get("WORLD_SIZE", 1)), torch.device("meta")))
-    d = init_distributed(cfg.threads)
+    d = init_distributed(cfg.threads, cfg.timeout)
     log = print if d.main else (lambda *a, **k: None)
     r = setup(cfg, d, log)
     metrics = open_metrics(os.path.join(cfg.out_dir, "metrics.jsonl"), r.start) if d.main else None
@@ -727,7 +731,13 @@ def main(argv):
 
     if r.start == 0:
         run_eval(cfg, d, r, log, record, 0)
-    train_loop(cfg, d, r, log, record)
+    try:
+        train_loop(cfg, d, r, log, record)
+    except RuntimeError as e:  # gloo / NCCL: a peer that stopped answering, or died
+        if not any(k in str(e) for k in ("Timed out", "timed out", "Connection closed by peer", "NCCL")):
+            raise
+        raise ValueError(f"step {r.step}: a collective waited more than --timeout={cfg.timeout} s or lost a rank (one is "
+                         f"stuck, swapped out or dead): {str(e).splitlines()[0][:160]}") from None
     finish(cfg, d, r, log, record)
     if metrics:
         metrics.close()

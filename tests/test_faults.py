@@ -200,3 +200,49 @@ def test_non_utf8_data_and_an_out_dir_that_is_a_file_are_one_line_errors(tmp_pat
     (tmp_path / "file").write_text("x")
     with pytest.raises(ValueError, match=r"--out_dir=.*file is a file, expected a folder"):
         train.main(FAST + ["--max_steps=1", f"--out_dir={tmp_path / 'file'}"])
+
+
+def test_a_frozen_rank_ends_the_job_after_timeout_with_one_line_naming_the_step(tmp_path):
+    """Rank 1 is stopped (SIGSTOP, as a stuck GPU or a swapped-out host would be) after step 1:
+    rank 0's next collective gives up after --timeout seconds with one line, instead of hanging."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    from conftest import ROOT
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
+                             *FAST, "--max_steps=100000", "--timeout=4", f"--out_dir={tmp_path}"], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+    def rank_pids():
+        pids = {}
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                env = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+                cmd = open(f"/proc/{pid}/cmdline", "rb").read()
+            except OSError:
+                continue
+            if str(tmp_path).encode() in cmd and b"train.py" in cmd and not cmd.startswith(sys.executable.encode() + b"\0-m"):
+                rank = [e for e in env if e.startswith(b"RANK=")]
+                if rank:
+                    pids[int(rank[0][5:])] = int(pid)
+        return pids
+
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not (os.path.exists(tmp_path / "metrics.jsonl")
+                                              and '"loss"' in open(tmp_path / "metrics.jsonl").read()):
+            time.sleep(0.2)
+        pids = rank_pids()
+        os.kill(pids[1], signal.SIGSTOP)
+        while time.time() < deadline and os.path.exists(f"/proc/{pids[0]}") and \
+                open(f"/proc/{pids[0]}/stat").read().split()[2] != "Z":
+            time.sleep(0.2)
+        os.kill(pids[1], signal.SIGKILL)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and lines[0].startswith("error: step ") and "--timeout=4 s" in lines[0], err[-2000:]
+    assert "Traceback" not in err.split("error: step")[0][-300:]
