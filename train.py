@@ -471,7 +471,8 @@ def chat_format(cfg, tok):
 
 def ask(cfg: Config, d: Dist):
     """Print --model's answer to --ask, formatted as training formats a user turn."""
-    model, tok, _ = build_model(dataclasses.replace(cfg, fsdp=False), d, with_adapters=False)
+    cfg = dataclasses.replace(cfg, fsdp=False)
+    model, tok, _ = build_model(cfg, d, with_adapters=False)
     if cfg.adapter:
         L.load_adapter(model, cfg.adapter)
     fmt = chat_format(cfg, tok)
@@ -481,9 +482,7 @@ def ask(cfg: Config, d: Dist):
         raise ValueError(f"--ask: a prompt of {len(ids)} tokens plus --max_new_tokens={cfg.max_new_tokens} exceeds "
                          f"the context of {cfg.model} ({model.args.max_seq_len} tokens)")
     gen = torch.Generator(device=d.device).manual_seed(cfg.seed)
-    use_bf16 = uses_bf16(cfg, d.device.type)
-    with torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=use_bf16):
-        out = M.generate(model, [ids], cfg.max_new_tokens, cfg.temperature, cfg.top_k, eos_id=tok.eos_id, generator=gen)
+    out = generate(make_engine(model, cfg, d), cfg, tok, [text], cfg.temperature, cfg.top_k, gen)
     answer = tok.decode(out[0])
     print(answer)
     return answer
@@ -520,7 +519,7 @@ def base_fingerprint(model):
     return digest.hexdigest()[:16]
 
 
-def same_run(saved, where, cfg: Config, d: Dist):
+def same_run(saved, where, cfg: Config, d: Dist, base):
     """Refuse, in one line, a resume whose settings differ where the checkpoint depends on them."""
     old = saved["config"]
     for name in MUST_MATCH:
@@ -531,7 +530,7 @@ def same_run(saved, where, cfg: Config, d: Dist):
     if rows != now:
         raise ValueError(f"{where}: saved with a global batch of {rows} rows (--batch_size x --grad_accum x world), "
                          f"resuming with {now}; keep it (e.g. scale --grad_accum with the world size)")
-    if saved.get("base") != base_fingerprint(cfg.model):
+    if saved.get("base") != base:
         raise ValueError(f"{where}: saved from another base model than --model={cfg.model} (its weights differ)")
 
 
@@ -597,9 +596,9 @@ def setup(cfg: Config, d: Dist, log):
         cfg.eval_metric = "exact" if cfg.data == "arith" else "last_number"
 
     opt = make_optimizer(engine, cfg, d.device)
-    ckpt_path, start = os.path.join(cfg.out_dir, "checkpoint"), 0
+    ckpt_path, start, base = os.path.join(cfg.out_dir, "checkpoint"), 0, base_fingerprint(cfg.model)
     if cfg.resume:
-        state = F.load_checkpoint(ckpt_path, engine, opt, check=lambda saved, where: same_run(saved, where, cfg, d))
+        state = F.load_checkpoint(ckpt_path, engine, opt, check=lambda saved, where: same_run(saved, where, cfg, d, base))
         loader.load_state_dict(state["data"])
         set_rng(state["rng"])
         start = state["step"]
@@ -609,7 +608,7 @@ def setup(cfg: Config, d: Dist, log):
         log(f"resumed from {ckpt_path} at step {start}, data epoch {loader.epoch} batch {loader.index}")
     return types.SimpleNamespace(model=model, tok=tok, extra_files=extra_files, engine=engine, opt=opt, dataset=dataset,
                                  eval_docs=eval_docs, loader=loader, ckpt_path=ckpt_path, start=start, step=start,
-                                 adapters=adapters)
+                                 adapters=adapters, base=base)
 
 
 def train_loop(cfg: Config, d: Dist, r, log, record):
@@ -687,7 +686,7 @@ def save(cfg: Config, d: Dist, r, step):
     """The resumable checkpoint: the engine's state, optimizer, data position, every rank's RNG."""
     F.save_checkpoint(r.ckpt_path, r.engine, r.opt, step,
                       {"data": r.loader.state_dict(), "rng": rng_state(), "config": dataclasses.asdict(cfg),
-                       "base": base_fingerprint(cfg.model)})
+                       "base": r.base})
 
 
 def finish(cfg: Config, d: Dist, r, log, record):

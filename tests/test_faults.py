@@ -155,7 +155,7 @@ def test_resume_onto_another_base_model_is_refused(tmp_path):
     cfg = train.Config(model=str(tmp_path / "m1"))
     saved = {"config": dataclasses.asdict(cfg), "world": 1, "base": a}
     with pytest.raises(ValueError, match=rf"^ckpt: saved from another base model than --model={tmp_path}/m1 "):
-        train.same_run(saved, "ckpt", cfg, train.Dist(0, 0, 1, torch.device("cpu")))
+        train.same_run(saved, "ckpt", cfg, train.Dist(0, 0, 1, torch.device("cpu")), b)
 
 
 @pytest.fixture
