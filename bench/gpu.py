@@ -63,6 +63,7 @@ class Table:
 
     def add(self, section, what, measured, target="-", ok=None):
         self.rows.append((section, what, measured, target, "INFO" if ok is None else ("PASS" if ok else "FAIL")))
+        print(" | ".join(self.rows[-1]), flush=True)  # at once too: a run cut short by a time limit keeps its rows
 
     def run(self, section, fn, *args):
         """fn(table, *args) adds its rows; an exception becomes an ERROR row and the run goes on."""
@@ -74,6 +75,7 @@ class Table:
             where = f"{os.path.basename(last.filename)}:{last.lineno}"
             self.rows.append((section, f"{type(e).__name__} at {where}", str(e).splitlines()[0][:160] if str(e) else "", "-",
                               "ERROR"))
+            print(" | ".join(self.rows[-1]), flush=True)
         print(f"[{section}: {time.perf_counter() - t:.0f} s]", file=sys.stderr, flush=True)
 
     def render(self):
