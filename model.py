@@ -27,6 +27,7 @@ import json
 import math
 import os
 import shutil
+import warnings
 from dataclasses import dataclass
 from typing import Optional
 
@@ -213,7 +214,9 @@ def document_mask(doc_ids, use_flex: bool):
         B, T = doc_ids.shape
         # _compile: eager construction would evaluate the mask at all B*T*T points before reducing
         # it to blocks, which is the very tensor we are avoiding; compiled, it works block by block.
-        return create_block_mask(same_doc_causal, B, None, T, T, device=doc_ids.device, _compile=doc_ids.is_cuda)
+        mask = create_block_mask(same_doc_causal, B, None, T, T, device=doc_ids.device, _compile=doc_ids.is_cuda)
+        mask.doc_ids = doc_ids  # for attend's dense fallback
+        return mask
     return dense_mask(doc_ids, doc_ids, torch.arange(doc_ids.shape[1], device=doc_ids.device))
 
 
@@ -224,13 +227,28 @@ def dense_mask(q_doc, k_doc, q_slot):
     return (causal[None] & (q_doc[:, :, None] == k_doc[:, None, :]))[:, None]
 
 
+# FORCE_USE_FLEX_ATTENTION: for queries shorter than 128 tokens inductor otherwise picks its decoding
+# kernel, which found no valid config for the default run's 66-token rows on an H200 (torch 2.11).
+FLEX_OPTIONS = {"FORCE_USE_FLEX_ATTENTION": True}
+flex_failed = None  # the first error flex_attention raised; from then on every mask is dense
+
+
 def attend(q, k, v, mask):
     """q (B, H, T, hd), k/v (B, Hkv, S, hd). mask: None (plain causal), a bool tensor, or a BlockMask."""
+    global flex_failed
     if mask is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-    if isinstance(mask, torch.Tensor):
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
-    return _flex_attention(q, k, v, block_mask=mask, enable_gqa=True)
+    if not isinstance(mask, torch.Tensor):
+        if flex_failed is None:
+            try:
+                return _flex_attention(q, k, v, block_mask=mask, enable_gqa=True, kernel_options=FLEX_OPTIONS)
+            except Exception as e:  # noqa: BLE001 - inductor found no kernel for this GPU (e.g. too little shared memory)
+                flex_failed = e
+                warnings.warn(f"flex_attention failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                              "attention uses dense document masks from here on (O(T^2) memory)")
+        doc = mask.doc_ids
+        mask = dense_mask(doc, doc, torch.arange(doc.shape[1], device=doc.device))
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
 
 
 # -----------------------------------------------------------------------------

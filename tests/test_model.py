@@ -112,6 +112,21 @@ def test_flex_block_mask_equals_dense_mask():
     assert torch.allclose(got, want, atol=1e-5)
 
 
+def test_attention_falls_back_to_dense_masks_when_flex_attention_fails(monkeypatch):
+    pytest.importorskip("torch.nn.attention.flex_attention")
+    doc = torch.tensor([[0] * 20 + [1] * 30 + [2] * 14, [0] * 50 + [-1] * 14])
+    q, k, v = torch.randn(2, 4, 64, 16), torch.randn(2, 2, 64, 16), torch.randn(2, 2, 64, 16)
+
+    def no_kernel(*a, **kw):  # what inductor raises when no Triton config fits the GPU
+        raise RuntimeError("NoValidChoicesError: No choices to select")
+    monkeypatch.setattr(M, "_flex_attention", no_kernel)
+    monkeypatch.setattr(M, "flex_failed", None)
+    with pytest.warns(UserWarning, match="dense document masks"):
+        got = M.attend(q, k, v, M.document_mask(doc, use_flex=True))
+    want = M.attend(q, k, v, M.document_mask(doc, use_flex=False))
+    assert torch.allclose(got, want, atol=1e-6) and M.flex_failed is not None
+
+
 @pytest.mark.parametrize("chunk", [1, 7, 64])
 def test_chunked_loss_equals_plain_loss(chunk):
     m = small_model()
