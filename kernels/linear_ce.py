@@ -5,7 +5,8 @@ and nothing is recomputed in backward (the technique popularized by Liger-Kernel
 Per chunk of rows: logits = h_c @ W^T (a matmul), then the Triton kernel turns each row of logits
 in place into its gradient softmax(row) - onehot(label) while computing the row's loss
 logsumexp(row) - row[label] (two passes over the vocabulary, an online max and sum first); then
-grad_h_c = dlogits @ W and grad_W += dlogits^T @ h_c. Labels equal to -100 give no loss and no
+grad_h_c = dlogits @ W and grad_W += dlogits^T @ h_c (multiplied in the logits' dtype, summed in
+grad_W's). Labels equal to -100 give no loss and no
 gradient. Backward only scales the stored gradients by the incoming one.
 
 The reference is model.cross_entropy_sum (chunked, recomputed under checkpointing).
@@ -63,7 +64,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
             if grad_h is not None:
                 grad_h[i:i + chunk] = logits @ weight
             if grad_w is not None:
-                grad_w.addmm_(logits.t().to(weight.dtype), hc.to(weight.dtype))
+                if logits.dtype == grad_w.dtype:
+                    grad_w.addmm_(logits.t(), hc.to(logits.dtype))
+                else:  # autocast: bf16 logits, fp32 master weight. Multiply in bf16 (an fp32 addmm_
+                    # here was 60% of a full fine-tuning step on an H200) and add in fp32, a slice of
+                    # the vocabulary at a time so the bf16 product never exceeds chunk x dim.
+                    hb = hc.to(logits.dtype)
+                    for j in range(0, v, chunk):
+                        grad_w[j:j + chunk] += logits[:, j:j + chunk].t() @ hb
         ctx.save_for_backward(grad_h, grad_w)
         return loss.sum()
 

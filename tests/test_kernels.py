@@ -80,6 +80,24 @@ def test_fused_linear_cross_entropy_equals_the_chunked_reference(n, vocab, chunk
     assert linear_cross_entropy_triton(h, w, all_ignored, chunk).item() == 0.0
 
 
+def test_fused_linear_cross_entropy_under_bf16_autocast_gives_the_fp32_weight_its_gradient():
+    # Full fine-tuning: fp32 master weight, bf16 autocast; grad_W is summed over row chunks and
+    # vocabulary slices (vocab 100 > chunk 16), within bf16 rounding of the fp32 computation.
+    from kernels.linear_ce import linear_cross_entropy_triton
+    torch.manual_seed(0)
+    h, w = torch.randn(40, 32, device=DEVICE), torch.randn(100, 32, device=DEVICE) * 0.3
+    labels = torch.randint(0, 100, (40,), device=DEVICE)
+    ref, (dh_ref, dw_ref) = forward_backward(
+        lambda a, b: torch.nn.functional.cross_entropy(a @ b.t(), labels, reduction="sum"), [h, w], torch.tensor(1.0))
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        out, (dh, dw) = forward_backward(lambda a, b: linear_cross_entropy_triton(a, b, labels, 16), [h, w],
+                                         torch.tensor(1.0, device=DEVICE))
+    assert dw.dtype == torch.float32
+    assert ((dw - dw_ref).norm() / dw_ref.norm()).item() < 2e-2
+    assert ((dh.float() - dh_ref).norm() / dh_ref.norm()).item() < 2e-2
+    assert abs(out.item() - ref.item()) / ref.item() < 1e-2
+
+
 def test_rope_in_place_forward_and_backward_equal_the_reference():
     """Per-token positions as packing makes them (restarting per document); q as the model views it
     (a transposed, non-contiguous view of the projection output); odd head and token counts."""
