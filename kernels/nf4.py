@@ -82,10 +82,12 @@ def dequantize_nf4_triton(packed, absmax, code, blocksize, shape, dtype,
     dummy = code  # an unused pointer argument still needs a tensor
     grid = (triton.cdiv(packed.numel(), bytes_per_program),)
     # enable_fp_fusion=False: a fused multiply-add would round once where bitsandbytes rounds twice.
+    # num_warps=2 with 1024 bytes a program: the fastest of 512..8192 bytes x 2, 4, 8 warps on an H200
+    # (42 us for a 14336 x 4096 matrix, 73% of HBM peak; 4 warps: 46 us).
     _dequantize_nf4_kernel[grid](packed, absmax, code, nested_absmax if nested else dummy,
                                  nested_code if nested else dummy, offset if nested else dummy, out, n, packed.numel(),
                                  BLOCKSIZE=blocksize, NESTED_BLOCKSIZE=nested_blocksize, NESTED=nested,
-                                 BYTES=bytes_per_program, enable_fp_fusion=False)
+                                 BYTES=bytes_per_program, num_warps=2, enable_fp_fusion=False)
     return out
 
 
