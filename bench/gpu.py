@@ -3,6 +3,7 @@ one table with a target and a verdict per row. Made to spend a short GPU loan on
 debugging: a row that fails prints its error in the table and the run goes on.
 
     python bench/gpu.py [--smollm2=<HF folder>] [--data=<gsm8k_train_alpaca.json>] [--layers=2]
+                        [--only=kernels,loss,train,fsdp,smollm2]
     python bench/gpu.py --smoke        # CPU, tiny shapes, kernels through the interpreter: tests/test_gpu_bench.py
 
 Without CUDA (and without --smoke) it says so in one line and exits 2. On an H100/H200 it takes
@@ -89,6 +90,15 @@ class Table:
         return "\n".join(lines)
 
 
+def kernel_time(fn, device, repeat):
+    """Seconds per call of one kernel: on CUDA the median of triton's do_bench (CUDA events, L2
+    flushed between calls), since a host timer would measure the Python launch overhead instead."""
+    if device.type == "cuda":
+        import triton
+        return triton.testing.do_bench(fn, return_mode="median") / 1e3
+    return timed(fn, device, repeat)
+
+
 def timed(fn, device, repeat):
     fn()  # warm-up (compiles)
     if device.type == "cuda":
@@ -101,17 +111,22 @@ def timed(fn, device, repeat):
     return (time.perf_counter() - t) / repeat
 
 
-def peak_of(fn, device):
-    """Peak bytes allocated by fn() above what was allocated before it (CUDA; 0 on CPU)."""
+def peak_of(fn, device, base=None):
+    """Peak bytes allocated while fn() runs, above `base` (default: what was allocated before it).
+    CUDA; 0 on CPU."""
     if device.type != "cuda":
         fn()
         return 0
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
+    base = torch.cuda.memory_allocated() if base is None else base
     fn()
     torch.cuda.synchronize()
     return torch.cuda.max_memory_allocated() - base
+
+
+def allocated(device):
+    return torch.cuda.memory_allocated() if device.type == "cuda" else 0
 
 
 # -- kernels -----------------------------------------------------------------------------
@@ -177,10 +192,12 @@ def kernel_rows(t, device, smoke):
     ]
     compile_ = (lambda f: f) if smoke else torch.compile  # the interpreter's speed means nothing anyway
     for name, nbytes, eager, compiled, triton in cases:
-        times = {"eager": timed(eager, device, repeat), "compiled": timed(compiled(compile_), device, repeat),
-                 "triton": timed(triton, device, repeat)}
+        times = {"eager": kernel_time(eager, device, repeat), "compiled": kernel_time(compiled(compile_), device, repeat),
+                 "triton": kernel_time(triton, device, repeat)}
         gbs = nbytes / times["triton"] / 1e9
         frac = f", {nbytes / times['triton'] / peak_bw:.0%} of HBM" if peak_bw else ""
+        if name.startswith("linear+CE"):  # three matmuls of tokens x dim x vocab: compute-bound, not memory
+            frac += f"; {6 * tokens * dim * vocab / times['triton'] / 1e12:,.0f} TFLOP/s"
         measured = (f"{times['triton'] * 1e3:.3f} ms ({gbs:,.0f} GB/s{frac}); eager {times['eager'] * 1e3:.3f}, "
                     f"compiled {times['compiled'] * 1e3:.3f} ms")
         if name.startswith("nf4 dequant"):
@@ -275,9 +292,11 @@ def training_rows(t, device, smoke, layers):
     peak_flops = train.peak_flops(device)
     ours = {}
     for kind in ("full", "lora", "qlora"):
+        base = allocated(device)
         step, model = our_step(args, kind, device, B, T)
         step()  # AdamW state exists from here on, as in the plan's "after the first step"
-        peak = peak_of(step, device)
+        # The whole footprint (weights, gradients, optimizer state, activations), as the plan counts it
+        peak = peak_of(step, device, base)
         dt = timed(step, device, steps)
         tok_s = B * T / dt
         adapters = sum(p.numel() for n, p in model.named_parameters() if ".lora_" in n)
@@ -298,9 +317,10 @@ def training_rows(t, device, smoke, layers):
         if absent or device.type != "cuda":
             t.add("vs HF", f"transformers + PEFT, {kind}", f"skipped: {', '.join(absent) + ' not installed' if absent else 'no GPU'}")
             continue
+        base = allocated(device)
         step = their_step(args, kind, device, B, T)
         step()
-        peak = peak_of(step, device)
+        peak = peak_of(step, device, base)
         tok_s = B * T / timed(step, device, steps)
         speed, mem = ours[kind][0] / tok_s, ours[kind][1] / peak
         t.add("vs HF", f"{kind}: ours / transformers + PEFT" + (" + bnb" if kind == "qlora" else ""),
@@ -365,13 +385,19 @@ def main(argv):
     t = Table()
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU (smoke: tiny shapes, Triton interpreter)"
     print(f"bench/gpu.py on {name}, torch {torch.__version__}", flush=True)
+    only = opts.get("only", "kernels,loss,train,fsdp,smollm2").split(",")  # e.g. --only=train to rerun one part
     K.FORCE = SMOKE  # the interpreter runs the kernels on CPU tensors: the kernel rows only
-    t.run("kernels", kernel_rows, device, SMOKE)
-    t.run("loss memory", loss_memory_rows, device, SMOKE)
+    if "kernels" in only:
+        t.run("kernels", kernel_rows, device, SMOKE)
+    if "loss" in only:
+        t.run("loss memory", loss_memory_rows, device, SMOKE)
     K.FORCE = False
-    t.run("train step", training_rows, device, SMOKE, int(opts.get("layers", 2)))
-    t.run("fsdp world 1", fsdp_rows, device, SMOKE)
-    t.run("SmolLM2 QLoRA", smollm2_rows, device, SMOKE, opts.get("smollm2"), opts.get("data"))
+    if "train" in only:
+        t.run("train step", training_rows, device, SMOKE, int(opts.get("layers", 2)))
+    if "fsdp" in only:
+        t.run("fsdp world 1", fsdp_rows, device, SMOKE)
+    if "smollm2" in only:
+        t.run("SmolLM2 QLoRA", smollm2_rows, device, SMOKE, opts.get("smollm2"), opts.get("data"))
     print(t.render())
     return 0
 
