@@ -3,6 +3,7 @@ import math
 import os
 import struct
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -209,6 +210,41 @@ def test_prequantized_bitsandbytes_folder_loads(tmp_path):
     json.dump(bad, open(tmp_path / "bnb" / "config.json", "w"))
     with pytest.raises(ValueError, match="config.json: quantization_config is not bitsandbytes 4-bit nf4"):
         Q.load_prequantized(str(tmp_path / "bnb"))
+
+
+def test_double_quant_rounds_like_the_bitsandbytes_cuda_kernel():
+    """dQuantize<0> from bitsandbytes' csrc/kernels.cu, transcribed one value at a time in fp32,
+    on random values and on every exact midpoint between two codes (where the tie goes up or down
+    by the search's path)."""
+    code = [np.float32(c) for c in Q.DYNAMIC_CODE.tolist()]
+
+    def d_quantize(x):
+        pivot, upper_pivot, lower_pivot = 127, 255, 0
+        lower, upper = np.float32(-1.0), np.float32(1.0)
+        val = code[pivot]
+        i = 64
+        while i > 0:
+            if x > val:
+                lower_pivot, lower, pivot = pivot, val, pivot + i
+            else:
+                upper_pivot, upper, pivot = pivot, val, pivot - i
+            val = code[pivot]
+            i >>= 1
+        if upper_pivot == 255:
+            upper = code[upper_pivot]
+        if lower_pivot == 0:
+            lower = code[lower_pivot]
+        if x > val:
+            return upper_pivot if x > (upper + val) * np.float32(0.5) else pivot
+        return lower_pivot if x < (lower + val) * np.float32(0.5) else pivot
+
+    torch.manual_seed(0)
+    mids = [(code[i] + code[i + 1]) * np.float32(0.5) for i in range(255)]
+    x = torch.cat([torch.tensor(mids), Q.DYNAMIC_CODE, torch.rand(3000) * 2 - 1, torch.randn(500) * 1e-3])
+    want = [d_quantize(np.float32(v)) for v in x.tolist()]
+    assert Q.dynamic_nearest(x, Q.DYNAMIC_CODE).tolist() == want
+    nearest_down = torch.bucketize(x, torch.tensor(mids), out_int32=True).tolist()  # ties always down
+    assert nearest_down != want  # so the midpoints do test the tie rule
 
 
 def test_bit_compatible_with_bitsandbytes_both_ways():
