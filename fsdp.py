@@ -715,9 +715,21 @@ def save_checkpoint(path, engine, opt, step, extra):
         dist.barrier(group=dist.group.WORLD)
     state = {**engine.checkpoint_state(opt), **extra, "step": step, "world": d.world, "engine": type(engine).__name__}
     file = os.path.join(tmp, f"rank{d.rank}.pt")
-    torch.save(state, file)
-    if d.world > 1:
-        dist.barrier(group=dist.group.WORLD)  # every rank's file is complete
+    try:
+        torch.save(state, file)
+        error = None
+    except (OSError, RuntimeError) as e:  # disk full, quota: torch.save reports a failed write as RuntimeError
+        error = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+    failed = torch.tensor([error is not None], dtype=torch.int32, device=d.device)
+    if d.world > 1:  # every rank's file is complete, or every rank learns that one is not
+        dist.all_reduce(failed, group=dist.group.WORLD)
+    if failed.item():
+        if d.world > 1:
+            dist.barrier(group=dist.group.WORLD)  # all have stopped writing before the folder goes
+        if d.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise ValueError(f"{tmp}: could not write the checkpoint of step {step} ({error or 'on another rank'}); removed "
+                         f"it, the previous checkpoint is kept")
     if d.rank == 0:
         final = tmp.removesuffix(".tmp")
         if os.path.exists(final):  # the same step saved again: keep a complete copy until the commit

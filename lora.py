@@ -24,6 +24,7 @@ trained here loads in PEFT (and the other way round).
 import json
 import math
 import os
+import shutil
 
 import torch
 import torch.nn as nn
@@ -175,11 +176,14 @@ def save_adapter(model, path, base_model_name_or_path="", state=None):
     state: the PEFT-named tensors when the model cannot list them itself (fsdp.export_adapter)."""
     from safetensors.torch import save_file
     tmp = path.rstrip("/") + ".tmp"
-    os.makedirs(tmp, exist_ok=True)
-    with open(os.path.join(tmp, "adapter_config.json"), "w") as f:
-        json.dump(adapter_config(model, base_model_name_or_path), f, indent=2)
     state = {k: v.to("cpu").contiguous() for k, v in (state or adapter_state_dict(model)).items()}
-    save_file(state, os.path.join(tmp, "adapter_model.safetensors"), metadata={"format": "pt"})
+    with M.writing(tmp, path):
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        with open(os.path.join(tmp, "adapter_config.json"), "w") as f:
+            json.dump(adapter_config(model, base_model_name_or_path), f, indent=2)
+        save_file(state, os.path.join(tmp, "adapter_model.safetensors"), metadata={"format": "pt"})
+        os.chmod(os.path.join(tmp, "adapter_model.safetensors"), 0o644)  # as the rest of the folder
     M.replace_dir(tmp, path.rstrip("/"))
 
 

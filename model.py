@@ -23,6 +23,7 @@ model.py knows nothing of distribution, quantization or adapters: quant.py and l
 `nn.Linear` modules in place, fsdp.py wraps `model.model.layers[i]` as units.
 """
 
+import contextlib
 import json
 import math
 import os
@@ -660,6 +661,19 @@ def load_tensors(model: Llama, path, device, dtype, only=None, shapes=None):
             model.lm_head.weight = model.model.embed_tokens.weight
 
 
+@contextlib.contextmanager
+def writing(tmp, what):
+    """Around the writing of a temp folder: if it fails (disk full, read-only, quota), remove what
+    was written and say so in one line; whatever `what` replaces stays as it was."""
+    from safetensors import SafetensorError
+    try:
+        yield
+    except (OSError, RuntimeError, SafetensorError) as e:  # torch.save reports a failed write as RuntimeError
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ValueError(f"{what}: could not write it ({type(e).__name__}: {str(e).splitlines()[0][:160]}); "
+                         f"removed {tmp}, nothing was replaced") from None
+
+
 def replace_dir(tmp, final):
     """Swap a fully written temp folder into place so readers never see a half-written one."""
     old = final + ".old"
@@ -692,22 +706,23 @@ def write_hf_folder(path, args: ModelArgs, shards, n_shards, dtype, extra_files=
     a temp folder that is renamed into place at the end."""
     from safetensors.torch import save_file
     tmp = path.rstrip("/") + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    cfg = args.to_hf_config()
-    cfg["torch_dtype"] = str(dtype).removeprefix("torch.")
-    with open(os.path.join(tmp, "config.json"), "w") as f:
-        json.dump(cfg, f, indent=2)
-    weight_map, total = {}, 0
-    for i, shard in enumerate(shards):
-        name = "model.safetensors" if n_shards == 1 else f"model-{i + 1:05d}-of-{n_shards:05d}.safetensors"
-        save_file(shard, os.path.join(tmp, name), metadata={"format": "pt"})
-        os.chmod(os.path.join(tmp, name), 0o644)  # safetensors writes 0600; the rest of the folder is 0644
-        weight_map.update({k: name for k in shard})
-        total += sum(v.numel() * v.element_size() for v in shard.values())
-    if n_shards > 1:
-        with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
-            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-    for src in extra_files:
-        shutil.copy(src, tmp)
+    with writing(tmp, path):
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        cfg = args.to_hf_config()
+        cfg["torch_dtype"] = str(dtype).removeprefix("torch.")
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(cfg, f, indent=2)
+        weight_map, total = {}, 0
+        for i, shard in enumerate(shards):
+            name = "model.safetensors" if n_shards == 1 else f"model-{i + 1:05d}-of-{n_shards:05d}.safetensors"
+            save_file(shard, os.path.join(tmp, name), metadata={"format": "pt"})
+            os.chmod(os.path.join(tmp, name), 0o644)  # safetensors writes 0600; the rest of the folder is 0644
+            weight_map.update({k: name for k in shard})
+            total += sum(v.numel() * v.element_size() for v in shard.values())
+        if n_shards > 1:
+            with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
+                json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+        for src in extra_files:
+            shutil.copy(src, tmp)
     replace_dir(tmp, path.rstrip("/"))

@@ -557,7 +557,13 @@ def setup(cfg: Config, d: Dist, log):
                          f"it or --overwrite to replace it")
     if cfg.overwrite and d.main:
         shutil.rmtree(os.path.join(cfg.out_dir, "checkpoint"), ignore_errors=True)
-    os.makedirs(cfg.out_dir, exist_ok=True)
+    try:  # before the model loads: a run that cannot save its results should not start
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        probe = os.path.join(cfg.out_dir, f".write-test-{d.rank}")
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as e:
+        raise ValueError(f"--out_dir={cfg.out_dir}: cannot write there ({e.strerror})") from None
     model, tok, extra_files = build_model(cfg, d)
     model.gradient_checkpointing = cfg.grad_checkpointing
     if cfg.compile:

@@ -246,3 +246,91 @@ def test_a_frozen_rank_ends_the_job_after_timeout_with_one_line_naming_the_step(
     lines = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and lines[0].startswith("error: step ") and "--timeout=4 s" in lines[0], err[-2000:]
     assert "Traceback" not in err.split("error: step")[0][-300:]
+
+
+def test_an_out_dir_that_cannot_be_written_is_refused_before_the_model_loads(tmp_path):
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o555)
+    if os.access(folder, os.W_OK):  # root ignores modes: use a read-only mount instead
+        folder = "/sys/kernel/fine-tune-out"
+        try:
+            os.mkdir(folder)
+            os.rmdir(folder)
+            pytest.skip("no read-only folder available to this user")
+        except OSError:
+            pass
+    with pytest.raises(ValueError, match=rf"^--out_dir={folder}: cannot write there \("):
+        train.main(FAST + ["--max_steps=1", f"--out_dir={folder}"])
+
+
+def full_disk(monkeypatch, module, name, after=0):
+    """The `after`+1-th call of module.name writes half a file, then fails as a full disk does."""
+    real, calls = getattr(module, name), {"n": 0}
+
+    def write(obj, path, *a, **kw):
+        calls["n"] += 1
+        if calls["n"] <= after:
+            return real(obj, path, *a, **kw)
+        with open(path, "wb") as f:
+            f.write(b"\0" * 100)
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(module, name, write)
+
+
+def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one_and_leaves_no_temp_folder(tmp_path, monkeypatch):
+    full_disk(monkeypatch, torch, "save", after=1)  # the save at step 2 succeeds, the one at step 4 fails
+    with pytest.raises(ValueError, match=r"step-00000004\.tmp: could not write the checkpoint of step 4 \(OSError: "
+                                         r".*No space left on device\); removed it, the previous checkpoint is kept"):
+        train.main(FAST + ["--max_steps=4", "--save_every=2", f"--out_dir={tmp_path}"])
+    assert sorted(os.listdir(tmp_path / "checkpoint")) == ["step-00000002"]
+    monkeypatch.undo()
+    train.main(FAST + ["--max_steps=4", "--save_every=2", "--resume", f"--out_dir={tmp_path}"])  # resumes from step 2
+    assert [r["step"] for r in rows(tmp_path) if "loss" in r] == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("train_type,folder", [("full", "hf"), ("lora", "adapter")])
+def test_a_full_disk_during_an_export_leaves_no_half_folder(tmp_path, monkeypatch, train_type, folder):
+    import safetensors.torch
+    (tmp_path / folder).mkdir()
+    (tmp_path / folder / "earlier.txt").write_text("an earlier export")  # must survive the failed one
+    full_disk(monkeypatch, safetensors.torch, "save_file")
+    with pytest.raises(ValueError, match=rf"{folder}: could not write it \(OSError: .*No space left on device\); "
+                                         rf"removed .*{folder}\.tmp, nothing was replaced"):
+        train.main(FAST + ["--max_steps=1", "--save_hf=true", f"--train_type={train_type}", "--overwrite",
+                           f"--out_dir={tmp_path}"])
+    assert not (tmp_path / f"{folder}.tmp").exists() and (tmp_path / folder / "earlier.txt").exists()
+
+
+def test_a_full_disk_on_one_rank_of_a_sharded_save_stops_every_rank_with_the_same_line(tmp_path):
+    """Rank 1's torch.save fails at the second save; rank 0's succeeded: both learn it from the
+    same all-reduce (no rank waits for the other forever), and the step-2 checkpoint stays."""
+    import subprocess
+    import sys
+    from conftest import ROOT
+    script = tmp_path / "run.py"
+    script.write_text(f"""import os, sys, torch
+sys.path.insert(0, {str(ROOT)!r})
+real, calls = torch.save, [0]
+def save(obj, path, *a, **kw):
+    calls[0] += 1
+    if os.environ["RANK"] == "1" and calls[0] == 2:
+        raise RuntimeError("PytorchStreamWriter failed writing file data/3: file write failed")
+    return real(obj, path, *a, **kw)
+torch.save = save
+import train
+sys.argv[0] = "train.py"
+try:
+    train.main(sys.argv[1:])
+except ValueError as e:
+    print(f"error: {{e}}", file=sys.stderr)
+    sys.exit(2)
+""")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+                        *FAST, "--fsdp", "--max_steps=4", "--save_every=2", f"--out_dir={tmp_path / 'out'}"],
+                       capture_output=True, text=True, timeout=240, cwd=ROOT)
+    lines = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
+    assert r.returncode != 0 and len(lines) == 2 and all(
+        "step-00000004.tmp: could not write the checkpoint of step 4" in line for line in lines), r.stderr[-2000:]
+    assert any("on another rank" in line for line in lines) and any("file write failed" in line for line in lines)
+    assert sorted(os.listdir(tmp_path / "out" / "checkpoint")) == ["step-00000002"]
