@@ -5,7 +5,7 @@ parallelism (`Sharded`), written out over torch.distributed collectives, behind 
     loss_sum, n = engine.forward_backward(batch, loss_scale=1 / n_global, sync=True)
     engine.clip_grad_norm_(1.0); opt.step()      # opt = AdamW(engine.param_groups(weight_decay))
     engine.forward(input_ids, labels=...)         # eval and generation (model.generate(forward=...))
-    save_checkpoint(path, engine, opt, extra) / load_checkpoint(path, engine, opt)
+    checkpoint.save_checkpoint(path, engine, opt, step, extra) / checkpoint.load_checkpoint(path, engine, opt)
     engine.export_hf(path) / engine.export_adapter(path)
 
 Sharding. Each of the S ranks of a shard group keeps 1/S of every weight. A *unit* (the embedding,
@@ -33,16 +33,13 @@ blocks' inputs are kept; without it each block's autograd graph keeps views of i
 again once the unit is re-gathered for its backward. On CUDA gathers run on a side stream, and at
 most prefetch + 1 units' buffers are in flight (events); on CPU (gloo) async work handles.
 
-Below: `stream_from_pretrained` (load an HF folder one unit at a time straight into shards) and
-checkpoints (every rank writes its file into a new step folder, made current by one rename;
-re-sharded on load at another world size). plan.py predicts what a rank will hold at its peak.
+Below: `stream_from_pretrained` (load an HF folder one unit at a time straight into shards).
+checkpoint.py saves and loads the engines' state (re-sharded on load at another world size);
+plan.py predicts what a rank will hold at its peak.
 """
 
 import contextlib
-import glob
 import math
-import os
-import shutil
 from collections import deque
 
 import torch
@@ -690,86 +687,3 @@ def stream_from_pretrained(model: M.Llama, path, device, dtype, then=None):
         if then is not None:
             then(modules)
     return materialize
-
-
-# -- checkpoints: a folder per save, made current by one rename ----------------------------
-
-
-def latest_checkpoint(path):
-    """The newest complete step folder under `path` (a save in progress ends in .tmp), or None."""
-    done = sorted(p for p in glob.glob(os.path.join(path, "step-*")) if not p.endswith(".tmp"))
-    return done[-1] if done else None
-
-
-def save_checkpoint(path, engine, opt, step, extra):
-    """Every rank writes rank<r>.pt (its shards or, replicated, rank 0 the model; the optimizer;
-    `extra`: data position, RNG, ...) into <path>/step-<step>.tmp; after all have finished, rank 0
-    renames the folder to step-<step>: that one rename makes it current, so a kill at any moment
-    leaves the previous checkpoint loadable. Older step folders are then removed."""
-    d = engine.d
-    tmp = os.path.join(path, f"step-{step:08d}.tmp")
-    if d.rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-    if d.world > 1:
-        dist.barrier(group=dist.group.WORLD)
-    state = {**engine.checkpoint_state(opt), **extra, "step": step, "world": d.world, "engine": type(engine).__name__}
-    file = os.path.join(tmp, f"rank{d.rank}.pt")
-    try:
-        torch.save(state, file)
-        error = None
-    except (OSError, RuntimeError) as e:  # disk full, quota: torch.save reports a failed write as RuntimeError
-        error = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
-    failed = torch.tensor([error is not None], dtype=torch.int32, device=d.device)
-    if d.world > 1:  # every rank's file is complete, or every rank learns that one is not
-        dist.all_reduce(failed, group=dist.group.WORLD)
-    if failed.item():
-        if d.world > 1:
-            dist.barrier(group=dist.group.WORLD)  # all have stopped writing before the folder goes
-        if d.rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise ValueError(f"{tmp}: could not write the checkpoint of step {step} ({error or 'on another rank'}); removed "
-                         f"it, the previous checkpoint is kept")
-    if d.rank == 0:
-        final = tmp.removesuffix(".tmp")
-        if os.path.exists(final):  # the same step saved again: keep a complete copy until the commit
-            shutil.rmtree(final + ".old", ignore_errors=True)
-            os.replace(final, final + ".old")
-        os.replace(tmp, final)  # <- the commit
-        for old in glob.glob(os.path.join(path, "step-*")):
-            if old != final:
-                shutil.rmtree(old, ignore_errors=True)
-    if d.world > 1:
-        dist.barrier(group=dist.group.WORLD)
-
-
-def read_rank_file(file):
-    try:
-        return torch.load(file, map_location="cpu", weights_only=False, mmap=True)
-    except Exception as e:  # zip, EOF and unpickling errors alike: the file is not a whole checkpoint
-        raise ValueError(f"{file}: not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:100]})") from None
-
-
-def load_checkpoint(path, engine, opt, check=None):
-    """Restore the engine and the optimizer from the newest complete save; returns this rank's
-    rest (step, data, rng, ...). Saved at another world size, the model and optimizer are
-    re-sharded from memory-mapped rank files, the data position becomes the same global position
-    (index * old_world / new_world), and a new rank takes the RNG state of the old rank with its
-    number (or rank 0's). check(rank 0's saved state, folder) may refuse first."""
-    folder = latest_checkpoint(path)
-    if folder is None:
-        raise FileNotFoundError(f"{path}: no complete checkpoint to --resume from")
-    world = len(glob.glob(os.path.join(folder, "rank*.pt")))
-    old = [read_rank_file(os.path.join(folder, f"rank{r}.pt")) for r in range(world)]
-    if old[0]["world"] != world:
-        raise ValueError(f"{folder}: holds {world} rank files, saved at world size {old[0]['world']}")
-    if old[0]["engine"] != type(engine).__name__:
-        raise ValueError(f"{folder}: saved by {old[0]['engine']}, resuming with {type(engine).__name__} "
-                         f"(--fsdp must match the run that saved it)")
-    if check is not None:  # e.g. that the run's settings match the saved ones, before any tensor is loaded
-        check(old[0], folder)
-    engine.load_checkpoint_state(old, opt, folder)
-    state = dict(old[engine.d.rank if engine.d.rank < world else 0])
-    if world != engine.d.world:
-        state["data"] = dict(state["data"], index=state["data"]["index"] * world // engine.d.world)
-    return state

@@ -18,12 +18,10 @@ model as a Hugging Face folder).
 import dataclasses
 import datetime
 import difflib
-import hashlib
 import inspect
 import json
 import math
 import os
-import random
 import re
 import shutil
 import sys
@@ -34,6 +32,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+import checkpoint as C
 import data as D
 import fsdp as F
 import kernels as K
@@ -341,18 +340,6 @@ def generate(engine, cfg, tok, prompts, temperature, top_k=0, generator=None):
                           top_k, eos_id=tok.eos_id, generator=generator, stop_early=not cfg.fsdp, forward=engine.forward)
 
 
-def rng_state():
-    return {"torch": torch.get_rng_state(), "python": random.getstate(),
-            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
-
-
-def set_rng(rng):
-    torch.set_rng_state(rng["torch"].cpu())
-    if rng["cuda"] is not None:
-        torch.cuda.set_rng_state(rng["cuda"].cpu())
-    random.setstate(rng["python"])
-
-
 # -----------------------------------------------------------------------------
 # Setup and the loop
 
@@ -488,52 +475,6 @@ def ask(cfg: Config, d: Dist):
     return answer
 
 
-def open_metrics(path, start):
-    """metrics.jsonl for appending. On resume the rows after the checkpoint's step (written by the
-    run that was interrupted, and about to be written again) are dropped first."""
-    rows = []
-    if start and os.path.isfile(path):
-        rows = [line for line in open(path) if json.loads(line).get("step", 0) <= start]
-    with open(path + ".tmp", "w") as f:
-        f.writelines(rows)
-    os.replace(path + ".tmp", path)
-    return open(path, "a")
-
-
-# What a resumed run must share with the run that saved: the model and adapters (the tensors), the
-# data and how it is cut into batches (the saved position indexes that plan). The rest may change.
-MUST_MATCH = ("train_type", "lora_rank", "lora_alpha", "lora_target", "data", "chat_format", "seq_len", "pack",
-              "eval_frac", "seed")
-
-
-def base_fingerprint(model):
-    """A preset's name, or a hash of an HF folder's safetensors files: each header (names, shapes,
-    dtypes, offsets) and the first MiB of its weights, which tells a base from its fine-tune."""
-    if not os.path.isdir(model):
-        return model
-    digest = hashlib.sha1()
-    for file in sorted(set(M.safetensors_files(model).values())):
-        with open(file, "rb") as f:
-            n = int.from_bytes(f.read(8), "little")
-            digest.update(f.read(n + 2**20))
-    return digest.hexdigest()[:16]
-
-
-def same_run(saved, where, cfg: Config, d: Dist, base):
-    """Refuse, in one line, a resume whose settings differ where the checkpoint depends on them."""
-    old = saved["config"]
-    for name in MUST_MATCH:
-        if old[name] != getattr(cfg, name):
-            raise ValueError(f"{where}: saved with --{name}={old[name]}, resuming with --{name}={getattr(cfg, name)}; "
-                             f"it must match (max_steps, lr, schedule, eval and logging flags may change)")
-    rows, now = old["batch_size"] * old["grad_accum"] * saved["world"], cfg.batch_size * cfg.grad_accum * d.world
-    if rows != now:
-        raise ValueError(f"{where}: saved with a global batch of {rows} rows (--batch_size x --grad_accum x world), "
-                         f"resuming with {now}; keep it (e.g. scale --grad_accum with the world size)")
-    if saved.get("base") != base:
-        raise ValueError(f"{where}: saved from another base model than --model={cfg.model} (its weights differ)")
-
-
 def make_engine(model, cfg: Config, d: Dist):
     """Plain data parallelism or fsdp.py's sharding, behind the same interface (fsdp.py)."""
     amp = torch.bfloat16 if uses_bf16(cfg, d.device.type) else None
@@ -602,11 +543,11 @@ def setup(cfg: Config, d: Dist, log):
         cfg.eval_metric = "exact" if cfg.data == "arith" else "last_number"
 
     opt = make_optimizer(engine, cfg, d.device)
-    ckpt_path, start, base = os.path.join(cfg.out_dir, "checkpoint"), 0, base_fingerprint(cfg.model)
+    ckpt_path, start, base = os.path.join(cfg.out_dir, "checkpoint"), 0, C.base_fingerprint(cfg.model)
     if cfg.resume:
-        state = F.load_checkpoint(ckpt_path, engine, opt, check=lambda saved, where: same_run(saved, where, cfg, d, base))
+        state = C.load_checkpoint(ckpt_path, engine, opt, check=lambda saved, where: C.same_run(saved, where, cfg, d.world, base))
         loader.load_state_dict(state["data"])
-        set_rng(state["rng"])
+        C.set_rng(state["rng"])
         start = state["step"]
         if start > cfg.max_steps:
             raise ValueError(f"--max_steps={cfg.max_steps} is below the step of the checkpoint in {ckpt_path} "
@@ -690,8 +631,8 @@ def run_eval(cfg: Config, d: Dist, r, log, record, step):
 
 def save(cfg: Config, d: Dist, r, step):
     """The resumable checkpoint: the engine's state, optimizer, data position, every rank's RNG."""
-    F.save_checkpoint(r.ckpt_path, r.engine, r.opt, step,
-                      {"data": r.loader.state_dict(), "rng": rng_state(), "config": dataclasses.asdict(cfg),
+    C.save_checkpoint(r.ckpt_path, r.engine, r.opt, step,
+                      {"data": r.loader.state_dict(), "rng": C.rng_state(), "config": dataclasses.asdict(cfg),
                        "base": r.base})
 
 
@@ -727,7 +668,7 @@ def main(argv):
     d = init_distributed(cfg.threads, cfg.timeout)
     log = print if d.main else (lambda *a, **k: None)
     r = setup(cfg, d, log)
-    metrics = open_metrics(os.path.join(cfg.out_dir, "metrics.jsonl"), r.start) if d.main else None
+    metrics = C.open_metrics(os.path.join(cfg.out_dir, "metrics.jsonl"), r.start) if d.main else None
 
     def record(row):
         if metrics:

@@ -8,6 +8,7 @@ import os
 import pytest
 import torch
 
+import checkpoint as C
 import fsdp as F
 import train
 
@@ -23,7 +24,7 @@ def test_a_diverging_run_stops_at_the_first_non_finite_step_and_keeps_the_last_g
     with pytest.raises(ValueError, match=r"^step (\d+): the (loss|gradient norm) is (nan|inf); stopped without saving") as e:
         train.main(FAST + ["--lr=1e20", "--grad_clip=0", "--max_steps=6", "--save_every=1", f"--out_dir={tmp_path}"])
     bad_step = int(e.value.args[0].split(":")[0].split()[1])
-    folder = F.latest_checkpoint(str(tmp_path / "checkpoint"))
+    folder = C.latest_checkpoint(str(tmp_path / "checkpoint"))
     assert folder.endswith(f"step-{bad_step - 1:08d}")  # the state before the bad step, never the bad one
     state = torch.load(os.path.join(folder, "rank0.pt"), weights_only=False)["model"]
     assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
@@ -61,7 +62,7 @@ def test_a_used_out_dir_is_refused_unless_resumed_or_overwritten(tmp_path):
         train.main(FAST + ["--max_steps=1", f"--out_dir={tmp_path}"])
     train.main(FAST + ["--max_steps=1", "--overwrite", f"--out_dir={tmp_path}"])
     assert [r["step"] for r in rows(tmp_path) if "loss" in r] == [1]
-    assert F.latest_checkpoint(str(tmp_path / "checkpoint")).endswith("step-00000001")
+    assert C.latest_checkpoint(str(tmp_path / "checkpoint")).endswith("step-00000001")
 
 
 def test_resume_below_the_saved_step_is_refused_in_one_line(tmp_path):
@@ -150,12 +151,12 @@ def test_resume_onto_another_base_model_is_refused(tmp_path):
     import model as M
     for seed in (0, 1):
         M.save_pretrained(small_model(seed=seed), str(tmp_path / f"m{seed}"), dtype=torch.float32)
-    a, b = train.base_fingerprint(str(tmp_path / "m0")), train.base_fingerprint(str(tmp_path / "m1"))
-    assert a != b and a == train.base_fingerprint(str(tmp_path / "m0"))
+    a, b = C.base_fingerprint(str(tmp_path / "m0")), C.base_fingerprint(str(tmp_path / "m1"))
+    assert a != b and a == C.base_fingerprint(str(tmp_path / "m0"))
     cfg = train.Config(model=str(tmp_path / "m1"))
     saved = {"config": dataclasses.asdict(cfg), "world": 1, "base": a}
     with pytest.raises(ValueError, match=rf"^ckpt: saved from another base model than --model={tmp_path}/m1 "):
-        train.same_run(saved, "ckpt", cfg, train.Dist(0, 0, 1, torch.device("cpu")), b)
+        C.same_run(saved, "ckpt", cfg, 1, b)
 
 
 @pytest.fixture

@@ -10,6 +10,7 @@ import torch
 from conftest import ROOT
 
 import data as D
+import checkpoint as C
 import fsdp as F
 import model as M
 import quant as Q
@@ -26,7 +27,7 @@ def losses(out_dir):
 
 def saved_model(out_dir):
     """The model state of the newest checkpoint in out_dir (rank 0's file holds it)."""
-    folder = F.latest_checkpoint(os.path.join(out_dir, "checkpoint"))
+    folder = C.latest_checkpoint(os.path.join(out_dir, "checkpoint"))
     return torch.load(os.path.join(folder, "rank0.pt"), weights_only=False)["model"]
 
 
@@ -80,14 +81,14 @@ def test_seq_len_beyond_context_is_refused(tmp_path):
 @pytest.mark.parametrize("train_type", ["full", "qdora"])
 def test_resume_reproduces_the_uninterrupted_losses(tmp_path, monkeypatch, train_type):
     args = FAST + ["--max_steps=6", "--save_every=3", "--grad_accum=2", f"--train_type={train_type}"]
-    save = F.save_checkpoint
+    save = C.save_checkpoint
 
     def keep_step_3(path, engine, opt, step, extra):
         save(path, engine, opt, step, extra)
         if step == 3:
             shutil.copytree(path, str(tmp_path / "resumed" / "checkpoint"))
 
-    monkeypatch.setattr(F, "save_checkpoint", keep_step_3)
+    monkeypatch.setattr(C, "save_checkpoint", keep_step_3)
     train.main(args + [f"--out_dir={tmp_path / 'full'}"])
     train.main(args + [f"--out_dir={tmp_path / 'resumed'}", "--resume"])
     full, resumed = losses(tmp_path / "full"), losses(tmp_path / "resumed")
@@ -210,11 +211,11 @@ def test_a_save_killed_halfway_leaves_the_previous_checkpoint_to_resume_from(tmp
     with pytest.raises(KeyboardInterrupt):
         train.main(args + [f"--out_dir={tmp_path / 'killed'}"])
     monkeypatch.setattr(F.torch, "save", save)
-    assert F.latest_checkpoint(str(tmp_path / "killed" / "checkpoint")).endswith("step-00000002")
+    assert C.latest_checkpoint(str(tmp_path / "killed" / "checkpoint")).endswith("step-00000002")
     train.main(args + [f"--out_dir={tmp_path / 'killed'}", "--resume"])
     whole, resumed = losses(tmp_path / "whole"), losses(tmp_path / "killed")
     assert resumed[3] == whole[3] and resumed[4] == whole[4]
-    assert F.latest_checkpoint(str(tmp_path / "killed" / "checkpoint")).endswith("step-00000004")
+    assert C.latest_checkpoint(str(tmp_path / "killed" / "checkpoint")).endswith("step-00000004")
 
 
 def test_precision_auto_trains_in_bf16_where_the_cpu_multiplies_bf16_natively(monkeypatch):
