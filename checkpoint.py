@@ -121,8 +121,8 @@ def set_rng(rng):
 
 # What a resumed run must share with the run that saved: the model and adapters (the tensors), the
 # data and how it is cut into batches (the saved position indexes that plan). The rest may change.
-MUST_MATCH = ("train_type", "lora_rank", "lora_alpha", "lora_target", "data", "chat_format", "seq_len", "pack",
-              "eval_frac", "seed")
+MUST_MATCH = ("train_type", "expand_blocks", "quant", "quant_bits", "quant_group", "lora_rank", "lora_alpha", "lora_target", "data",
+              "chat_format", "seq_len", "pack", "eval_frac", "seed")
 
 
 def base_fingerprint(model):
@@ -140,9 +140,9 @@ def base_fingerprint(model):
 
 def same_run(saved, where, cfg, world, base):
     """Refuse, in one line, a resume whose settings differ where the checkpoint depends on them."""
-    old = saved["config"]
+    old, defaults = saved["config"], type(cfg)()  # a setting added since that save had its default then
     for name in MUST_MATCH:
-        if old[name] != getattr(cfg, name):
+        if old.setdefault(name, getattr(defaults, name)) != getattr(cfg, name):
             raise ValueError(f"{where}: saved with --{name}={old[name]}, resuming with --{name}={getattr(cfg, name)}; "
                              f"it must match (max_steps, lr, schedule, eval and logging flags may change)")
     rows, now = old["batch_size"] * old["grad_accum"] * saved["world"], cfg.batch_size * cfg.grad_accum * world

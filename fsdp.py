@@ -48,7 +48,7 @@ import torch.nn as nn
 
 import lora as L
 import model as M
-from quant import Linear4bit
+from quant import QuantLinear
 
 STRATEGIES = ("full", "grad_op", "hybrid")
 OFFLOAD = ("none", "frozen", "all")
@@ -644,7 +644,7 @@ class Replicated:
         opt.load_state_dict(state["optimizer"])
 
     def export_hf(self, path, extra_files=(), dtype=torch.bfloat16):
-        if self.d.rank == 0:  # adapters folded into dense weights (dequantized when 4-bit)
+        if self.d.rank == 0:  # adapters folded into dense weights (dequantized when quantized)
             model = L.merge_and_unload(self.model) if L.lora_layers(self.model) else self.model
             M.save_pretrained(model, path, dtype=dtype, extra_files=extra_files)
 
@@ -660,7 +660,7 @@ def dense_tensors(prefix, module):
         if module.base_layer.bias is not None:
             yield prefix + ".bias", module.base_layer.bias
         return
-    if isinstance(module, Linear4bit):
+    if isinstance(module, QuantLinear):
         yield prefix + ".weight", module.dequantize(torch.float32)
         if module.bias is not None:
             yield prefix + ".bias", module.bias

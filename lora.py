@@ -1,8 +1,8 @@
-"""LoRA and DoRA adapters on any nn.Linear or quant.Linear4bit, saved in PEFT's layout.
+"""LoRA and DoRA adapters on any nn.Linear or quantized quant.QuantLinear (NF4, HQQ, int8, ternary), saved in PEFT's layout.
 
     add_lora(model, rank=8, alpha=16, targets="all-linear", dora=False)  # freeze the base, wrap targets
     save_adapter(model, "out/adapter")     # adapter_config.json + adapter_model.safetensors
-    load_adapter(model, "out/adapter")     # onto a freshly loaded base (plain or 4-bit)
+    load_adapter(model, "out/adapter")     # onto a freshly loaded base (plain or quantized)
     merge_and_unload(model)                # a plain dense model again, ready for save_pretrained
 
 LoRA (Hu et al. 2021): the frozen W gets a trainable low-rank update,
@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 import model as M
 from kernels.lora import lora_add
-from quant import Linear4bit, dequantize_model
+from quant import QuantLinear, dequantize_model
 
 
 class LoRALinear(nn.Module):
@@ -67,7 +67,7 @@ class LoRALinear(nn.Module):
 
     def base_weight(self, dtype=torch.float32):
         b = self.base_layer
-        return b.dequantize(dtype) if isinstance(b, Linear4bit) else b.weight.to(dtype)
+        return b.dequantize(dtype) if isinstance(b, QuantLinear) else b.weight.to(dtype)
 
     @torch.no_grad()
     def dense_weight(self):
@@ -95,12 +95,12 @@ class LoRALinear(nn.Module):
             wx = F.linear(xd, w.to(xd.dtype))
         return (y + (g - 1) * wx + g * lora).to(y.dtype)
 
-    # In-place merge for a dense base (a 4-bit base cannot hold W + BA exactly: use merge_and_unload).
+    # In-place merge for a dense base (a quantized base cannot hold W + BA exactly: use merge_and_unload).
 
     @torch.no_grad()
     def merge(self):
-        if isinstance(self.base_layer, Linear4bit):
-            raise ValueError("merge: a 4-bit base cannot hold the merged weight; use lora.merge_and_unload(model)")
+        if isinstance(self.base_layer, QuantLinear):
+            raise ValueError("merge: a quantized base cannot hold the merged weight; use lora.merge_and_unload(model)")
         if not self.merged:
             w = self.base_layer.weight
             self._unmerged = w.detach().clone() if self.lora_magnitude_vector is not None else None
@@ -121,7 +121,7 @@ class LoRALinear(nn.Module):
 def linear_names(model):
     """Leaf names of the Linear layers LoRA can target ('all-linear' = these, lm_head excluded as PEFT does)."""
     return sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
-                   if isinstance(m, (nn.Linear, Linear4bit)) and n and not n.endswith("lm_head") and ".lora_" not in n})
+                   if isinstance(m, (nn.Linear, QuantLinear)) and n and not n.endswith("lm_head") and ".lora_" not in n})
 
 
 def add_lora(model, rank=8, alpha=16.0, dropout=0.0, targets="all-linear", dora=False, generator=None):
@@ -140,7 +140,7 @@ def add_lora(model, rank=8, alpha=16.0, dropout=0.0, targets="all-linear", dora=
         p.requires_grad_(False)
     wrapped = []
     for name, module in list(model.named_modules()):
-        if isinstance(module, (nn.Linear, Linear4bit)) and name.rsplit(".", 1)[-1] in wanted and not name.endswith("lm_head"):
+        if isinstance(module, (nn.Linear, QuantLinear)) and name.rsplit(".", 1)[-1] in wanted and not name.endswith("lm_head"):
             model.set_submodule(name, LoRALinear(module, rank, alpha, dropout, dora, generator))
             wrapped.append(name)
     model.lora_config = {"r": rank, "lora_alpha": alpha, "lora_dropout": dropout, "target_modules": sorted(wanted),
@@ -226,7 +226,7 @@ def load_adapter(model, path, dropout=None):
 @torch.no_grad()
 def merge_and_unload(model, dtype=torch.float32):
     """Replace every LoRALinear by a dense nn.Linear holding its merged weight, and every remaining
-    Linear4bit by its dequantized weight: a plain model that save_pretrained writes as an HF folder."""
+    QuantLinear by its dequantized weight: a plain model that save_pretrained writes as an HF folder."""
     for name, module in lora_layers(model):
         module.unmerge()
         base = module.base_layer

@@ -24,6 +24,7 @@ model.py knows nothing of distribution, quantization or adapters: quant.py and l
 """
 
 import contextlib
+import copy
 import json
 import math
 import os
@@ -447,6 +448,34 @@ def cross_entropy_sum(h, head, labels, chunk=0):
     for i in range(0, n, chunk):
         total = total + checkpoint(_ce_chunk, h[i:i + chunk], head, labels[i:i + chunk], use_reentrant=False)
     return total, n
+
+
+def expand_blocks(model: Llama, n):
+    """Llama-Pro block expansion (Wu et al. 2024): after each of n evenly spaced blocks insert a copy
+    of it whose o_proj and down_proj are zero, so the copy adds nothing to the residual stream and
+    the expanded model computes exactly what the original did. Returns the new blocks (fp32), which
+    are the ones to train; the config and every block's cache index follow the new depth."""
+    layers = list(model.model.layers)
+    if not 1 <= n <= len(layers):
+        raise ValueError(f"--expand_blocks={n}: expected 1 to the model's {len(layers)} blocks")
+    after = {round((i + 1) * len(layers) / n) - 1 for i in range(n)}
+    expanded, added = [], []
+    for i, layer in enumerate(layers):
+        expanded.append(layer)
+        if i in after:
+            new = copy.deepcopy(layer).float()
+            with torch.no_grad():
+                for out in (new.self_attn.o_proj, new.mlp.down_proj):
+                    out.weight.zero_()
+                    if out.bias is not None:
+                        out.bias.zero_()
+            expanded.append(new)
+            added.append(new)
+    for i, layer in enumerate(expanded):
+        layer.self_attn.layer_idx = i
+    model.model.layers = nn.ModuleList(expanded)
+    model.args.n_layers = len(expanded)
+    return added
 
 
 # -----------------------------------------------------------------------------

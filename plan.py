@@ -14,7 +14,7 @@ import torch
 
 import lora as L
 from fsdp import group_tensors, offloaded, schedule, unit_module_lists
-from quant import Linear4bit
+from quant import QuantLinear
 
 def activation_bytes_per_token(model, act, kernels):
     """Bytes per token kept for backward: (by one block, outside the blocks for the whole step,
@@ -85,7 +85,7 @@ def plan_memory(model, world, batch_size, seq_len, prefetch=1, checkpointing=Tru
       logits at their largest;
     - the backward of each block j: the activations of blocks 0..j (checkpointing: their inputs,
       and block j recomputed), the gradients in flight through the block (two hidden-sized and two
-      ffn-sized tensors at most), its dequantized 4-bit weight, the full gradients of the unit (of
+      ffn-sized tensors at most), its dequantized quantized weight, the full gradients of the unit (of
       the unit before it in backward, whose reduce-scatter is in flight when S > 1, and of a tied
       outer unit, kept to the end), and the sharded gradients of the units already reduced;
     - the embedding's backward, when it trains: a dense gradient of the table, then the unit's;
@@ -108,7 +108,7 @@ def plan_memory(model, world, batch_size, seq_len, prefetch=1, checkpointing=Tru
     tokens, act = batch_size * seq_len, param_bytes
     block, outside, head = activation_bytes_per_token(model, act, kernels)
     kept = act * a.dim if checkpointing else block  # per block and token, between its forward and its backward
-    dequant = max([m.in_features * m.out_features * param_bytes for m in model.modules() if isinstance(m, Linear4bit)] + [0])
+    dequant = max([m.in_features * m.out_features * param_bytes for m in model.modules() if isinstance(m, QuantLinear)] + [0])
     if kernels:
         logits = min(tokens, 4096 if loss_chunk <= 0 else loss_chunk) * a.vocab_size * act + tokens * a.dim * act
         logits += a.vocab_size * a.dim * act if grad[pos[-1]] else 0

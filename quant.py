@@ -1,8 +1,11 @@
-"""NF4 4-bit weights (QLoRA, Dettmers et al. 2023), stored exactly as bitsandbytes stores them.
+"""Frozen quantized Linear layers for QLoRA-style training: NF4 (Dettmers et al. 2023, stored
+exactly as bitsandbytes stores it), HQQ, int8 and ternary, each one class under one protocol
+(`QuantLinear`: storage buffers, quantize, dequantize; after the NF4 functions).
 
-    model = from_pretrained(path, device, prepare=quantize_model)   # quantize layer by layer while loading
+    model = from_pretrained(path, device, prepare=quantize_model)   # quantize layer by layer while loading (NF4)
+    quantize_model(model, "hqq", bits=3, group=64)                  # or another format
     model = load_prequantized(path, device)                         # a folder saved by transformers + bitsandbytes
-    y = Linear4bit(...)(x)                                          # dequantize, matmul; nothing dense kept for backward
+    y = layer(x)                                                    # dequantize, matmul; nothing dense kept for backward
 
 How NF4 works. A weight is cut into blocks of 64 consecutive elements (row-major). Each block is
 divided by its absolute maximum, which puts it in [-1, 1], and every element becomes the index of
@@ -142,36 +145,95 @@ def quantize_nf4(w, blocksize=64, double_quant=True, nested_blocksize=256, chunk
 
 
 # -----------------------------------------------------------------------------
-# The 4-bit Linear
+# The protocol: a frozen Linear whose weight is stored quantized
 
 
-class NF4Matmul(torch.autograd.Function):
+class QuantMatmul(torch.autograd.Function):
     """y = x W^T + b with W dequantized on the fly. Backward dequantizes W again instead of saving
-    it, so a 4-bit model's weights never sit in memory densely between forward and backward. W is
-    frozen: the only gradient is the input's (which LoRA needs)."""
+    it, so a quantized model's weights never sit in memory densely between forward and backward. W
+    is frozen: the only gradient is the input's (which LoRA needs)."""
 
     @staticmethod
     def forward(ctx, x, layer):
         ctx.layer = layer  # the module, not its tensors: nothing is saved for backward
-        if x.numel() <= 16 * x.shape[-1] and layer.in_features % layer.blocksize == 0 and use_triton("nf4_matmul", x):
-            nf4, dynamic = codes_on(x.device)  # few rows: read the codes once, never the dense weight
-            y = nf4_matmul_triton(x, layer.weight, layer.absmax, nf4, layer.blocksize, layer.shape,
-                                  layer.nested_absmax, dynamic, layer.nested_blocksize, layer.offset)
-            return y + layer.bias if layer.bias is not None else y
-        return F.linear(x, layer.dequantize(x.dtype), layer.bias)
+        return layer.matmul(x)
 
     @staticmethod
     def backward(ctx, grad):
         return grad @ ctx.layer.dequantize(grad.dtype), None
 
 
-class Linear4bit(nn.Module):
-    """A frozen nn.Linear whose weight is NF4. Its buffers are the bitsandbytes tensors above."""
+class QuantLinear(nn.Module):
+    """A frozen nn.Linear whose weight lives in buffers of some quantized format. A format is one
+    subclass: its __init__ registers the storage buffers (their shapes known on the meta device, so
+    the memory plan and fsdp.py see the real bytes), `quantize(w)` fills them from a float [out, in]
+    weight, `dequantize(dtype)` gives the dense weight back. lora.py, fsdp.py (which shards any
+    buffer, whatever its dtype) and plan.py only use this interface."""
+
+    format = "?"
+
+    def __init__(self, in_features, out_features, bias=False, device=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.bias = nn.Parameter(torch.zeros(out_features, device=device), requires_grad=False) if bias else None
+
+    @property
+    def shape(self):
+        return torch.Size((self.out_features, self.in_features))
+
+    def quantize(self, w):
+        raise NotImplementedError
+
+    def dequantize(self, dtype=torch.bfloat16):
+        raise NotImplementedError
+
+    def matmul(self, x):
+        return F.linear(x, self.dequantize(x.dtype), self.bias)
+
+    def set_weight(self, w):
+        """Quantize a float [out, in] weight into this module's buffers, on w's device."""
+        if tuple(w.shape) != tuple(self.shape):
+            raise ValueError(f"{type(self).__name__}: weight of shape {list(w.shape)}, expected {list(self.shape)}")
+        self.quantize(w.detach())
+
+    def forward(self, x):
+        if torch.is_autocast_enabled(x.device.type):  # a custom Function is not autocast by itself
+            x = x.to(torch.get_autocast_dtype(x.device.type))
+        return QuantMatmul.apply(x, self)
+
+    def bits_per_weight(self):
+        return 8 * sum(b.numel() * b.element_size() for b in self.buffers(recurse=False)) / (self.in_features * self.out_features)
+
+    def extra_repr(self):
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self.format}"
+
+    # Loading, called by model.from_pretrained for each of this module's checkpoint tensors: a float
+    # weight is quantized as it arrives and then dropped (a layer-by-layer peak).
+
+    def checkpoint_shapes(self, prefix):
+        shapes = {prefix + "weight": (self.out_features, self.in_features)}
+        if self.bias is not None:
+            shapes[prefix + "bias"] = (self.out_features,)
+        return shapes
+
+    def load_tensor(self, leaf, t, device, dtype, where="checkpoint"):
+        if leaf == "bias":
+            self.bias = nn.Parameter(t.to(device, dtype), requires_grad=False)
+        elif leaf == "weight":
+            self.set_weight(t.to(device))
+        else:
+            raise ValueError(f"{where}: unexpected tensor {leaf!r} for a {self.format} Linear")
+
+
+class Linear4bit(QuantLinear):
+    """NF4. Its buffers are the bitsandbytes tensors above; it also loads bitsandbytes-saved folders,
+    and multiplies a few rows straight from the codes on CUDA (kernels/nf4.py)."""
+
+    format = "nf4"
 
     def __init__(self, in_features, out_features, bias=False, blocksize=64, double_quant=True,
                  nested_blocksize=256, device=None):
-        super().__init__()
-        self.in_features, self.out_features = in_features, out_features
+        super().__init__(in_features, out_features, bias, device)
         self.blocksize, self.nested_blocksize, self.double_quant = blocksize, nested_blocksize, double_quant
         self.prequantized = False  # True: the checkpoint holds bitsandbytes tensors, not a float weight
         n = in_features * out_features
@@ -180,16 +242,8 @@ class Linear4bit(nn.Module):
         self.register_buffer("absmax", torch.empty(n_blocks, dtype=torch.uint8 if double_quant else torch.float32, device=device))
         self.register_buffer("nested_absmax", torch.empty(math.ceil(n_blocks / nested_blocksize), device=device) if double_quant else None)
         self.register_buffer("offset", torch.zeros((), device=device) if double_quant else None)
-        self.bias = nn.Parameter(torch.zeros(out_features, device=device), requires_grad=False) if bias else None
 
-    @property
-    def shape(self):
-        return torch.Size((self.out_features, self.in_features))
-
-    def set_weight(self, w):
-        """Quantize a float [out, in] weight into this module's buffers, on w's device."""
-        if tuple(w.shape) != tuple(self.shape):
-            raise ValueError(f"Linear4bit: weight of shape {list(w.shape)}, expected {list(self.shape)}")
+    def quantize(self, w):
         for k, v in quantize_nf4(w, self.blocksize, self.double_quant, self.nested_blocksize).items():
             if v is not None:
                 setattr(self, k, v)
@@ -199,33 +253,30 @@ class Linear4bit(nn.Module):
         return dequantize_nf4(self.weight, self.absmax, nf4, self.blocksize, self.shape, dtype,
                               self.nested_absmax, dynamic, self.nested_blocksize, self.offset)
 
-    def forward(self, x):
-        if torch.is_autocast_enabled(x.device.type):  # a custom Function is not autocast by itself
-            x = x.to(torch.get_autocast_dtype(x.device.type))
-        return NF4Matmul.apply(x, self)
+    def matmul(self, x):
+        if x.numel() <= 16 * x.shape[-1] and self.in_features % self.blocksize == 0 and use_triton("nf4_matmul", x):
+            nf4, dynamic = codes_on(x.device)  # few rows: read the codes once, never the dense weight
+            y = nf4_matmul_triton(x, self.weight, self.absmax, nf4, self.blocksize, self.shape,
+                                  self.nested_absmax, dynamic, self.nested_blocksize, self.offset)
+            return y + self.bias if self.bias is not None else y
+        return super().matmul(x)
 
     def extra_repr(self):
         return f"in_features={self.in_features}, out_features={self.out_features}, nf4, blocksize={self.blocksize}, double_quant={self.double_quant}"
 
-    # Loading, called by model.from_pretrained for each of this module's checkpoint tensors.
-
     def checkpoint_shapes(self, prefix):
-        shapes = {prefix + "weight": (self.out_features, self.in_features)}
+        shapes = super().checkpoint_shapes(prefix)
         if self.prequantized:  # shapes of the rest depend on the block sizes in the JSON: checked later
-            shapes = {prefix + "weight": ((self.in_features * self.out_features + 1) // 2, 1)}
+            shapes[prefix + "weight"] = ((self.in_features * self.out_features + 1) // 2, 1)
             shapes.update({prefix + "weight." + k: None for k in ("absmax", "quant_map", "quant_state.bitsandbytes__nf4")})
             if self.double_quant:
                 shapes.update({prefix + "weight." + k: None for k in ("nested_absmax", "nested_quant_map")})
-        if self.bias is not None:
-            shapes[prefix + "bias"] = (self.out_features,)
         return shapes
 
     def load_tensor(self, leaf, t, device, dtype, where="checkpoint"):
-        if leaf == "bias":
-            self.bias = nn.Parameter(t.to(device, dtype), requires_grad=False)
-        elif leaf == "weight" and not self.prequantized:
-            self.set_weight(t.to(device))  # the float weight is dropped after this: layer-by-layer peak
-        elif leaf == "weight":
+        if not self.prequantized or leaf == "bias":
+            return super().load_tensor(leaf, t, device, dtype, where)
+        if leaf == "weight":
             self.weight = t.reshape(-1).to(device)
         elif leaf in ("weight.absmax", "weight.nested_absmax"):
             setattr(self, leaf.split(".")[1], t.to(device))
@@ -245,16 +296,161 @@ class Linear4bit(nn.Module):
             raise ValueError(f"{where}: unexpected tensor {leaf!r} for a 4-bit Linear")
 
 
-def quantize_model(model, skip=("lm_head",), blocksize=64, double_quant=True):
-    """Replace every nn.Linear (but those whose name ends in `skip`) by a Linear4bit, in place.
+# -----------------------------------------------------------------------------
+# More formats, each one class. Codes of `bits` bits are packed 8 at a time into `bits` bytes.
 
-    On a meta-device model (from_pretrained's `prepare`) the new modules are empty and get filled
-    as the checkpoint streams in; otherwise each weight is quantized right away.
+
+def pack_bits(q, bits):
+    """uint8 codes < 2**bits -> uint8 bytes, 8 codes in `bits` bytes (code i at bit bits * i)."""
+    q = torch.cat([q.reshape(-1), q.new_zeros((-q.numel()) % 8)]).view(-1, 8).to(torch.int64)
+    word = (q << (bits * torch.arange(8, device=q.device))).sum(dim=1)
+    return ((word[:, None] >> (8 * torch.arange(bits, device=q.device))) & 0xFF).to(torch.uint8).view(-1)
+
+
+def unpack_bits(packed, bits, n):
+    word = (packed.view(-1, bits).to(torch.int64) << (8 * torch.arange(bits, device=packed.device))).sum(dim=1)
+    return ((word[:, None] >> (bits * torch.arange(8, device=packed.device))) & (2**bits - 1)).view(-1)[:n].to(torch.uint8)
+
+
+def grouped(w, group):
+    """A weight -> fp32 (groups, group) of consecutive elements, the last group zero-padded."""
+    flat = w.reshape(-1).float()
+    return torch.cat([flat, flat.new_zeros((-flat.numel()) % group)]).view(-1, group)
+
+
+class LinearInt8(QuantLinear):
+    """Weight-only int8 with one absmax scale per output channel: q = round(w * 127 / max|w_row|),
+    w ~ q * scale. 8 bits + 32 / in_features per weight."""
+
+    format = "int8"
+
+    def __init__(self, in_features, out_features, bias=False, device=None):
+        super().__init__(in_features, out_features, bias, device)
+        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("scale", torch.empty(out_features, device=device))
+
+    def quantize(self, w):
+        w = w.float()
+        self.scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127
+        self.weight = torch.round(w / self.scale[:, None]).clamp(-127, 127).to(torch.int8)
+
+    def dequantize(self, dtype=torch.bfloat16):
+        return (self.weight.float() * self.scale[:, None]).to(dtype)
+
+
+def hqq_zero(w, scale, zero, max_code, lp_norm=0.7, beta=10.0, kappa=1.01, iters=20):
+    """Half-quadratic quantization's zero-point solver (Badri & Shaji 2023; mobiusml/hqq's
+    optimize_weights_proximal_legacy): with the scale fixed, alternate between the quantization
+    error made sparse by the l_p shrinkage operator (p < 1: a heavy-tailed error is cheap), and the
+    zero point that best explains the weights given that error, in closed form (a mean per group).
+    No calibration data. Returns the zero with the smallest mean absolute error seen."""
+    best, best_zero = math.inf, zero
+    for _ in range(iters):
+        q = torch.round(w * scale + zero).clamp(0, max_code)
+        r = (q - zero) / scale
+        error = (w - r).abs().mean().item()
+        if error >= best:
+            break
+        best, best_zero = error, zero
+        e = w - r
+        e = torch.sign(e) * F.relu(e.abs() - (1 / beta) * (e.abs() + 1e-8).pow(lp_norm - 1))
+        zero = (q - (w - e) * scale).mean(dim=1, keepdim=True)
+        beta *= kappa
+    return best_zero
+
+
+class LinearHQQ(QuantLinear):
+    """HQQ: `bits`-bit codes (2, 3, 4 or 8) with a scale and a zero point per group of `group`
+    consecutive weights, w ~ (q - zero) * scale; min-max initialisation, then the zero point from
+    `hqq_zero`. Scale and zero are fp16, as hqq keeps them: bits + 32 / group per weight."""
+
+    format = "hqq"
+
+    def __init__(self, in_features, out_features, bias=False, bits=4, group=64, device=None):
+        super().__init__(in_features, out_features, bias, device)
+        self.bits, self.group = bits, group
+        n_groups = math.ceil(in_features * out_features / group)
+        self.register_buffer("weight", torch.empty(math.ceil(n_groups * group / 8) * bits, dtype=torch.uint8, device=device))
+        self.register_buffer("scale", torch.empty(n_groups, dtype=torch.float16, device=device))
+        self.register_buffer("zero", torch.empty(n_groups, dtype=torch.float16, device=device))
+
+    def quantize(self, w):
+        g, max_code = grouped(w, self.group), 2**self.bits - 1
+        lo, hi = g.amin(dim=1, keepdim=True), g.amax(dim=1, keepdim=True)
+        scale = (max_code / (hi - lo)).clamp(max=2e4)  # codes per unit of weight (hqq's convention)
+        scale16 = (1 / scale).half()  # stored in fp16: the codes are chosen against the stored values
+        inv = 1 / scale16.float()
+        zero = hqq_zero(g, inv, (-lo * scale).half().float(), max_code).half()
+        q = torch.round(g * inv + zero.float()).clamp(0, max_code).to(torch.uint8)
+        self.weight, self.scale, self.zero = pack_bits(q, self.bits), scale16.view(-1), zero.view(-1)
+
+    def dequantize(self, dtype=torch.bfloat16):
+        n = self.in_features * self.out_features
+        q = unpack_bits(self.weight, self.bits, self.scale.numel() * self.group).view(-1, self.group).float()
+        w = (q - self.zero.float()[:, None]) * self.scale.float()[:, None]
+        return w.view(-1)[:n].view(self.shape).to(dtype)
+
+    def extra_repr(self):
+        return super().extra_repr() + f", bits={self.bits}, group={self.group}"
+
+
+class LinearTernary(QuantLinear):
+    """BitNet b1.58's absmean ternary weights as a frozen base: per group of `group` consecutive
+    weights s = mean |w|, q = round(clamp(w / s, -1, 1)) in {-1, 0, 1}, w ~ q * s. Five ternary digits
+    fit in a byte (3^5 = 243): 1.6 bits + 16 / group (the fp16 scale) per weight."""
+
+    format = "ternary"
+
+    def __init__(self, in_features, out_features, bias=False, group=64, device=None):
+        super().__init__(in_features, out_features, bias, device)
+        self.group = group
+        n_groups = math.ceil(in_features * out_features / group)
+        self.register_buffer("weight", torch.empty(math.ceil(n_groups * group / 5), dtype=torch.uint8, device=device))
+        self.register_buffer("scale", torch.empty(n_groups, dtype=torch.float16, device=device))
+
+    def quantize(self, w):
+        g = grouped(w, self.group)
+        scale = g.abs().mean(dim=1, keepdim=True).clamp(min=1e-8).half()
+        q = (torch.round((g / scale.float()).clamp(-1, 1)) + 1).to(torch.int64).view(-1)  # 0, 1, 2
+        q = torch.cat([q, q.new_zeros((-q.numel()) % 5)]).view(-1, 5)
+        self.weight = (q * 3 ** torch.arange(5, device=q.device)).sum(dim=1).to(torch.uint8)
+        self.scale = scale.view(-1)
+
+    def dequantize(self, dtype=torch.bfloat16):
+        n = self.in_features * self.out_features
+        digits = (self.weight.to(torch.int64)[:, None] // 3 ** torch.arange(5, device=self.weight.device)) % 3
+        q = digits.view(-1)[:self.scale.numel() * self.group].view(-1, self.group).float() - 1
+        return (q * self.scale.float()[:, None]).view(-1)[:n].view(self.shape).to(dtype)
+
+    def extra_repr(self):
+        return super().extra_repr() + f", group={self.group}"
+
+
+FORMATS = ("nf4", "hqq", "int8", "ternary")
+
+
+def make_quant_linear(fmt, in_features, out_features, bias=False, bits=4, group=64, device=None):
+    """An empty quantized Linear of format `fmt` (--quant), with --quant_bits / --quant_group where they apply."""
+    if fmt == "nf4":
+        return Linear4bit(in_features, out_features, bias, blocksize=group, device=device)
+    if fmt == "hqq":
+        return LinearHQQ(in_features, out_features, bias, bits, group, device=device)
+    if fmt == "int8":
+        return LinearInt8(in_features, out_features, bias, device=device)
+    if fmt == "ternary":
+        return LinearTernary(in_features, out_features, bias, group, device=device)
+    raise ValueError(f"unknown quantization format {fmt!r}; formats are {', '.join(FORMATS)}")
+
+
+def quantize_model(model, fmt="nf4", bits=4, group=64, skip=("lm_head",)):
+    """Replace every nn.Linear (but those whose name ends in `skip`) by a QuantLinear of format
+    `fmt`, in place. On a meta-device model (from_pretrained's `prepare`) the new modules are empty
+    and get filled as the checkpoint streams in; otherwise each weight is quantized right away.
     """
     for name, module in list(model.named_modules()):
         if isinstance(module, nn.Linear) and not name.endswith(tuple(skip)):
-            q = Linear4bit(module.in_features, module.out_features, module.bias is not None, blocksize, double_quant,
-                           device=module.weight.device)
+            q = make_quant_linear(fmt, module.in_features, module.out_features, module.bias is not None, bits, group,
+                                  device=module.weight.device)
             if module.weight.device.type != "meta":
                 q.set_weight(module.weight.detach())
                 if module.bias is not None:
@@ -265,9 +461,9 @@ def quantize_model(model, skip=("lm_head",), blocksize=64, double_quant=True):
 
 @torch.no_grad()
 def dequantize_model(model, dtype=torch.float32):
-    """The inverse swap: every Linear4bit becomes an nn.Linear holding its dequantized weight."""
+    """The inverse swap: every QuantLinear becomes an nn.Linear holding its dequantized weight."""
     for name, module in list(model.named_modules()):
-        if isinstance(module, Linear4bit):
+        if isinstance(module, QuantLinear):
             dense = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
                               device=module.weight.device, dtype=dtype)
             dense.weight.copy_(module.dequantize(dtype))
@@ -318,14 +514,14 @@ def load_prequantized(path, device="cpu", dtype=torch.float32):
 
 
 def base_bytes(model):
-    """(bytes of Linear4bit tensors, their number of weights, bytes of every other frozen tensor)."""
+    """(bytes of quantized Linear tensors, their number of weights, bytes of every other frozen tensor)."""
     q_bytes, q_params, other = 0, 0, 0
     for module in model.modules():
-        if isinstance(module, Linear4bit):
+        if isinstance(module, QuantLinear):
             q_bytes += sum(b.numel() * b.element_size() for b in module.buffers(recurse=False))
             q_params += module.in_features * module.out_features
     seen = set()
-    for t in list(model.parameters()) + [b for m in model.modules() if not isinstance(m, Linear4bit) for b in m.buffers(recurse=False)]:
+    for t in list(model.parameters()) + [b for m in model.modules() if not isinstance(m, QuantLinear) for b in m.buffers(recurse=False)]:
         if not t.requires_grad and id(t) not in seen:
             seen.add(id(t))
             other += t.numel() * t.element_size()

@@ -47,7 +47,11 @@ class Config:
     # model
     model: str = "tiny"  # a preset from model.MODELS (random init) or a Hugging Face Llama folder to load
     tokenizer: str = ""  # folder with tokenizer.json; '' = the model folder's, or bytes for a preset
-    train_type: str = "full"  # full | lora | qlora (LoRA on an NF4 4-bit base) | dora | qdora (DoRA on NF4)
+    train_type: str = "full"  # full | lora | qlora (LoRA on a quantized base, --quant) | dora | qdora (DoRA on a quantized base) | llama_pro (train only --expand_blocks new blocks)
+    expand_blocks: int = 0  # --train_type=llama_pro: copies of evenly spaced blocks to insert (their o_proj, down_proj zeroed)
+    quant: str = "nf4"  # the base's format for qlora / qdora: nf4 (bitsandbytes-compatible) | hqq | int8 (per channel) | ternary (BitNet b1.58)
+    quant_bits: int = 4  # --quant=hqq: bits per weight, 2 | 3 | 4 | 8
+    quant_group: int = 64  # weights per scale for nf4 (its blocksize), hqq and ternary
     lora_rank: int = 8  # r of the adapters
     lora_alpha: float = 16.0  # adapters' output is scaled by lora_alpha / lora_rank
     lora_dropout: float = 0.0  # dropout on the adapters' input
@@ -106,7 +110,7 @@ class Config:
     save_hf: bool = True  # write the trained model to <out_dir>/hf at the end
     hf_dtype: str = "bf16"  # bf16 | fp32: dtype of the <out_dir>/hf export
     # asking a model (no training)
-    ask: str = ""  # answer this prompt with --model (+ --adapter; NF4 base with --train_type=qlora) and exit
+    ask: str = ""  # answer this prompt with --model (+ --adapter; quantized base with --train_type=qlora) and exit
     adapter: str = ""  # a PEFT LoRA adapter folder to put on --model for --ask
     temperature: float = 0.0  # for --ask and the end-of-run samples: 0 = greedy
     top_k: int = 0  # for --ask and the samples: sample from the k most likely tokens; 0 = all
@@ -158,13 +162,20 @@ def parse_args(argv) -> Config:
         setattr(cfg, name, parse_value(name, types[name], text) if eq else True)
     for name, allowed in (("schedule", ("cosine", "linear", "constant")), ("precision", ("auto", "bf16", "fp32")),
                           ("eval_metric", ("auto", "exact", "last_number")),
-                          ("train_type", ("full", "lora", "qlora", "dora", "qdora")), ("reduce_dtype", ("fp32", "bf16")),
+                          ("train_type", ("full", "lora", "qlora", "dora", "qdora", "llama_pro")), ("reduce_dtype", ("fp32", "bf16")),
                           ("chat_format", ("auto", "alpaca", "chatml", "llama3")), ("hf_dtype", ("bf16", "fp32")),
-                          ("kernels", ("triton", "torch", "interpret")), ("nan_policy", ("stop", "skip")), ("offload", F.OFFLOAD), ("shard", F.STRATEGIES)):
+                          ("kernels", ("triton", "torch", "interpret")), ("nan_policy", ("stop", "skip")), ("offload", F.OFFLOAD), ("shard", F.STRATEGIES),
+                          ("quant", Q.FORMATS)):
         if getattr(cfg, name) not in allowed:
             raise ValueError(f"flag --{name}={getattr(cfg, name)} is not one of {', '.join(allowed)}")
     if cfg.offload != "none" and not (cfg.fsdp or cfg.dry_run):
         raise ValueError(f"flag --offload={cfg.offload} needs --fsdp (it offloads the shards)")
+    if cfg.quant == "hqq" and cfg.quant_bits not in (2, 3, 4, 8):
+        raise ValueError(f"flag --quant_bits={cfg.quant_bits}: hqq takes 2, 3, 4 or 8 bits")
+    if cfg.quant == "nf4" and cfg.quant_group not in [2**k for k in range(5, 13)]:
+        raise ValueError(f"flag --quant_group={cfg.quant_group}: nf4 blocks are a power of 2 from 32 to 4096 (bitsandbytes' sizes)")
+    if (cfg.train_type == "llama_pro") != (cfg.expand_blocks > 0):
+        raise ValueError("flags --train_type=llama_pro and --expand_blocks=N (N >= 1) go together")
     if cfg.shard == "hybrid" and cfg.shard_group < 1:
         raise ValueError("flag --shard=hybrid needs --shard_group=N (ranks per shard group, e.g. GPUs per node)")
     if cfg.kernels == "interpret" and os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
@@ -188,9 +199,9 @@ def within(lo, hi, closed=False):
 
 
 RANGES = {**{k: at_least(1) for k in ("seq_len", "batch_size", "grad_accum", "max_steps", "log_every", "eval_every",
-                                      "eval_batches", "lora_rank", "nan_skips", "max_new_tokens", "timeout")},
+                                      "eval_batches", "lora_rank", "nan_skips", "max_new_tokens", "timeout", "quant_group")},
           **{k: at_least(0) for k in ("warmup_steps", "save_every", "eval_samples", "samples", "prefetch", "threads",
-                                      "plan_world", "shard_group", "loss_chunk", "top_k")},
+                                      "plan_world", "shard_group", "loss_chunk", "top_k", "expand_blocks")},
           **{k: ((lambda v: 0 < v < math.inf), "a positive finite number") for k in ("lr", "lora_alpha")},
           **{k: ((lambda v: 0 <= v < math.inf), "a finite number >= 0") for k in ("weight_decay", "grad_clip", "temperature")},
           "eval_frac": within(0, 1), "lora_dropout": within(0, 1), "beta1": within(0, 1), "beta2": within(0, 1),
@@ -346,12 +357,12 @@ def generate(engine, cfg, tok, prompts, temperature, top_k=0, generator=None):
 
 def build_model(cfg: Config, d: Dist, with_adapters=True):
     """(model, tokenizer, hf files to copy into exports). For qlora/qdora each Linear but lm_head is
-    quantized to NF4 as the checkpoint streams in; for every adapter type the base is then frozen
+    quantized (--quant) as the checkpoint streams in; for every adapter type the base is then frozen
     and the --lora_target layers get adapters."""
-    quantize = cfg.train_type in ("qlora", "qdora")
+    quantize = quantizer(cfg)
     # A frozen base can live in bf16 on a GPU; what trains (full weights, adapters) stays fp32.
     use_bf16 = uses_bf16(cfg, d.device.type)
-    base_dtype = torch.bfloat16 if cfg.train_type != "full" and use_bf16 else torch.float32
+    base_dtype = torch.bfloat16 if cfg.train_type != "full" and use_bf16 else torch.float32  # llama_pro's new blocks: fp32
     if cfg.model in M.MODELS:
         args = dataclasses.replace(M.MODELS[cfg.model])
         tok = D.load_tokenizer(cfg.tokenizer or None)
@@ -363,17 +374,18 @@ def build_model(cfg: Config, d: Dist, with_adapters=True):
             model = M.Llama(args)
             model.init_weights()
         if quantize:
-            Q.quantize_model(model)
+            quantize(model)
         extra = [os.path.join(cfg.tokenizer, "tokenizer.json")] if cfg.tokenizer else []
     elif os.path.isdir(cfg.model):
         if Q.is_prequantized(cfg.model):
-            if not quantize:
-                raise ValueError(f"--model={cfg.model} holds 4-bit bitsandbytes weights: use --train_type=qlora or qdora")
+            if not quantize or cfg.quant != "nf4":
+                raise ValueError(f"--model={cfg.model} holds 4-bit bitsandbytes weights: use --train_type=qlora or qdora "
+                                 f"with --quant=nf4")
             model = Q.load_prequantized(cfg.model, d.device, base_dtype)
-        elif cfg.fsdp:  # meta model now; each unit is read, quantized and sharded in turn (fsdp.Sharded)
-            model = M.empty_from_pretrained(cfg.model, prepare=Q.quantize_model if quantize else None)
+        elif cfg.fsdp and cfg.train_type != "llama_pro":  # meta model now; each unit is read, quantized and sharded in turn (fsdp.Sharded)
+            model = M.empty_from_pretrained(cfg.model, prepare=quantize)
         else:
-            model = M.from_pretrained(cfg.model, d.device, base_dtype, prepare=Q.quantize_model if quantize else None)
+            model = M.from_pretrained(cfg.model, d.device, base_dtype, prepare=quantize)
         tok_dir = cfg.tokenizer or cfg.model
         tok = D.load_tokenizer(tok_dir, eos_id=model.args.eos_token_id, bos_id=model.args.bos_token_id)
         extra = [os.path.join(tok_dir, f) for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
@@ -386,6 +398,9 @@ def build_model(cfg: Config, d: Dist, with_adapters=True):
         raise ValueError(f"--seq_len={cfg.seq_len} exceeds the model's context of {model.args.max_seq_len} tokens")
     if not with_adapters:
         return model, tok, extra
+    if cfg.train_type == "llama_pro":  # the whole model is loaded (not streamed): the copies need their originals
+        expand_for_llama_pro(model, cfg)
+        return model, tok, extra
     gen = torch.Generator().manual_seed(cfg.seed)  # adapters start the same on every rank, sharded or not
     if model.inv_freq.is_meta:  # --fsdp from a folder: adapters are added unit by unit as it loads
         model.materialize = F.stream_from_pretrained(model, cfg.model, d.device, base_dtype,
@@ -396,9 +411,27 @@ def build_model(cfg: Config, d: Dist, with_adapters=True):
     return model, tok, extra
 
 
+def expand_for_llama_pro(model, cfg: Config):
+    """Insert --expand_blocks identity-initialised blocks (model.expand_blocks); only they train."""
+    model.requires_grad_(False)
+    for block in M.expand_blocks(model, cfg.expand_blocks):
+        block.requires_grad_(True)
+
+
+def has_adapters(cfg: Config):
+    return cfg.train_type not in ("full", "llama_pro")
+
+
+def quantizer(cfg: Config):
+    """For qlora / qdora, what turns a model's Linears (but lm_head) into --quant Linears; else None."""
+    if cfg.train_type not in ("qlora", "qdora"):
+        return None
+    return lambda model: Q.quantize_model(model, cfg.quant, cfg.quant_bits, cfg.quant_group)
+
+
 def add_adapters(modules, cfg, generator):
     """Freeze and wrap the --lora_target layers of these modules (nothing for --train_type=full)."""
-    if cfg.train_type == "full":
+    if cfg.train_type in ("full", "llama_pro"):
         return
     for module in modules:
         if L.linear_names(module):
@@ -409,7 +442,7 @@ def add_adapters(modules, cfg, generator):
 
 
 def describe(model):
-    """One log line: parameters (a 4-bit weight counts as its in * out), trainable share, frozen bytes."""
+    """One log line: parameters (a quantized weight counts as its in * out), trainable share, frozen bytes."""
     params = {id(p): p for p in model.parameters()}.values()  # a tied head once
     q_bytes, q_params, other = Q.base_bytes(model)
     total = sum(p.numel() for p in params) + q_params
@@ -418,7 +451,8 @@ def describe(model):
     if trainable < total:
         line += f"; frozen base {(q_bytes + other) / 2**20:.1f} MiB"
         if q_params:
-            line += f" ({q_bytes / 2**20:.1f} MiB NF4 for {q_params / 1e6:.2f}M weights = {8 * q_bytes / q_params:.3f} bits each)"
+            fmt = next(m for m in model.modules() if isinstance(m, Q.QuantLinear)).extra_repr().split(", ", 2)[-1]
+            line += f" ({q_bytes / 2**20:.1f} MiB {fmt} for {q_params / 1e6:.2f}M weights = {8 * q_bytes / q_params:.3f} bits each)"
     return line
 
 
@@ -428,11 +462,13 @@ def dry_run(cfg: Config, d: Dist):
     if cfg.model in M.MODELS:
         with torch.device("meta"):
             model = M.Llama(dataclasses.replace(M.MODELS[cfg.model]))
-        if cfg.train_type in ("qlora", "qdora"):
-            Q.quantize_model(model)
+        if quantizer(cfg):
+            quantizer(cfg)(model)
     else:
-        model = M.empty_from_pretrained(cfg.model, Q.quantize_model if cfg.train_type in ("qlora", "qdora") else None)
+        model = M.empty_from_pretrained(cfg.model, quantizer(cfg))
     add_adapters([model], cfg, torch.Generator().manual_seed(0))
+    if cfg.train_type == "llama_pro":
+        expand_for_llama_pro(model, cfg)
     world = cfg.plan_world or d.world
     use_bf16 = uses_bf16(cfg, "cuda" if torch.cuda.is_available() else "cpu")
     if use_bf16 and cfg.train_type != "full":  # a frozen base is loaded in bf16 on the GPU (build_model)
@@ -483,7 +519,7 @@ def make_engine(model, cfg: Config, d: Dist):
     engine = F.Sharded(model, d, cfg.prefetch, amp or torch.float32, torch.bfloat16 if cfg.reduce_dtype == "bf16" else
                        torch.float32, cfg.offload, cfg.shard, cfg.shard_group, amp, cfg.loss_chunk,
                        materialize=getattr(model, "materialize", None))
-    if cfg.train_type != "full":  # for the adapter's config, once the modules have stopped listing parameters
+    if has_adapters(cfg):  # for the adapter's config, once the modules have stopped listing parameters
         model.lora_config = next(mod.lora_config for mod in model.modules() if hasattr(mod, "lora_config"))
     return engine
 
@@ -561,6 +597,7 @@ def setup(cfg: Config, d: Dist, log):
 def train_loop(cfg: Config, d: Dist, r, log, record):
     """Steps r.start .. max_steps: micro-batches, clip, AdamW, log; eval and save now and then."""
     engine, opt, loader = r.engine, r.opt, r.loader
+    # llama_pro: the new blocks' weight gradients are not counted (MFU errs low, by 2 FLOPs per new weight)
     flops_tok = flops_per_token(r.model.args, cfg.seq_len, cfg.train_type != "full", r.adapters)
     peak = peak_flops(d.device)
     t_start, t_last, tokens_since, skipped = time.time(), time.time(), 0, 0
@@ -647,13 +684,13 @@ def finish(cfg: Config, d: Dist, r, log, record):
     save(cfg, d, r, cfg.max_steps)
     log(f"saved {r.ckpt_path}")
     base_name = cfg.model if os.path.isdir(cfg.model) else ""
-    if cfg.train_type != "full":
+    if has_adapters(cfg):
         r.engine.export_adapter(os.path.join(cfg.out_dir, "adapter"), base_name)
         log(f"saved the adapter (PEFT layout) to {os.path.join(cfg.out_dir, 'adapter')}")
-    if cfg.save_hf:  # adapters merged into dense weights (dequantized when 4-bit)
+    if cfg.save_hf:  # adapters merged into dense weights (dequantized when quantized)
         r.engine.export_hf(os.path.join(cfg.out_dir, "hf"), r.extra_files,
                            torch.float32 if cfg.hf_dtype == "fp32" else torch.bfloat16)
-        log(f"saved {os.path.join(cfg.out_dir, 'hf')}" + (" (merged)" if cfg.train_type != "full" else ""))
+        log(f"saved {os.path.join(cfg.out_dir, 'hf')}" + (" (merged)" if has_adapters(cfg) else ""))
 
 
 def main(argv):

@@ -1,11 +1,12 @@
 """SmolLM2-135M-Instruct, the real checkpoint: NF4 quality, and the cost of a training step.
 
-    python bench/smollm2.py [--model=PATH]        # PATH: the folder ../shared/models/smollm2.sh prints
+    python bench/smollm2.py [--model=PATH] [--quality_only=1] [--nf4_only=1]   # PATH: what ../shared/models/smollm2.sh prints
 
 1. Perplexity of the answer tokens of the last 64 GSM8K records (ChatML: user turn, assistant
    turn, no system turn; the answer, its <|im_end|> and newline are scored), with the base in fp32
-   and in NF4 with double quantization (every Linear but lm_head). The issue's reference, measured
-   with bitsandbytes on the same recipe: 3.89 -> 4.78, ratio 1.23.
+   and in each quantized format (every Linear but lm_head): NF4 with double quantization, HQQ at
+   4, 3 and 2 bits, int8, ternary. The issue's reference, measured with bitsandbytes on the same
+   recipe: fp32 3.89 -> NF4 4.78, ratio 1.23.
 2. One training step (forward, backward, AdamW) of full fine-tuning, LoRA and QLoRA (rank 16, all
    linear layers) at context 512, batch 4, packed GSM8K: time, tokens/s and peak memory (GPU:
    max_memory_allocated; CPU: the peak resident set of a fresh process, which includes ~0.4 GiB of
@@ -95,12 +96,22 @@ def main(argv):
           f"{torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}")
     tok = D.load_tokenizer(path, eos_id=2)
     records = json.load(open(GSM8K))[-64:]
-    dense = M.from_pretrained(path, device)
-    nf4 = M.from_pretrained(path, device, prepare=Q.quantize_model)
-    p32, p4 = answer_perplexity(dense, tok, records), answer_perplexity(nf4, tok, records)
-    del dense, nf4
-    print("\n1. Answer perplexity, last 64 GSM8K records, ChatML (reference: bitsandbytes 3.89 -> 4.78, x1.23)")
-    print(f"   fp32 {p32:.3f}   NF4 + double quantization {p4:.3f}   ratio {p4 / p32:.3f}")
+    p32 = answer_perplexity(M.from_pretrained(path, device), tok, records)
+    print("\n1. Answer perplexity, last 64 GSM8K records, ChatML, every Linear but lm_head quantized "
+          "(reference: bitsandbytes NF4 3.89 -> 4.78, x1.23)")
+    print(f"   {'base':<34}{'bits/weight':>12}{'perplexity':>12}{'ratio':>10}")
+    print(f"   {'fp32':<34}{32:>12.3f}{p32:>12.3f}{1:>10.3f}")
+    formats = [("nf4", 4, 64, "NF4 + double quantization")] + ([] if "nf4_only" in opts else [
+        ("hqq", 4, 64, "HQQ 4-bit, group 64"), ("hqq", 3, 64, "HQQ 3-bit, group 64"), ("hqq", 2, 16, "HQQ 2-bit, group 16"),
+        ("int8", 8, 0, "int8 per output channel"), ("ternary", 2, 64, "ternary (b1.58), group 64")])
+    for fmt, bits, group, name in formats:
+        model = M.from_pretrained(path, device, prepare=lambda m: Q.quantize_model(m, fmt, bits, group or 64))
+        q_bytes, q_params, _ = Q.base_bytes(model)
+        p = answer_perplexity(model, tok, records)
+        print(f"   {name:<34}{8 * q_bytes / q_params:>12.3f}{p:>12.3f}{p / p32:>10.3f}", flush=True)
+        del model
+    if "quality_only" in opts:
+        return
     print("\n2. One training step, context 512, batch 4, packed GSM8K, rank 16 on all linear layers")
     print(f"   {'':<6}{'allocator':<24}{'ms/step':>9}{'tok/s':>9}{'peak GiB':>10}")
     allocators = [("default", {})] + ([("mmap threshold 128 KiB", {"MALLOC_MMAP_THRESHOLD_": "131072"})]

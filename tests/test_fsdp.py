@@ -350,3 +350,52 @@ def test_gathering_for_export_keeps_no_unit_alive_afterwards():
     assert state and all(v.dtype == torch.float32 for v in state.values())
     weights = [sharded.model.model.layers[0].self_attn.q_proj.weight, sharded.model.lm_head.weight]
     assert all(w.untyped_storage().nbytes() == 0 for w in weights)
+
+
+@pytest.mark.parametrize("quant", ["hqq", pytest.param("int8", marks=pytest.mark.slow),
+                                   pytest.param("ternary", marks=pytest.mark.slow)])
+def test_each_quantized_base_trains_sharded_with_the_losses_of_one_process(tmp_path, quant):
+    common = ["train.py", "--train_type=qlora", f"--quant={quant}", "--quant_bits=3", "--quant_group=32", "--seq_len=32",
+              "--batch_size=4", "--max_steps=3", "--eval_every=100", "--eval_samples=0", "--samples=0", "--save_hf=false",
+              "--precision=fp32", "--lr=1e-2", "--warmup_steps=1"]
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *common,
+                        "--fsdp", f"--out_dir={tmp_path / 'fsdp'}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = subprocess.run([sys.executable, *common, "--grad_accum=2", f"--out_dir={tmp_path / 'one'}"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+    def losses(out):
+        return [json.loads(line)["loss"] for line in open(out / "metrics.jsonl") if '"loss"' in line]
+    assert len(losses(tmp_path / "one")) == 3 and losses(tmp_path / "fsdp") == pytest.approx(losses(tmp_path / "one"), rel=1e-5)
+
+
+@pytest.mark.parametrize("quant,bits", [("nf4", 4), ("hqq", 3), ("int8", 8), ("ternary", 2)])
+def test_memory_plan_counts_each_quantized_format_at_its_real_bytes(quant, bits):
+    def quantized(device):
+        with torch.device(device):
+            model = M.Llama(M.MODELS["tiny"])
+        Q.quantize_model(model, quant, bits, 64)
+        L.add_lora(model, rank=4, alpha=8)
+        return model
+    gpu, _ = P.plan_memory(quantized("meta"), 1, batch_size=2, seq_len=12, param_bytes=4)
+    real = quantized("cpu")
+    tensors = {id(t): t for n, t in list(real.named_parameters()) + list(real.named_buffers()) if n != "inv_freq"}
+    assert gpu["weight shards"] == sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+@pytest.mark.slow
+def test_llama_pro_trains_sharded_with_the_losses_of_one_process(tmp_path):
+    common = ["train.py", "--train_type=llama_pro", "--expand_blocks=2", "--seq_len=32", "--batch_size=4",
+              "--max_steps=3", "--eval_every=100", "--eval_samples=0", "--samples=0", "--save_hf=false",
+              "--precision=fp32", "--lr=1e-2", "--warmup_steps=1"]
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *common,
+                        "--fsdp", f"--out_dir={tmp_path / 'fsdp'}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = subprocess.run([sys.executable, *common, "--grad_accum=2", f"--out_dir={tmp_path / 'one'}"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+    def losses(out):
+        return [json.loads(line)["loss"] for line in open(out / "metrics.jsonl") if '"loss"' in line]
+    assert len(losses(tmp_path / "one")) == 3 and losses(tmp_path / "fsdp") == pytest.approx(losses(tmp_path / "one"), rel=1e-5)

@@ -303,3 +303,74 @@ def test_nf4_perplexity_on_real_weights_reproduces_bitsandbytes(smollm2_dir, gsm
     p32 = answer_perplexity(M.from_pretrained(smollm2_dir), tok, records)
     p4 = answer_perplexity(M.from_pretrained(smollm2_dir, prepare=Q.quantize_model), tok, records)
     assert round(p32, 2) == 3.89 and round(p4, 2) == 4.78
+
+
+# -- the other formats: each against a computation written out here --------------------
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_pack_bits_round_trips_every_width(bits):
+    q = torch.randint(0, 2**bits, (1001,), dtype=torch.uint8)
+    packed = Q.pack_bits(q, bits)
+    assert packed.numel() == math.ceil(1001 / 8) * bits and torch.equal(Q.unpack_bits(packed, bits, 1001), q)
+
+
+def test_int8_is_within_half_a_step_of_each_output_channel():
+    torch.manual_seed(0)
+    w = torch.randn(7, 9) * torch.logspace(-3, 0, 7)[:, None]  # rows of very different scales
+    layer = Q.LinearInt8(9, 7)
+    layer.set_weight(w)
+    step = w.abs().amax(dim=1, keepdim=True) / 127
+    assert ((layer.dequantize(torch.float32) - w).abs() <= step / 2 + 1e-7).all()
+    assert layer.weight.dtype == torch.int8 and layer.bits_per_weight() == 8 + 32 / 9
+
+
+def min_max_round_to_nearest(w, bits, group):
+    """Plain asymmetric quantization per group (what HQQ starts from), written out."""
+    flat = torch.cat([w.reshape(-1), w.new_zeros((-w.numel()) % group)]).view(-1, group)
+    lo, hi = flat.amin(1, keepdim=True), flat.amax(1, keepdim=True)
+    step = (hi - lo) / (2**bits - 1)
+    q = torch.round((flat - lo) / step).clamp(0, 2**bits - 1)
+    return (q * step + lo).view(-1)[:w.numel()].view(w.shape)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_hqq_error_is_below_min_max_rounding_and_shapes_need_not_divide_the_group(bits):
+    torch.manual_seed(0)
+    w = torch.distributions.StudentT(3.0).sample((33, 50)) * 0.02  # heavy tails, 1650 = 25.8 groups of 64
+    layer = Q.LinearHQQ(50, 33, bits=bits, group=64)
+    layer.set_weight(w)
+    hqq = (layer.dequantize(torch.float32) - w).abs().mean()
+    rtn = (min_max_round_to_nearest(w, bits, 64) - w).abs().mean()
+    assert hqq < rtn if bits < 8 else hqq <= rtn * 1.01  # the solver moves the zero points where it pays
+    assert hqq <= (w.amax() - w.amin()) / (2**bits - 1)  # and stays within one step of the weights on average
+    assert layer.bits_per_weight() == pytest.approx(bits * 1664 / 1650 + 32 * 26 / 1650)
+
+
+def test_ternary_weights_are_minus_one_zero_or_one_times_their_group_absmean():
+    torch.manual_seed(0)
+    w = torch.randn(5, 30)  # 150 = 2.3 groups of 64; the last is zero-padded
+    layer = Q.LinearTernary(30, 5, group=64)
+    layer.set_weight(w)
+    got = layer.dequantize(torch.float32).view(-1)
+    padded = torch.cat([w.view(-1), torch.zeros(42)]).view(3, 64)
+    s = padded.abs().mean(dim=1).half().float()  # absmean per group, kept in fp16
+    want = (torch.round((padded / s[:, None]).clamp(-1, 1)) * s[:, None]).view(-1)[:150]
+    assert torch.equal(layer.scale.float(), s) and torch.equal(got, want)
+    assert set((got.view(-1)[:128].view(2, 64) / s[:2, None]).unique().tolist()) == {-1.0, 0.0, 1.0}
+    assert layer.bits_per_weight() == 8 * (math.ceil(192 / 5) + 2 * 3) / 150  # 5 digits a byte, fp16 scales
+
+
+@pytest.mark.parametrize("fmt", ["hqq", "int8", "ternary"])
+def test_a_quantized_linear_gives_its_dequantized_weights_output_and_input_gradient(fmt):
+    torch.manual_seed(0)
+    dense = nn.Linear(40, 24, bias=True)
+    layer = Q.make_quant_linear(fmt, 40, 24, bias=True)
+    layer.set_weight(dense.weight.detach())
+    layer.bias = nn.Parameter(dense.bias.detach().clone(), requires_grad=False)
+    x = torch.randn(3, 40, requires_grad=True)
+    y = layer(x)
+    y.sum().backward()
+    w = layer.dequantize(torch.float32)
+    assert torch.allclose(y, x @ w.t() + dense.bias, atol=1e-5)
+    assert torch.allclose(x.grad, torch.ones(3, 24) @ w, atol=1e-5)

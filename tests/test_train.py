@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import math
 import os
@@ -228,3 +229,20 @@ def test_precision_auto_trains_in_bf16_where_the_cpu_multiplies_bf16_natively(mo
     caps = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
     monkeypatch.undo()
     assert train.native_bf16_cpu() == bool(caps.get("amx_bf16") or caps.get("avx512_bf16"))
+
+
+def test_llama_pro_trains_only_the_new_blocks_and_exports_a_deeper_hf_folder(tmp_path):
+    train.main(FAST + ["--train_type=llama_pro", "--expand_blocks=2", "--max_steps=3", "--lr=1e-2", "--save_hf=true",
+                       "--hf_dtype=fp32", f"--out_dir={tmp_path}"])
+    cfg = train.parse_args(FAST + ["--train_type=llama_pro", "--expand_blocks=2"])
+    original, _, _ = train.build_model(dataclasses.replace(cfg, train_type="full", expand_blocks=0),
+                                       train.Dist(0, 0, 1, torch.device("cpu")))
+    exported = M.from_pretrained(str(tmp_path / "hf"))
+    assert exported.args.n_layers == 6
+    new = exported.state_dict()
+    for i, j in enumerate([0, 1, 3, 4]):  # the original blocks sit at 0, 1, 3, 4 and did not change
+        for k, v in original.model.layers[i].state_dict().items():
+            assert torch.equal(new[f"model.layers.{j}.{k}"], v), (j, k)
+    for j in (2, 5):  # the new ones trained away from their zero start
+        assert new[f"model.layers.{j}.self_attn.o_proj.weight"].abs().sum() > 0
+    assert torch.equal(new["lm_head.weight"], original.lm_head.weight)
