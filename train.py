@@ -79,7 +79,7 @@ class Config:
     nan_skips: int = 5  # with --nan_policy=skip: consecutive non-finite steps before stopping
     # system
     seed: int = 0
-    precision: str = "auto"  # auto (bf16 autocast on CUDA and on CPUs with AMX / AVX512-BF16, else fp32) | bf16 | fp32
+    precision: str = "auto"  # auto (bf16 autocast on CUDA and on CPUs with AMX / AVX512-BF16, else fp32) | bf16 | fp32 | fp16 (autocast with dynamic loss scaling: GPUs without bf16)
     compile: bool = False  # torch.compile each transformer block
     grad_checkpointing: bool = False  # recompute each block in backward instead of storing activations
     loss_chunk: int = 0  # >0: cross-entropy over this many tokens at a time (never all [tokens, vocab] logits)
@@ -160,7 +160,7 @@ def parse_args(argv) -> Config:
         if not eq and types[name] is not bool:
             raise ValueError(f"flag --{name} needs a value: --{name}=...")
         setattr(cfg, name, parse_value(name, types[name], text) if eq else True)
-    for name, allowed in (("schedule", ("cosine", "linear", "constant")), ("precision", ("auto", "bf16", "fp32")),
+    for name, allowed in (("schedule", ("cosine", "linear", "constant")), ("precision", ("auto", "bf16", "fp32", "fp16")),
                           ("eval_metric", ("auto", "exact", "last_number")),
                           ("train_type", ("full", "lora", "qlora", "dora", "qdora", "llama_pro")), ("reduce_dtype", ("fp32", "bf16")),
                           ("chat_format", ("auto", "alpaca", "chatml", "llama3")), ("hf_dtype", ("bf16", "fp32")),
@@ -260,11 +260,52 @@ def native_bf16_cpu():
     return bool(caps.get("amx_bf16") or caps.get("avx512_bf16"))
 
 
+def amp_dtype(cfg: Config, device_type):
+    """The autocast dtype (None: fp32 throughout). Master weights and optimizer state stay fp32."""
+    return torch.float16 if cfg.precision == "fp16" else torch.bfloat16 if uses_bf16(cfg, device_type) else None
+
+
 def uses_bf16(cfg: Config, device_type):
     """--precision=auto means bf16 autocast (fp32 master weights) on CUDA and on a CPU with native
     bf16 matmul, where it is 1.5-2x faster than fp32; fp32 on other CPUs, where bf16 is emulated."""
     native = device_type == "cuda" or (device_type == "cpu" and native_bf16_cpu())
     return cfg.precision == "bf16" or (cfg.precision == "auto" and native)
+
+
+class LossScaler:
+    """fp16's dynamic loss scaling (what torch.amp.GradScaler does, written out so that it works on
+    shards too): the loss is multiplied by `scale` so small gradients do not flush to zero in fp16;
+    a step whose gradient norm overflows is skipped and the scale halved; after `interval` good steps
+    in a row it doubles. The norm is global, so every rank skips the same steps. Disabled: scale 1."""
+
+    def __init__(self, enabled, scale=2.0**16, interval=2000):
+        self.enabled, self.scale, self.good, self.interval = enabled, scale if enabled else 1.0, 0, interval
+
+    def overflowed(self, gnorm):
+        """gnorm: the norm of the unscaled gradients. True: skip this step (the scale has been halved).
+        A scale already down to 1 is not lowered further: the run's --nan_policy takes over."""
+        if not self.enabled or (not math.isfinite(gnorm) and self.scale <= 1):
+            return False
+        if math.isfinite(gnorm):
+            self.good += 1
+            if self.good % self.interval == 0:
+                self.scale *= 2
+            return False
+        self.scale, self.good = self.scale / 2, 0
+        return True
+
+    def unscale_(self, opt):
+        if self.scale != 1:
+            for group in opt.param_groups:
+                for p in group["params"]:
+                    if p.grad is not None:
+                        p.grad.div_(self.scale)
+
+    def state_dict(self):
+        return {"scale": self.scale, "good": self.good}
+
+    def load_state_dict(self, state):
+        self.scale, self.good = state["scale"], state["good"]
 
 
 def lr_at(step, cfg: Config):
@@ -360,9 +401,9 @@ def build_model(cfg: Config, d: Dist, with_adapters=True):
     quantized (--quant) as the checkpoint streams in; for every adapter type the base is then frozen
     and the --lora_target layers get adapters."""
     quantize = quantizer(cfg)
-    # A frozen base can live in bf16 on a GPU; what trains (full weights, adapters) stays fp32.
-    use_bf16 = uses_bf16(cfg, d.device.type)
-    base_dtype = torch.bfloat16 if cfg.train_type != "full" and use_bf16 else torch.float32  # llama_pro's new blocks: fp32
+    # A frozen base can live in the autocast dtype; what trains (full weights, adapters, new blocks) stays fp32.
+    amp = amp_dtype(cfg, d.device.type)
+    base_dtype = amp if cfg.train_type != "full" and amp is not None else torch.float32
     if cfg.model in M.MODELS:
         args = dataclasses.replace(M.MODELS[cfg.model])
         tok = D.load_tokenizer(cfg.tokenizer or None)
@@ -470,15 +511,15 @@ def dry_run(cfg: Config, d: Dist):
     if cfg.train_type == "llama_pro":
         expand_for_llama_pro(model, cfg)
     world = cfg.plan_world or d.world
-    use_bf16 = uses_bf16(cfg, "cuda" if torch.cuda.is_available() else "cpu")
-    if use_bf16 and cfg.train_type != "full":  # a frozen base is loaded in bf16 on the GPU (build_model)
+    amp = amp_dtype(cfg, "cuda" if torch.cuda.is_available() else "cpu")
+    if amp is not None and cfg.train_type != "full":  # a frozen base is loaded in the autocast dtype (build_model)
         for p in model.parameters():
             if not p.requires_grad:
-                p.data = p.data.to(torch.bfloat16)
+                p.data = p.data.to(amp)
     # The Triton kernels that keep less for backward, when they would run (a GPU, --kernels=triton).
     kernels = K.HAS_TRITON and cfg.kernels == "triton" and not {"rmsnorm", "swiglu", "linear_ce"} & set(cfg.kernels_off.split(","))
     gpu, cpu = P.plan_memory(model, world, cfg.batch_size, cfg.seq_len, cfg.prefetch, cfg.grad_checkpointing,
-                             2 if use_bf16 else 4, cfg.reduce_every_micro, cfg.offload, cfg.loss_chunk, kernels,
+                             2 if amp is not None else 4, cfg.reduce_every_micro, cfg.offload, cfg.loss_chunk, kernels,
                              cfg.shard, cfg.shard_group)
     print(f"memory plan: {cfg.model} {cfg.train_type}, world {world}, --shard={cfg.shard}, batch {cfg.batch_size} x {cfg.seq_len}, "
           f"checkpointing {cfg.grad_checkpointing}, prefetch {cfg.prefetch}, offload {cfg.offload}, "
@@ -513,7 +554,7 @@ def ask(cfg: Config, d: Dist):
 
 def make_engine(model, cfg: Config, d: Dist):
     """Plain data parallelism or fsdp.py's sharding, behind the same interface (fsdp.py)."""
-    amp = torch.bfloat16 if uses_bf16(cfg, d.device.type) else None
+    amp = amp_dtype(cfg, d.device.type)
     if not cfg.fsdp:
         return F.Replicated(model, d, amp, cfg.loss_chunk)
     engine = F.Sharded(model, d, cfg.prefetch, amp or torch.float32, torch.bfloat16 if cfg.reduce_dtype == "bf16" else
@@ -580,10 +621,12 @@ def setup(cfg: Config, d: Dist, log):
 
     opt = make_optimizer(engine, cfg, d.device)
     ckpt_path, start, base = os.path.join(cfg.out_dir, "checkpoint"), 0, C.base_fingerprint(cfg.model)
+    scaler = LossScaler(cfg.precision == "fp16")
     if cfg.resume:
         state = C.load_checkpoint(ckpt_path, engine, opt, check=lambda saved, where: C.same_run(saved, where, cfg, d.world, base))
         loader.load_state_dict(state["data"])
         C.set_rng(state["rng"])
+        scaler.load_state_dict(state.get("loss_scale", scaler.state_dict()))
         start = state["step"]
         if start > cfg.max_steps:
             raise ValueError(f"--max_steps={cfg.max_steps} is below the step of the checkpoint in {ckpt_path} "
@@ -591,7 +634,7 @@ def setup(cfg: Config, d: Dist, log):
         log(f"resumed from {ckpt_path} at step {start}, data epoch {loader.epoch} batch {loader.index}")
     return types.SimpleNamespace(model=model, tok=tok, extra_files=extra_files, engine=engine, opt=opt, dataset=dataset,
                                  eval_docs=eval_docs, loader=loader, ckpt_path=ckpt_path, start=start, step=start,
-                                 adapters=adapters, base=base)
+                                 adapters=adapters, base=base, scaler=scaler)
 
 
 def train_loop(cfg: Config, d: Dist, r, log, record):
@@ -616,10 +659,18 @@ def train_loop(cfg: Config, d: Dist, r, log, record):
         loss_sum = 0.0
         for k, b in enumerate(micro):
             sync = k == len(micro) - 1 or (cfg.fsdp and cfg.reduce_every_micro)
-            s_, _ = engine.forward_backward(to_device(b, d.device), loss_scale=1 / max(n_target, 1), sync=sync)
+            s_, _ = engine.forward_backward(to_device(b, d.device), loss_scale=r.scaler.scale / max(n_target, 1), sync=sync)
             loss_sum += s_.item()
-        gnorm = engine.clip_grad_norm_(cfg.grad_clip if cfg.grad_clip > 0 else float("inf")).item()
+        # On scaled gradients: clipping at grad_clip * scale is clipping at grad_clip once unscaled.
+        gnorm = engine.clip_grad_norm_(cfg.grad_clip * r.scaler.scale if cfg.grad_clip > 0 else float("inf")).item()
+        gnorm /= r.scaler.scale
         loss = all_reduce_sum([loss_sum], d)[0] / max(n_target, 1)
+        if r.scaler.overflowed(gnorm):
+            log(f"step {step + 1}: fp16 gradients overflowed; step skipped, loss scale now {r.scaler.scale:g}")
+            record({"step": step + 1, "skipped": "fp16 overflow", "loss_scale": r.scaler.scale})
+            opt.zero_grad(set_to_none=True)
+            continue
+        r.scaler.unscale_(opt)
         bad = next(((name, v) for name, v in (("loss", loss), ("gradient norm", gnorm)) if not math.isfinite(v)), None)
         # Every rank sees the same loss and global norm, so all take the same branch.
         skipped = skipped + 1 if bad else 0
@@ -670,7 +721,7 @@ def save(cfg: Config, d: Dist, r, step):
     """The resumable checkpoint: the engine's state, optimizer, data position, every rank's RNG."""
     C.save_checkpoint(r.ckpt_path, r.engine, r.opt, step,
                       {"data": r.loader.state_dict(), "rng": C.rng_state(), "config": dataclasses.asdict(cfg),
-                       "base": r.base})
+                       "base": r.base, "loss_scale": r.scaler.state_dict()})
 
 
 def finish(cfg: Config, d: Dist, r, log, record):

@@ -335,3 +335,58 @@ except ValueError as e:
         "step-00000004.tmp: could not write the checkpoint of step 4" in line for line in lines), r.stderr[-2000:]
     assert any("on another rank" in line for line in lines) and any("file write failed" in line for line in lines)
     assert sorted(os.listdir(tmp_path / "out" / "checkpoint")) == ["step-00000002"]
+
+
+def test_loss_scaler_halves_on_overflow_grows_after_good_steps_and_hands_over_at_one():
+    s = train.LossScaler(True, scale=8.0, interval=3)
+    assert [s.overflowed(g) for g in (1.0, math.inf, 1.0, 1.0, 1.0)] == [False, True, False, False, False]
+    assert s.scale == 8.0  # 8 -> 4 at the overflow, -> 8 after three good steps
+    for _ in range(3):
+        assert s.overflowed(math.nan)
+    assert s.scale == 1.0 and not s.overflowed(math.nan)  # at 1: a real NaN, --nan_policy decides
+    assert not train.LossScaler(False).overflowed(math.inf) and train.LossScaler(False).scale == 1.0
+
+
+def test_scaled_gradients_are_unscaled_and_clipped_exactly(tmp_path, monkeypatch):
+    """fp32 with the scaler forced on at 2^10: products by a power of two are exact, so the run is
+    the unscaled run, clipping included (FAST clips at 1.0), up to the 1e-6 that clip_grad_norm_
+    adds to the norm, which does not scale."""
+    train.main(FAST + ["--max_steps=4", f"--out_dir={tmp_path / 'plain'}"])
+    real = train.LossScaler.__init__
+    monkeypatch.setattr(train.LossScaler, "__init__", lambda self, enabled: real(self, True, scale=1024.0))
+    train.main(FAST + ["--max_steps=4", f"--out_dir={tmp_path / 'scaled'}"])
+    plain, scaled = rows(tmp_path / "plain"), rows(tmp_path / "scaled")
+    assert [r["loss"] for r in scaled if "loss" in r] == pytest.approx([r["loss"] for r in plain if "loss" in r], rel=1e-6)
+    assert [r["grad_norm"] for r in scaled if "loss" in r] == pytest.approx([r["grad_norm"] for r in plain if "loss" in r], rel=1e-6)
+
+
+def test_fp16_skips_an_overflowing_step_on_every_rank_and_trains_on(tmp_path):
+    """Rank 1 alone overflows at step 3 (its loss times inf); the global norm makes both ranks skip
+    it and halve the scale, and the run goes on instead of stopping at a non-finite norm."""
+    import subprocess
+    import sys
+    from conftest import ROOT
+    script = tmp_path / "run.py"
+    script.write_text(f"""import os, sys
+sys.path.insert(0, {str(ROOT)!r})
+import fsdp as F, train
+real, calls = F.Sharded.forward_backward, [0]
+def forward_backward(self, batch, loss_scale=1.0, sync=True):
+    calls[0] += 1
+    if os.environ["RANK"] == "1" and calls[0] == 3:
+        loss_scale = loss_scale * float("inf")
+    return real(self, batch, loss_scale, sync)
+F.Sharded.forward_backward = forward_backward
+train.main(sys.argv[1:])
+""")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+                        *[a for a in FAST if not a.startswith("--precision")], "--precision=fp16", "--fsdp",
+                        "--max_steps=5", f"--out_dir={tmp_path / 'out'}"], capture_output=True, text=True, timeout=240, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = rows(tmp_path / "out")
+    skips = [x for x in got if x.get("skipped") == "fp16 overflow"]
+    assert 3 in [x["step"] for x in skips] and "step 3: fp16 gradients overflowed; step skipped" in r.stdout
+    at3 = next(x for x in skips if x["step"] == 3)
+    trained = [x for x in got if "loss" in x]
+    assert trained[-1]["step"] == 5 and all(math.isfinite(x["loss"]) for x in trained)
+    assert at3["loss_scale"] < 2.0**16
