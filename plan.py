@@ -70,14 +70,15 @@ def unit_bytes(model, world, offload, param_bytes):
 
 
 def plan_memory(model, world, batch_size, seq_len, prefetch=1, checkpointing=True, param_bytes=2, reduce_every_micro=True,
-                offload="none", loss_chunk=0, kernels=False, strategy="full", shard_group=0):
+                offload="none", loss_chunk=0, kernels=False, strategy="full", shard_group=0, galore_rank=0):
     """Predicted peak bytes per rank, by category, without allocating (the model may be on the
     meta device). Returns (gpu, cpu): the GPU bytes of each category at the peak, and their
     "total"; the pinned CPU bytes with offload.
 
     param_bytes is the compute dtype's size: trainable weights are gathered in it and activations
     are kept in it. kernels: the Triton kernels run (CUDA); they keep less for backward than the
-    PyTorch references. Shards are 1/S of each buffer, S = world (hybrid: shard_group). Units
+    PyTorch references. galore_rank: the optimizer state is optim.GaLoreAdamW's (unsharded).
+    Shards are 1/S of each buffer, S = world (hybrid: shard_group). Units
     gathered at a moment are those of `schedule`'s window (grad_op: all of them).
 
     The peak is the largest of these moments of a step (after the first, which creates AdamW's state):
@@ -99,6 +100,9 @@ def plan_memory(model, world, batch_size, seq_len, prefetch=1, checkpointing=Tru
     rows, gpu_shards, cpu_shards = unit_bytes(model, S, offload, param_bytes)
     full, grad, sgrad = [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows]
     optim = sum(r[3] for r in rows)
+    if galore_rank:  # optim.GaLoreAdamW, unsharded: low-rank moments + projection for the blocks' matrices
+        optim = sum(4 * min(galore_rank, *p.shape) * (2 * max(p.shape) + min(p.shape)) if p.dim() == 2 and ".layers." in n
+                    else 8 * p.numel() for n, p in model.named_parameters() if p.requires_grad)
     pos = list(range(n_blocks + 1)) + [0 if tied else n_blocks + 1]  # schedule position -> unit of `rows`
     order = [pos[i] for i in schedule(n_blocks)]
     if strategy == "grad_op":

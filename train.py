@@ -38,6 +38,7 @@ import fsdp as F
 import kernels as K
 import lora as L
 import model as M
+import optim as O
 import plan as P
 import quant as Q
 
@@ -74,6 +75,10 @@ class Config:
     weight_decay: float = 0.5  # AdamW decay, applied to matrices only (not norms, biases); 0.5 makes the default run generalize sooner
     beta1: float = 0.9
     beta2: float = 0.95
+    optimizer: str = "adamw"  # adamw | galore (full fine-tuning with AdamW state in a low-rank projection of each block matrix's gradient; not with --fsdp)
+    galore_rank: int = 128  # GaLore: rank of the gradient projection
+    galore_gap: int = 200  # GaLore: steps between renewals of the projection (an SVD of the gradient)
+    galore_scale: float = 0.25  # GaLore: the projected-back update is multiplied by this
     grad_clip: float = 1.0  # clip the global gradient norm to this; 0 = no clipping
     nan_policy: str = "stop"  # stop (at the first step whose loss or gradient norm is not finite, saving nothing) | skip (drop such steps; stop after --nan_skips in a row)
     nan_skips: int = 5  # with --nan_policy=skip: consecutive non-finite steps before stopping
@@ -165,7 +170,7 @@ def parse_args(argv) -> Config:
                           ("train_type", ("full", "lora", "qlora", "dora", "qdora", "llama_pro")), ("reduce_dtype", ("fp32", "bf16")),
                           ("chat_format", ("auto", "alpaca", "chatml", "llama3")), ("hf_dtype", ("bf16", "fp32")),
                           ("kernels", ("triton", "torch", "interpret")), ("nan_policy", ("stop", "skip")), ("offload", F.OFFLOAD), ("shard", F.STRATEGIES),
-                          ("quant", Q.FORMATS)):
+                          ("quant", Q.FORMATS), ("optimizer", ("adamw", "galore"))):
         if getattr(cfg, name) not in allowed:
             raise ValueError(f"flag --{name}={getattr(cfg, name)} is not one of {', '.join(allowed)}")
     if cfg.offload != "none" and not (cfg.fsdp or cfg.dry_run):
@@ -174,6 +179,9 @@ def parse_args(argv) -> Config:
         raise ValueError(f"flag --quant_bits={cfg.quant_bits}: hqq takes 2, 3, 4 or 8 bits")
     if cfg.quant == "nf4" and cfg.quant_group not in [2**k for k in range(5, 13)]:
         raise ValueError(f"flag --quant_group={cfg.quant_group}: nf4 blocks are a power of 2 from 32 to 4096 (bitsandbytes' sizes)")
+    if cfg.optimizer == "galore" and (cfg.fsdp or cfg.train_type not in ("full", "llama_pro")):
+        raise ValueError("flag --optimizer=galore projects whole weight matrices: it needs --train_type=full (or "
+                         "llama_pro) and no --fsdp (which hands the optimizer flat shards)")
     if (cfg.train_type == "llama_pro") != (cfg.expand_blocks > 0):
         raise ValueError("flags --train_type=llama_pro and --expand_blocks=N (N >= 1) go together")
     if cfg.shard == "hybrid" and cfg.shard_group < 1:
@@ -199,10 +207,11 @@ def within(lo, hi, closed=False):
 
 
 RANGES = {**{k: at_least(1) for k in ("seq_len", "batch_size", "grad_accum", "max_steps", "log_every", "eval_every",
-                                      "eval_batches", "lora_rank", "nan_skips", "max_new_tokens", "timeout", "quant_group")},
+                                      "eval_batches", "lora_rank", "nan_skips", "max_new_tokens", "timeout", "quant_group",
+                                      "galore_rank", "galore_gap")},
           **{k: at_least(0) for k in ("warmup_steps", "save_every", "eval_samples", "samples", "prefetch", "threads",
                                       "plan_world", "shard_group", "loss_chunk", "top_k", "expand_blocks")},
-          **{k: ((lambda v: 0 < v < math.inf), "a positive finite number") for k in ("lr", "lora_alpha")},
+          **{k: ((lambda v: 0 < v < math.inf), "a positive finite number") for k in ("lr", "lora_alpha", "galore_scale")},
           **{k: ((lambda v: 0 <= v < math.inf), "a finite number >= 0") for k in ("weight_decay", "grad_clip", "temperature")},
           "eval_frac": within(0, 1), "lora_dropout": within(0, 1), "beta1": within(0, 1), "beta2": within(0, 1),
           "min_lr_ratio": within(0, 1, closed=True)}
@@ -319,6 +328,15 @@ def lr_at(step, cfg: Config):
 
 
 def make_optimizer(engine, cfg: Config, device):
+    if cfg.optimizer == "galore":  # the blocks' matrices through GaLore, the rest as AdamW (optim.py)
+        named = [(n, p) for n, p in engine.model.named_parameters() if p.requires_grad]
+        low = [p for n, p in named if p.dim() == 2 and ".layers." in n]
+        return O.GaLoreAdamW([{"params": low, "rank": cfg.galore_rank, "gap": cfg.galore_gap, "scale": cfg.galore_scale,
+                               "weight_decay": cfg.weight_decay},
+                              {"params": [p for n, p in named if p.dim() == 2 and ".layers." not in n],
+                               "weight_decay": cfg.weight_decay},
+                              {"params": [p for n, p in named if p.dim() < 2], "weight_decay": 0.0}],
+                             lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
     return torch.optim.AdamW(engine.param_groups(cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                              fused=cfg.offload != "all")
 
@@ -520,7 +538,7 @@ def dry_run(cfg: Config, d: Dist):
     kernels = K.HAS_TRITON and cfg.kernels == "triton" and not {"rmsnorm", "swiglu", "linear_ce"} & set(cfg.kernels_off.split(","))
     gpu, cpu = P.plan_memory(model, world, cfg.batch_size, cfg.seq_len, cfg.prefetch, cfg.grad_checkpointing,
                              2 if amp is not None else 4, cfg.reduce_every_micro, cfg.offload, cfg.loss_chunk, kernels,
-                             cfg.shard, cfg.shard_group)
+                             cfg.shard, cfg.shard_group, cfg.galore_rank if cfg.optimizer == "galore" else 0)
     print(f"memory plan: {cfg.model} {cfg.train_type}, world {world}, --shard={cfg.shard}, batch {cfg.batch_size} x {cfg.seq_len}, "
           f"checkpointing {cfg.grad_checkpointing}, prefetch {cfg.prefetch}, offload {cfg.offload}, "
           f"loss_chunk {cfg.loss_chunk}, Triton kernels {'on' if kernels else 'off'}; {describe(model)}")

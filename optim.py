@@ -1,0 +1,53 @@
+"""GaLore (Zhao et al. 2024, "Memory-Efficient LLM Training by Gradient Low-Rank Projection"):
+full fine-tuning whose AdamW state lives in a low-rank subspace of each weight matrix's gradient.
+In its own file because train.py, which builds the optimizer, is already past its reading length.
+
+For a 2-D weight W (m x n) with gradient G, every `gap` steps the top-`rank` singular vectors of
+the current G are taken as a projection: the right ones Q (rank x n) when m >= n, giving the
+low-rank gradient R = G Q^T (m x rank), else the left ones P (m x rank), giving R = P^T G (rank x n).
+Adam's two moments are kept in R's shape, so a matrix costs 4 * rank * (2 max(m, n) + min(m, n))
+bytes of state (moments and projection, fp32) instead of AdamW's 8 * m * n. The Adam update of R
+is projected back (R' Q or P R') and multiplied by `scale`; decoupled weight decay acts on the full
+weight, as in AdamW. The moments carry over when the projection is renewed, as in the reference
+implementation. Groups without "rank" (embeddings, norms, the head) are plain AdamW.
+
+    opt = GaLoreAdamW([{"params": block_matrices, "rank": 128, "gap": 200, "scale": 0.25, "weight_decay": 0.0},
+                       {"params": the_rest, "weight_decay": 0.0}], lr=1e-4)
+"""
+
+import torch
+
+
+class GaLoreAdamW(torch.optim.Optimizer):
+    def __init__(self, params, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state, g = self.state[p], p.grad.float()
+                if not state:
+                    state["step"] = 0
+                low_rank = "rank" in group and p.dim() == 2
+                if low_rank:
+                    tall = g.shape[0] >= g.shape[1]
+                    if state["step"] % group["gap"] == 0:  # renew the subspace from this step's gradient
+                        u, _, vh = torch.linalg.svd(g, full_matrices=False)
+                        state["projection"] = vh[:group["rank"]] if tall else u[:, :group["rank"]]
+                    q = state["projection"]
+                    g = g @ q.t() if tall else q.t() @ g
+                if "exp_avg" not in state:
+                    state["exp_avg"], state["exp_avg_sq"] = torch.zeros_like(g), torch.zeros_like(g)
+                state["step"] += 1
+                t, m, v = state["step"], state["exp_avg"], state["exp_avg_sq"]
+                m.lerp_(g, 1 - beta1)
+                v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+                update = (m / (1 - beta1**t)) / ((v / (1 - beta2**t)).sqrt() + group["eps"])
+                if low_rank:
+                    update = (update @ q if tall else q @ update) * group["scale"]
+                p.mul_(1 - group["lr"] * group["weight_decay"])
+                p.add_(update.to(p.dtype), alpha=-group["lr"])
