@@ -1,6 +1,8 @@
-"""GaLore (Zhao et al. 2024, "Memory-Efficient LLM Training by Gradient Low-Rank Projection"):
+"""Optimizer-side pieces train.py uses: GaLore, and fp16's dynamic loss scaling (`LossScaler`, at the end).
+
+GaLore (Zhao et al. 2024, "Memory-Efficient LLM Training by Gradient Low-Rank Projection"):
 full fine-tuning whose AdamW state lives in a low-rank subspace of each weight matrix's gradient.
-In its own file because train.py, which builds the optimizer, is already past its reading length.
+In their own file because train.py, which builds the optimizer, is already past its reading length.
 
 For a 2-D weight W (m x n) with gradient G, every `gap` steps the top-`rank` singular vectors of
 the current G are taken as a projection: the right ones Q (rank x n) when m >= n, giving the
@@ -14,6 +16,8 @@ implementation. Groups without "rank" (embeddings, norms, the head) are plain Ad
     opt = GaLoreAdamW([{"params": block_matrices, "rank": 128, "gap": 200, "scale": 0.25, "weight_decay": 0.0},
                        {"params": the_rest, "weight_decay": 0.0}], lr=1e-4)
 """
+
+import math
 
 import torch
 
@@ -51,3 +55,39 @@ class GaLoreAdamW(torch.optim.Optimizer):
                     update = (update @ q if tall else q @ update) * group["scale"]
                 p.mul_(1 - group["lr"] * group["weight_decay"])
                 p.add_(update.to(p.dtype), alpha=-group["lr"])
+
+
+class LossScaler:
+    """fp16's dynamic loss scaling (what torch.amp.GradScaler does, written out so that it works on
+    shards too): the loss is multiplied by `scale` so small gradients do not flush to zero in fp16;
+    a step whose gradient norm overflows is skipped and the scale halved; after `interval` good steps
+    in a row it doubles. The norm is global, so every rank skips the same steps. Disabled: scale 1."""
+
+    def __init__(self, enabled, scale=2.0**16, interval=2000):
+        self.enabled, self.scale, self.good, self.interval = enabled, scale if enabled else 1.0, 0, interval
+
+    def overflowed(self, gnorm):
+        """gnorm: the norm of the unscaled gradients. True: skip this step (the scale has been halved).
+        A scale already down to 1 is not lowered further: the run's --nan_policy takes over."""
+        if not self.enabled or (not math.isfinite(gnorm) and self.scale <= 1):
+            return False
+        if math.isfinite(gnorm):
+            self.good += 1
+            if self.good % self.interval == 0:
+                self.scale *= 2
+            return False
+        self.scale, self.good = self.scale / 2, 0
+        return True
+
+    def unscale_(self, opt):
+        if self.scale != 1:
+            for group in opt.param_groups:
+                for p in group["params"]:
+                    if p.grad is not None:
+                        p.grad.div_(self.scale)
+
+    def state_dict(self):
+        return {"scale": self.scale, "good": self.good}
+
+    def load_state_dict(self, state):
+        self.scale, self.good = state["scale"], state["good"]

@@ -281,42 +281,6 @@ def uses_bf16(cfg: Config, device_type):
     return cfg.precision == "bf16" or (cfg.precision == "auto" and native)
 
 
-class LossScaler:
-    """fp16's dynamic loss scaling (what torch.amp.GradScaler does, written out so that it works on
-    shards too): the loss is multiplied by `scale` so small gradients do not flush to zero in fp16;
-    a step whose gradient norm overflows is skipped and the scale halved; after `interval` good steps
-    in a row it doubles. The norm is global, so every rank skips the same steps. Disabled: scale 1."""
-
-    def __init__(self, enabled, scale=2.0**16, interval=2000):
-        self.enabled, self.scale, self.good, self.interval = enabled, scale if enabled else 1.0, 0, interval
-
-    def overflowed(self, gnorm):
-        """gnorm: the norm of the unscaled gradients. True: skip this step (the scale has been halved).
-        A scale already down to 1 is not lowered further: the run's --nan_policy takes over."""
-        if not self.enabled or (not math.isfinite(gnorm) and self.scale <= 1):
-            return False
-        if math.isfinite(gnorm):
-            self.good += 1
-            if self.good % self.interval == 0:
-                self.scale *= 2
-            return False
-        self.scale, self.good = self.scale / 2, 0
-        return True
-
-    def unscale_(self, opt):
-        if self.scale != 1:
-            for group in opt.param_groups:
-                for p in group["params"]:
-                    if p.grad is not None:
-                        p.grad.div_(self.scale)
-
-    def state_dict(self):
-        return {"scale": self.scale, "good": self.good}
-
-    def load_state_dict(self, state):
-        self.scale, self.good = state["scale"], state["good"]
-
-
 def lr_at(step, cfg: Config):
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
@@ -639,7 +603,7 @@ def setup(cfg: Config, d: Dist, log):
 
     opt = make_optimizer(engine, cfg, d.device)
     ckpt_path, start, base = os.path.join(cfg.out_dir, "checkpoint"), 0, C.base_fingerprint(cfg.model)
-    scaler = LossScaler(cfg.precision == "fp16")
+    scaler = O.LossScaler(cfg.precision == "fp16")
     if cfg.resume:
         state = C.load_checkpoint(ckpt_path, engine, opt, check=lambda saved, where: C.same_run(saved, where, cfg, d.world, base))
         loader.load_state_dict(state["data"])

@@ -10,6 +10,7 @@ import torch
 
 import checkpoint as C
 import fsdp as F
+import optim as O
 import train
 
 FAST = ["--seq_len=32", "--batch_size=4", "--eval_samples=0", "--samples=0", "--save_hf=false", "--log_every=1",
@@ -338,13 +339,13 @@ except ValueError as e:
 
 
 def test_loss_scaler_halves_on_overflow_grows_after_good_steps_and_hands_over_at_one():
-    s = train.LossScaler(True, scale=8.0, interval=3)
+    s = O.LossScaler(True, scale=8.0, interval=3)
     assert [s.overflowed(g) for g in (1.0, math.inf, 1.0, 1.0, 1.0)] == [False, True, False, False, False]
     assert s.scale == 8.0  # 8 -> 4 at the overflow, -> 8 after three good steps
     for _ in range(3):
         assert s.overflowed(math.nan)
     assert s.scale == 1.0 and not s.overflowed(math.nan)  # at 1: a real NaN, --nan_policy decides
-    assert not train.LossScaler(False).overflowed(math.inf) and train.LossScaler(False).scale == 1.0
+    assert not O.LossScaler(False).overflowed(math.inf) and O.LossScaler(False).scale == 1.0
 
 
 def test_scaled_gradients_are_unscaled_and_clipped_exactly(tmp_path, monkeypatch):
@@ -352,8 +353,8 @@ def test_scaled_gradients_are_unscaled_and_clipped_exactly(tmp_path, monkeypatch
     the unscaled run, clipping included (FAST clips at 1.0), up to the 1e-6 that clip_grad_norm_
     adds to the norm, which does not scale."""
     train.main(FAST + ["--max_steps=4", f"--out_dir={tmp_path / 'plain'}"])
-    real = train.LossScaler.__init__
-    monkeypatch.setattr(train.LossScaler, "__init__", lambda self, enabled: real(self, True, scale=1024.0))
+    real = O.LossScaler.__init__
+    monkeypatch.setattr(O.LossScaler, "__init__", lambda self, enabled: real(self, True, scale=1024.0))
     train.main(FAST + ["--max_steps=4", f"--out_dir={tmp_path / 'scaled'}"])
     plain, scaled = rows(tmp_path / "plain"), rows(tmp_path / "scaled")
     assert [r["loss"] for r in scaled if "loss" in r] == pytest.approx([r["loss"] for r in plain if "loss" in r], rel=1e-6)
