@@ -354,6 +354,7 @@ class Llama(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         self.register_buffer("inv_freq", rope_frequencies(args), persistent=False)
         self.gradient_checkpointing = False  # recompute each block in backward (set by train.py)
+        self.offload_activations = False  # with it: keep each block's input on the CPU until then
 
     def init_weights(self, std=0.02):
         for name, p in self.named_parameters():
@@ -398,9 +399,14 @@ class Llama(nn.Module):
 
     def block(self, i, x, ctx, cache=None):
         """Block i. The one place of activation checkpointing: when training with it on, only x is
-        kept and the block is recomputed (same dropout masks) in backward."""
+        kept and the block is recomputed (same dropout masks) in backward. Offloaded, x goes to the
+        CPU (a non-blocking copy into pinned memory on CUDA) and its gradient comes back the same way."""
         layer = self.model.layers[i]
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled() and cache is None:
+            if self.offload_activations:  # x waits in (pinned) CPU memory until the recompute brings it back
+                device = x.device
+                return checkpoint(lambda kept, *c: layer(kept.to(device, non_blocking=True), *c),
+                                  x.to("cpu", non_blocking=True), *ctx, use_reentrant=False)
             return checkpoint(layer, x, *ctx, use_reentrant=False)
         return layer(x, *ctx, cache)
 

@@ -70,7 +70,8 @@ def unit_bytes(model, world, offload, param_bytes):
 
 
 def plan_memory(model, world, batch_size, seq_len, prefetch=1, checkpointing=True, param_bytes=2, reduce_every_micro=True,
-                offload="none", loss_chunk=0, kernels=False, strategy="full", shard_group=0, galore_rank=0):
+                offload="none", loss_chunk=0, kernels=False, strategy="full", shard_group=0, galore_rank=0,
+                offload_activations=False):
     """Predicted peak bytes per rank, by category, without allocating (the model may be on the
     meta device). Returns (gpu, cpu): the GPU bytes of each category at the peak, and their
     "total"; the pinned CPU bytes with offload.
@@ -78,6 +79,7 @@ def plan_memory(model, world, batch_size, seq_len, prefetch=1, checkpointing=Tru
     param_bytes is the compute dtype's size: trainable weights are gathered in it and activations
     are kept in it. kernels: the Triton kernels run (CUDA); they keep less for backward than the
     PyTorch references. galore_rank: the optimizer state is optim.GaLoreAdamW's (unsharded).
+    offload_activations: the blocks' kept inputs are on the CPU, each back on the GPU for its backward.
     Shards are 1/S of each buffer, S = world (hybrid: shard_group). Units
     gathered at a moment are those of `schedule`'s window (grad_op: all of them).
 
@@ -112,6 +114,7 @@ def plan_memory(model, world, batch_size, seq_len, prefetch=1, checkpointing=Tru
     tokens, act = batch_size * seq_len, param_bytes
     block, outside, head = activation_bytes_per_token(model, act, kernels)
     kept = act * a.dim if checkpointing else block  # per block and token, between its forward and its backward
+    kept_gpu = 0 if offload_activations else kept
     dequant = max([m.in_features * m.out_features * param_bytes for m in model.modules() if isinstance(m, QuantLinear)] + [0])
     if kernels:
         logits = min(tokens, 4096 if loss_chunk <= 0 else loss_chunk) * a.vocab_size * act + tokens * a.dim * act
@@ -121,7 +124,7 @@ def plan_memory(model, world, batch_size, seq_len, prefetch=1, checkpointing=Tru
     on_gpu = offload != "all"  # else sharded gradients and AdamW state live on the CPU
     static = {"weight shards": gpu_shards, "gathered units": gathered, "optimizer": optim if on_gpu else 0}
     accumulated = 0 if reduce_every_micro else sum(grad) // param_bytes * 4  # fp32 sums kept across micro-batches
-    moments = [dict(static, gradients=accumulated, activations=tokens * (n_blocks * kept + outside + head),
+    moments = [dict(static, gradients=accumulated, activations=tokens * (n_blocks * kept_gpu + outside + head),
                     **{"dequantized weight": 0}, logits=logits)]
     backward = [pos[-1]] + list(range(n_blocks, 0, -1)) + [0]  # units in the order their gradient completes
     held = grad[0] if tied else 0  # a tied outer unit's gradient waits for the embedding's backward
@@ -129,7 +132,8 @@ def plan_memory(model, world, batch_size, seq_len, prefetch=1, checkpointing=Tru
         j, unit, before = n_blocks - k, backward[k], backward[k - 1]
         reducing = grad[before] if S > 1 and not (tied and before == 0) else 0
         reduced = sum(sgrad[u] for u in backward[:k - 1] if not (tied and u == 0)) if on_gpu else 0
-        acts = tokens * ((j + 1) * kept + (block if checkpointing else 0) + outside + 2 * act * (a.dim + a.ffn_dim))
+        acts = tokens * ((j + 1) * kept_gpu + (kept if offload_activations else 0) + (block if checkpointing else 0)
+                         + outside + 2 * act * (a.dim + a.ffn_dim))
         moments.append(dict(static, gradients=reduced + (accumulated or held + grad[unit] + reducing), activations=acts,
                             **{"dequantized weight": dequant}, logits=0))
     if model.model.embed_tokens.weight.requires_grad:  # its backward: a dense [vocab, dim] gradient, then the unit's
@@ -143,4 +147,6 @@ def plan_memory(model, world, batch_size, seq_len, prefetch=1, checkpointing=Tru
     gpu["total"] = sum(gpu.values())
     cpu = {"weight shards": cpu_shards, "gradients": 0 if on_gpu else sum(sgrad),
            "optimizer": 0 if on_gpu else optim} if offload != "none" else {}
+    if offload_activations:
+        cpu["activations"] = tokens * n_blocks * kept
     return gpu, cpu

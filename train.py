@@ -87,6 +87,7 @@ class Config:
     precision: str = "auto"  # auto (bf16 autocast on CUDA and on CPUs with AMX / AVX512-BF16, else fp32) | bf16 | fp32 | fp16 (autocast with dynamic loss scaling: GPUs without bf16)
     compile: bool = False  # torch.compile each transformer block
     grad_checkpointing: bool = False  # recompute each block in backward instead of storing activations
+    offload_activations: bool = False  # with grad_checkpointing: the block inputs it keeps wait in (pinned) CPU memory
     loss_chunk: int = 0  # >0: cross-entropy over this many tokens at a time (never all [tokens, vocab] logits)
     threads: int = 0  # CPU threads per process; 0 = cores / processes on this machine
     timeout: int = 600  # seconds a collective waits for the other ranks before the job stops with an error
@@ -179,6 +180,8 @@ def parse_args(argv) -> Config:
         raise ValueError(f"flag --quant_bits={cfg.quant_bits}: hqq takes 2, 3, 4 or 8 bits")
     if cfg.quant == "nf4" and cfg.quant_group not in [2**k for k in range(5, 13)]:
         raise ValueError(f"flag --quant_group={cfg.quant_group}: nf4 blocks are a power of 2 from 32 to 4096 (bitsandbytes' sizes)")
+    if cfg.offload_activations and not cfg.grad_checkpointing:
+        raise ValueError("flag --offload_activations moves the block inputs that --grad_checkpointing keeps: pass both")
     if cfg.optimizer == "galore" and (cfg.fsdp or cfg.train_type not in ("full", "llama_pro")):
         raise ValueError("flag --optimizer=galore projects whole weight matrices: it needs --train_type=full (or "
                          "llama_pro) and no --fsdp (which hands the optimizer flat shards)")
@@ -502,7 +505,8 @@ def dry_run(cfg: Config, d: Dist):
     kernels = K.HAS_TRITON and cfg.kernels == "triton" and not {"rmsnorm", "swiglu", "linear_ce"} & set(cfg.kernels_off.split(","))
     gpu, cpu = P.plan_memory(model, world, cfg.batch_size, cfg.seq_len, cfg.prefetch, cfg.grad_checkpointing,
                              2 if amp is not None else 4, cfg.reduce_every_micro, cfg.offload, cfg.loss_chunk, kernels,
-                             cfg.shard, cfg.shard_group, cfg.galore_rank if cfg.optimizer == "galore" else 0)
+                             cfg.shard, cfg.shard_group, cfg.galore_rank if cfg.optimizer == "galore" else 0,
+                             cfg.offload_activations)
     print(f"memory plan: {cfg.model} {cfg.train_type}, world {world}, --shard={cfg.shard}, batch {cfg.batch_size} x {cfg.seq_len}, "
           f"checkpointing {cfg.grad_checkpointing}, prefetch {cfg.prefetch}, offload {cfg.offload}, "
           f"loss_chunk {cfg.loss_chunk}, Triton kernels {'on' if kernels else 'off'}; {describe(model)}")
@@ -565,7 +569,7 @@ def setup(cfg: Config, d: Dist, log):
     except OSError as e:
         raise ValueError(f"--out_dir={cfg.out_dir}: cannot write there ({e.strerror})") from None
     model, tok, extra_files = build_model(cfg, d)
-    model.gradient_checkpointing = cfg.grad_checkpointing
+    model.gradient_checkpointing, model.offload_activations = cfg.grad_checkpointing, cfg.offload_activations
     if cfg.compile:
         for layer in model.model.layers:
             layer.compile()

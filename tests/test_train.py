@@ -246,3 +246,32 @@ def test_llama_pro_trains_only_the_new_blocks_and_exports_a_deeper_hf_folder(tmp
     for j in (2, 5):  # the new ones trained away from their zero start
         assert new[f"model.layers.{j}.self_attn.o_proj.weight"].abs().sum() > 0
     assert torch.equal(new["lm_head.weight"], original.lm_head.weight)
+
+
+@pytest.mark.parametrize("fsdp", [False, True], ids=["replicated", "sharded"])
+def test_offloaded_activations_train_exactly_like_kept_ones(tmp_path, fsdp):
+    args = FAST + ["--max_steps=3", "--grad_checkpointing", "--train_type=lora"] + (["--fsdp"] if fsdp else [])
+    train.main(args + [f"--out_dir={tmp_path / 'kept'}"])
+    train.main(args + ["--offload_activations", f"--out_dir={tmp_path / 'offloaded'}"])
+    losses = [[json.loads(line)["loss"] for line in open(tmp_path / d / "metrics.jsonl") if '"loss"' in line]
+              for d in ("kept", "offloaded")]
+    assert len(losses[0]) == 3 and losses[0] == losses[1]
+
+
+def test_the_plan_moves_offloaded_activations_to_the_cpu():
+    import plan as P
+    import lora as L
+    with torch.device("meta"):
+        model = M.Llama(M.MODELS["tinyllama-1.1b"])
+    L.add_lora(model, rank=8, alpha=16)  # a frozen base: activations decide the peak
+    common = dict(batch_size=4, seq_len=4096, checkpointing=True, param_bytes=2)
+    kept, _ = P.plan_memory(model, 1, **common)
+    gpu, cpu = P.plan_memory(model, 1, **common, offload_activations=True)
+    per_block = 4 * 4096 * 2 * model.args.dim  # one bf16 block input
+    assert cpu["activations"] == model.args.n_layers * per_block
+    assert kept["total"] - gpu["total"] >= (model.args.n_layers - 1) * per_block  # all but the one being recomputed
+
+
+def test_offload_activations_without_checkpointing_is_refused():
+    with pytest.raises(ValueError, match="--offload_activations moves the block inputs that --grad_checkpointing keeps"):
+        train.parse_args(["--offload_activations"])
