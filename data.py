@@ -525,6 +525,62 @@ class Batches:
 
 
 # -----------------------------------------------------------------------------
+# Preference pairs (DPO): document 2i is pair i's chosen answer, 2i + 1 its rejected one
+
+
+def pair_records(records):
+    """{"prompt", "chosen", "rejected"} (or {"messages", "chosen", "rejected"}: the conversation
+    before the answer) -> two ordinary records per pair, chosen first, tokenized like SFT data: the
+    prompt rendered in the chat format in use and masked, the answer trained on."""
+    for rec, where in records:
+        if not isinstance(rec, dict) or not {"chosen", "rejected"} <= set(rec) or not ({"prompt", "messages"} & set(rec)):
+            raise ValueError(f"{where}: a preference record needs 'prompt' (or 'messages'), 'chosen' and 'rejected', "
+                             f"got {sorted(rec) if isinstance(rec, dict) else type(rec).__name__}")
+        for key in ("chosen", "rejected"):
+            answer = text_field(rec, key, where)
+            if "messages" in rec:
+                yield {"messages": list(rec["messages"]) + [{"role": "assistant", "content": answer}]}, f"{where} ({key})"
+            else:
+                yield {"prompt": text_field(rec, "prompt", where), "completion": answer}, f"{where} ({key})"
+
+
+class PairBatches(Batches):
+    """Batches of `batch_size` pairs over pair indices: rows chosen_0, rejected_0, chosen_1, ...,
+    one document per row, right-padded to the longest, cropped to seq_len (a crop that leaves an
+    answer no token gives that pair a zero log-ratio). Sharded and resumable as Batches."""
+
+    def plan(self, epoch):
+        if self._plan_epoch == epoch:
+            return self._plan
+        order = list(self.docs)
+        if self.shuffle:
+            random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
+        pieces, cropped = pieces_of(self.data, [d for p in order for d in (2 * p, 2 * p + 1)], self.seq_len)
+        rows = [[piece] for piece in pieces]
+        batches = [rows[i:i + 2 * self.batch_size] for i in range(0, len(rows), 2 * self.batch_size)]
+        per_rank = len(batches) // self.world
+        if per_rank == 0:
+            raise ValueError(f"data: {len(batches)} batches of {self.batch_size} pairs cannot give each of "
+                             f"{self.world} ranks one; use less --batch_size or more data")
+        untrainable = sum(1 for start, n in pieces if not self.data.mask[start:start + n].any())
+        self.stats = {"docs": len(order), "tokens": sum(n for _, n in pieces), "cropped_tokens": cropped,
+                      "untrainable": untrainable, "efficiency": 1.0, "batches_per_rank": per_rank}
+        self._plan, self._plan_epoch = batches[self.rank:per_rank * self.world:self.world], epoch
+        return self._plan
+
+    def __next__(self):
+        plan = self.plan(self.epoch)
+        if self.index >= len(plan):
+            self.epoch, self.index = self.epoch + 1, 0
+            plan = self.plan(self.epoch)
+        rows = plan[self.index]
+        self.index += 1
+        batch = collate(self.data, rows, max(r[0][1] for r in rows), self.pad_id, False)
+        batch["num_pairs"] = len(rows) // 2
+        return batch
+
+
+# -----------------------------------------------------------------------------
 # Accuracy by generation
 
 

@@ -374,10 +374,13 @@ class Sharded:
 
     # -- the training step: the schedule as two plain loops ----------------------------------
 
-    def forward_backward(self, batch, loss_scale=1.0, sync=True):
+    def forward_backward(self, batch, loss_scale=1.0, sync=True, loss_fn=None):
         """One micro-batch: the loss (summed over target tokens; and the token count), and the
         backward of loss * loss_scale. sync=True reduce-scatters the gradients into the shards'
-        .grad; sync=False keeps them, in fp32, for the next micro-batch."""
+        .grad; sync=False keeps them, in fp32, for the next micro-batch. The loss is the model's
+        own: another (loss_fn, e.g. DPO) would need the schedule's head unit to compute it."""
+        if loss_fn is not None:
+            raise ValueError("fsdp.Sharded computes the language-model loss only (train.py refuses --objective=dpo with --fsdp)")
         m, n_blocks, keep = self.model, len(self.model.model.layers), self.strategy == "grad_op"
         order = [self.at[i] for i in schedule(n_blocks)]
         self.free_if_stepped()
@@ -590,11 +593,12 @@ class Replicated:
             self.works.append((params, flat, dist.all_reduce(flat, group=dist.group.WORLD, async_op=True)))
             self.next += 1
 
-    def forward_backward(self, batch, loss_scale=1.0, sync=True):
+    def forward_backward(self, batch, loss_scale=1.0, sync=True, loss_fn=None):
+        """loss_fn(model, batch) -> (summed loss, count) replaces the model's own loss (e.g. train.DPO)."""
         self.syncing = sync and self.d.world > 1
         self.waiting, self.next, self.works = [len(b) for b in self.buckets], 0, []
         with self.amp():
-            loss, n = self.model(**batch, loss_chunk=self.loss_chunk)
+            loss, n = loss_fn(self.model, batch) if loss_fn else self.model(**batch, loss_chunk=self.loss_chunk)
         (loss * loss_scale).backward()
         if self.syncing:
             self.waiting = [0] * len(self.buckets)  # parameters this batch did not reach: zeros

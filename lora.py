@@ -21,6 +21,7 @@ The wrapper keeps PEFT's module names (`base_layer`, `lora_A`, `lora_B`,
 trained here loads in PEFT (and the other way round).
 """
 
+import contextlib
 import json
 import math
 import os
@@ -56,6 +57,7 @@ class LoRALinear(nn.Module):
         if dora:
             self.lora_magnitude_vector = nn.Parameter(self.dense_weight().norm(dim=1))
         self.merged = False
+        self.disabled = False  # True: the base layer alone (DPO's reference model; see adapters_disabled)
 
     @property
     def in_features(self):
@@ -79,7 +81,7 @@ class LoRALinear(nn.Module):
 
     def forward(self, x):
         y = self.base_layer(x)
-        if self.merged:
+        if self.merged or self.disabled:
             return y
         xd = self.lora_dropout(x)
         if self.lora_magnitude_vector is None:  # y + s * B A x, one pass over y (kernels/lora.py)
@@ -150,6 +152,21 @@ def add_lora(model, rank=8, alpha=16.0, dropout=0.0, targets="all-linear", dora=
 
 def lora_layers(model):
     return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
+
+
+@contextlib.contextmanager
+def adapters_disabled(model):
+    """The base model, without a second copy of its weights: every adapter is skipped meanwhile."""
+    layers = [m for _, m in lora_layers(model)]
+    if any(m.merged for m in layers):
+        raise ValueError("adapters_disabled: unmerge the adapters first")
+    for m in layers:
+        m.disabled = True
+    try:
+        yield model
+    finally:
+        for m in layers:
+            m.disabled = False
 
 
 # -----------------------------------------------------------------------------

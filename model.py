@@ -456,6 +456,24 @@ def cross_entropy_sum(h, head, labels, chunk=0):
     return total, n
 
 
+def sequence_logprobs(model: Llama, input_ids, labels, position_ids=None, doc_ids=None):
+    """Per row, the summed log-probability of its target tokens (labels != -100), as DPO needs. The
+    head runs one row at a time under checkpointing, so one row's [T, vocab] fp32 logits exist at a
+    time, in forward and in backward."""
+    x, ctx = model.embed(input_ids, position_ids, doc_ids)
+    for i in range(len(model.model.layers)):
+        x = model.block(i, x, ctx)
+    h = model.model.norm(x)
+
+    def row(h_row, labels_row):
+        logp = F.log_softmax(model.lm_head(h_row).float(), dim=-1)
+        keep = labels_row != -100
+        return logp.gather(-1, labels_row.clamp(min=0)[:, None])[:, 0].masked_fill(~keep, 0.0).sum()
+    grad = torch.is_grad_enabled()
+    return torch.stack([checkpoint(row, h[b], labels[b], use_reentrant=False) if grad else row(h[b], labels[b])
+                        for b in range(h.shape[0])])
+
+
 def expand_blocks(model: Llama, n):
     """Llama-Pro block expansion (Wu et al. 2024): after each of n evenly spaced blocks insert a copy
     of it whose o_proj and down_proj are zero, so the copy adds nothing to the residual stream and

@@ -15,6 +15,7 @@ per eval), checkpoint/ (resumable: a step folder made current by one rename) and
 model as a Hugging Face folder).
 """
 
+import copy
 import dataclasses
 import datetime
 import difflib
@@ -31,6 +32,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F_
 
 import checkpoint as C
 import data as D
@@ -58,6 +60,8 @@ class Config:
     lora_dropout: float = 0.0  # dropout on the adapters' input
     lora_target: str = "all-linear"  # Linear layers to adapt: all-linear (all but lm_head) or e.g. q_proj,v_proj
     # data
+    objective: str = "sft"  # sft | dpo (preference pairs {"prompt", "chosen", "rejected"}; with adapters the reference is the base with them off, else a frozen copy)
+    dpo_beta: float = 0.1  # DPO: the strength of the pull towards the reference model
     data: str = "arith"  # 'arith' (built-in sums), or a .txt / .jsonl / .json file (text, Alpaca or chat records)
     chat_format: str = "auto"  # alpaca | chatml | llama3; auto = from the tokenizer's special tokens
     seq_len: int = 66  # tokens per row (66: six fixed-width arith sums of 11 tokens fill a row exactly)
@@ -171,7 +175,7 @@ def parse_args(argv) -> Config:
                           ("train_type", ("full", "lora", "qlora", "dora", "qdora", "llama_pro")), ("reduce_dtype", ("fp32", "bf16")),
                           ("chat_format", ("auto", "alpaca", "chatml", "llama3")), ("hf_dtype", ("bf16", "fp32")),
                           ("kernels", ("triton", "torch", "interpret")), ("nan_policy", ("stop", "skip")), ("offload", F.OFFLOAD), ("shard", F.STRATEGIES),
-                          ("quant", Q.FORMATS), ("optimizer", ("adamw", "galore"))):
+                          ("quant", Q.FORMATS), ("optimizer", ("adamw", "galore")), ("objective", ("sft", "dpo"))):
         if getattr(cfg, name) not in allowed:
             raise ValueError(f"flag --{name}={getattr(cfg, name)} is not one of {', '.join(allowed)}")
     if cfg.offload != "none" and not (cfg.fsdp or cfg.dry_run):
@@ -180,6 +184,9 @@ def parse_args(argv) -> Config:
         raise ValueError(f"flag --quant_bits={cfg.quant_bits}: hqq takes 2, 3, 4 or 8 bits")
     if cfg.quant == "nf4" and cfg.quant_group not in [2**k for k in range(5, 13)]:
         raise ValueError(f"flag --quant_group={cfg.quant_group}: nf4 blocks are a power of 2 from 32 to 4096 (bitsandbytes' sizes)")
+    if cfg.objective == "dpo" and (cfg.fsdp or cfg.data == "arith"):
+        raise ValueError("flag --objective=dpo needs --data=<file of preference pairs> and runs without --fsdp "
+                         "(plain or data parallel)")
     if cfg.offload_activations and not cfg.grad_checkpointing:
         raise ValueError("flag --offload_activations moves the block inputs that --grad_checkpointing keeps: pass both")
     if cfg.optimizer == "galore" and (cfg.fsdp or cfg.train_type not in ("full", "llama_pro")):
@@ -214,7 +221,7 @@ RANGES = {**{k: at_least(1) for k in ("seq_len", "batch_size", "grad_accum", "ma
                                       "galore_rank", "galore_gap")},
           **{k: at_least(0) for k in ("warmup_steps", "save_every", "eval_samples", "samples", "prefetch", "threads",
                                       "plan_world", "shard_group", "loss_chunk", "top_k", "expand_blocks")},
-          **{k: ((lambda v: 0 < v < math.inf), "a positive finite number") for k in ("lr", "lora_alpha", "galore_scale")},
+          **{k: ((lambda v: 0 < v < math.inf), "a positive finite number") for k in ("lr", "lora_alpha", "galore_scale", "dpo_beta")},
           **{k: ((lambda v: 0 <= v < math.inf), "a finite number >= 0") for k in ("weight_decay", "grad_clip", "temperature")},
           "eval_frac": within(0, 1), "lora_dropout": within(0, 1), "beta1": within(0, 1), "beta2": within(0, 1),
           "min_lr_ratio": within(0, 1, closed=True)}
@@ -369,12 +376,70 @@ def evaluate(engine, cfg, d, eval_data, eval_docs, tok):
     return result
 
 
+@torch.no_grad()
+def evaluate_pairs(engine, dpo, cfg, d, data, eval_docs, tok):
+    """Held-out preference pairs (eval_docs: their chosen documents): DPO's loss, reward accuracy,
+    margin and rewards over up to eval_batches batches."""
+    engine.model.eval()
+    loader = D.PairBatches(data, [j // 2 for j in eval_docs], cfg.seq_len, cfg.batch_size, tok.pad_id, d.rank, d.world,
+                           shuffle=False)
+    training_sums, dpo.sums, loss_sum = dpo.sums, [0.0] * 5, 0.0
+    for _ in range(min(len(loader.plan(0)), cfg.eval_batches)):
+        batch = to_device(next(loader), d.device)
+        with F.autocast(d.device, engine.amp_dtype):
+            loss_sum += dpo(engine.model, batch)[0].item()
+    loss_sum, n = all_reduce_sum([loss_sum, dpo.sums[0]], d)
+    result = {"eval_loss": loss_sum / max(n, 1), **{"eval_" + k: v for k, v in dpo.metrics(d).items()}}
+    dpo.sums = training_sums
+    engine.model.train()
+    return result
+
+
 def generate(engine, cfg, tok, prompts, temperature, top_k=0, generator=None):
     """New tokens for each text prompt, through engine.forward (sharded: every rank takes the same
     steps). Autocast here too: the KV cache takes the autocast dtype."""
     with F.autocast(engine.d.device, engine.amp_dtype):
         return M.generate(engine.model, [tok.encode(p, bos=True) for p in prompts], cfg.max_new_tokens, temperature,
                           top_k, eos_id=tok.eos_id, generator=generator, stop_early=not cfg.fsdp, forward=engine.forward)
+
+
+class DPO:
+    """Direct preference optimization (Rafailov et al. 2023) as the engines' loss_fn: per pair,
+    -log sigmoid(r_chosen - r_rejected) with the reward r = beta * (log pi(answer) - log ref(answer)),
+    log-probabilities summed over the answer's tokens (model.sequence_logprobs). The reference is
+    `reference` (a frozen copy) or, when None, the same model with its adapters switched off. Rows
+    come as chosen_0, rejected_0, chosen_1, ... (data.PairBatches). Sums for the log accumulate in
+    `sums` until metrics() reads them."""
+
+    def __init__(self, beta, reference=None):
+        self.beta, self.reference, self.sums = beta, reference, [0.0] * 5
+
+    def rewards(self, model, batch):
+        kw = {k: batch[k] for k in ("input_ids", "labels", "position_ids")}
+        policy = M.sequence_logprobs(model, **kw)
+        with torch.no_grad():
+            if self.reference is not None:
+                ref = M.sequence_logprobs(self.reference, **kw)
+            else:
+                with L.adapters_disabled(model):
+                    ref = M.sequence_logprobs(model, **kw)
+        return self.beta * (policy[0::2] - ref[0::2]), self.beta * (policy[1::2] - ref[1::2])
+
+    def __call__(self, model, batch):
+        chosen, rejected = self.rewards(model, batch)
+        losses = -F_.logsigmoid(chosen - rejected)
+        c, r_ = chosen.detach(), rejected.detach()
+        for k, v in enumerate([len(losses), (c > r_).sum().item(), (c - r_).sum().item(), c.sum().item(), r_.sum().item()]):
+            self.sums[k] += v
+        return losses.sum(), len(losses)
+
+    def metrics(self, d):
+        """Means over the pairs since the last call, across ranks; then the sums restart."""
+        n, correct, margin, chosen, rejected = all_reduce_sum(self.sums, d)
+        self.sums = [0.0] * 5
+        n = max(n, 1)
+        return {"reward_accuracy": correct / n, "reward_margin": margin / n, "chosen_reward": chosen / n,
+                "rejected_reward": rejected / n}
 
 
 # -----------------------------------------------------------------------------
@@ -591,11 +656,18 @@ def setup(cfg: Config, d: Dist, log):
     if d.world > 1 and not d.main:
         dist.barrier()  # wait for rank 0's cache
     fmt = chat_format(cfg, tok)
-    dataset = D.load_documents(cfg.data, tok, cache, fmt)
+    if cfg.objective == "dpo":  # documents 2i, 2i + 1: pair i's chosen and rejected answers; pairs are held out whole
+        dataset = D.in_memory(D.pair_records(D.read_records(cfg.data)), tok, fmt)
+        train_pairs, eval_pairs = D.split_documents(len(dataset) // 2, cfg.eval_frac)
+        loader = D.PairBatches(dataset, train_pairs, cfg.seq_len, cfg.batch_size, tok.pad_id, d.rank, d.world, cfg.seed)
+        eval_docs = [2 * p for p in eval_pairs]
+    else:
+        dataset = D.load_documents(cfg.data, tok, cache, fmt)
     if d.world > 1 and d.main:
         dist.barrier()  # the cache is written: let the others in
-    train_docs, eval_docs = D.split_documents(len(dataset), cfg.eval_frac)
-    loader = D.Batches(dataset, train_docs, cfg.seq_len, cfg.batch_size, tok.pad_id, d.rank, d.world, cfg.seed, cfg.pack)
+    if cfg.objective == "sft":
+        train_docs, eval_docs = D.split_documents(len(dataset), cfg.eval_frac)
+        loader = D.Batches(dataset, train_docs, cfg.seq_len, cfg.batch_size, tok.pad_id, d.rank, d.world, cfg.seed, cfg.pack)
     loader.plan(0)
     s = loader.stats
     log(f"data {cfg.data} ({fmt}): {s['docs']} train docs, {len(eval_docs)} held out, {s['tokens']:,} tokens/epoch, "
@@ -618,9 +690,13 @@ def setup(cfg: Config, d: Dist, log):
             raise ValueError(f"--max_steps={cfg.max_steps} is below the step of the checkpoint in {ckpt_path} "
                              f"({start}); pass --max_steps above it to train on")
         log(f"resumed from {ckpt_path} at step {start}, data epoch {loader.epoch} batch {loader.index}")
+    dpo = None
+    if cfg.objective == "dpo":  # full fine-tuning: the starting model, frozen (one more copy of the weights)
+        reference = None if has_adapters(cfg) else copy.deepcopy(model).requires_grad_(False).eval()
+        dpo = DPO(cfg.dpo_beta, reference)
     return types.SimpleNamespace(model=model, tok=tok, extra_files=extra_files, engine=engine, opt=opt, dataset=dataset,
                                  eval_docs=eval_docs, loader=loader, ckpt_path=ckpt_path, start=start, step=start,
-                                 adapters=adapters, base=base, scaler=scaler)
+                                 adapters=adapters, base=base, scaler=scaler, dpo=dpo)
 
 
 def train_loop(cfg: Config, d: Dist, r, log, record):
@@ -637,7 +713,9 @@ def train_loop(cfg: Config, d: Dist, r, log, record):
             g["lr"] = lr
         micro = [next(loader) for _ in range(cfg.grad_accum)]
         n_real = sum(b.pop("num_tokens") for b in micro)
-        n_target, n_real = all_reduce_sum([sum(int((b["labels"] != D.IGNORE).sum()) for b in micro), n_real], d)
+        # What the loss averages over: target tokens (SFT) or pairs (DPO), across micro-batches and ranks
+        targets = sum(b.pop("num_pairs") if r.dpo else int((b["labels"] != D.IGNORE).sum()) for b in micro)
+        n_target, n_real = all_reduce_sum([targets, n_real], d)
         if n_target == 0:  # the same on every rank: all stop
             raise ValueError(f"step {step + 1}: no trainable token in this step's batches ({loader.stats['untrainable']:,} "
                              f"of {loader.stats['docs']:,} documents have none within --seq_len={cfg.seq_len}: their "
@@ -645,7 +723,8 @@ def train_loop(cfg: Config, d: Dist, r, log, record):
         loss_sum = 0.0
         for k, b in enumerate(micro):
             sync = k == len(micro) - 1 or (cfg.fsdp and cfg.reduce_every_micro)
-            s_, _ = engine.forward_backward(to_device(b, d.device), loss_scale=r.scaler.scale / max(n_target, 1), sync=sync)
+            s_, _ = engine.forward_backward(to_device(b, d.device), loss_scale=r.scaler.scale / max(n_target, 1), sync=sync,
+                                            loss_fn=r.dpo)
             loss_sum += s_.item()
         # On scaled gradients: clipping at grad_clip * scale is clipping at grad_clip once unscaled.
         gnorm = engine.clip_grad_norm_(cfg.grad_clip * r.scaler.scale if cfg.grad_clip > 0 else float("inf")).item()
@@ -674,7 +753,8 @@ def train_loop(cfg: Config, d: Dist, r, log, record):
 
         now = time.time()
         tokens_since += n_real
-        row = {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": gnorm, "tokens_per_s": n_real / (now - t_last)}
+        row = {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": gnorm, "tokens_per_s": n_real / (now - t_last),
+               **(r.dpo.metrics(d) if r.dpo else {})}
         if peak:
             row["mfu"] = row["tokens_per_s"] * flops_tok / (peak * d.world)
             row["peak_mem_gib"] = torch.cuda.max_memory_allocated(d.device) / 2**30
@@ -684,6 +764,7 @@ def train_loop(cfg: Config, d: Dist, r, log, record):
             done = step + 1 - r.start
             eta = (now - t_start) / done * (cfg.max_steps - step - 1)
             extra = f" | mfu {row['mfu']:.1%} | mem {row['peak_mem_gib']:.1f}GiB" if peak else ""
+            extra += f" | reward acc {row['reward_accuracy']:.0%}" if r.dpo else ""
             log(f"step {step + 1:>5}/{cfg.max_steps} {100 * (step + 1) // cfg.max_steps:>3}% | loss {loss:.4f} | "
                 f"lr {lr:.2e} | gnorm {gnorm:.2f} | {tokens_since / (now - t_start):,.0f} tok/s{extra} | "
                 f"eta {int(eta) // 60}:{int(eta) % 60:02d}")
@@ -697,9 +778,14 @@ def train_loop(cfg: Config, d: Dist, r, log, record):
 def run_eval(cfg: Config, d: Dist, r, log, record, step):
     if cfg.eval_frac <= 0:
         return
-    result = evaluate(r.engine, cfg, d, r.dataset, r.eval_docs, r.tok)
+    if r.dpo:
+        result = evaluate_pairs(r.engine, r.dpo, cfg, d, r.dataset, r.eval_docs, r.tok)
+    else:
+        result = evaluate(r.engine, cfg, d, r.dataset, r.eval_docs, r.tok)
     log(f"eval step {step}: loss {result['eval_loss']:.4f}"
-        + (f" | accuracy {result['accuracy']:.1%}" if "accuracy" in result else ""))
+        + (f" | accuracy {result['accuracy']:.1%}" if "accuracy" in result else "")
+        + (f" | reward accuracy {result['eval_reward_accuracy']:.1%}, margin {result['eval_reward_margin']:.3f}"
+           if "eval_reward_accuracy" in result else ""))
     record({"step": step, **result})
 
 

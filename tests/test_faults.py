@@ -36,9 +36,9 @@ def poison(monkeypatch, steps):
     """Make the loss of the given (1-based) optimizer steps NaN, as a bad batch would."""
     real, calls = F.Replicated.forward_backward, {"n": 0}
 
-    def forward_backward(self, batch, loss_scale=1.0, sync=True):
+    def forward_backward(self, batch, loss_scale=1.0, sync=True, loss_fn=None):
         calls["n"] += 1
-        loss, n = real(self, batch, loss_scale, sync)
+        loss, n = real(self, batch, loss_scale, sync, loss_fn)
         return (loss * float("nan") if calls["n"] in steps else loss), n
     monkeypatch.setattr(F.Replicated, "forward_backward", forward_backward)
 
@@ -372,11 +372,11 @@ def test_fp16_skips_an_overflowing_step_on_every_rank_and_trains_on(tmp_path):
 sys.path.insert(0, {str(ROOT)!r})
 import fsdp as F, train
 real, calls = F.Sharded.forward_backward, [0]
-def forward_backward(self, batch, loss_scale=1.0, sync=True):
+def forward_backward(self, batch, loss_scale=1.0, sync=True, loss_fn=None):
     calls[0] += 1
     if os.environ["RANK"] == "1" and calls[0] == 3:
         loss_scale = loss_scale * float("inf")
-    return real(self, batch, loss_scale, sync)
+    return real(self, batch, loss_scale, sync, loss_fn)
 F.Sharded.forward_backward = forward_backward
 train.main(sys.argv[1:])
 """)

@@ -1,0 +1,116 @@
+"""DPO (train.DPO, data.PairBatches, model.sequence_logprobs, lora.adapters_disabled) against
+its formula written out, its starting point, and the trainer's resume and accumulation."""
+import copy
+import json
+import math
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import small_model
+
+import data as D
+import lora as L
+import train
+
+FAST = ["--objective=dpo", "--train_type=lora", "--seq_len=48", "--batch_size=2", "--eval_frac=0.2", "--eval_batches=2",
+        "--samples=0", "--save_hf=false", "--log_every=1", "--warmup_steps=1", "--lr=1e-2", "--precision=fp32",
+        "--eval_every=100"]
+
+
+def pairs_file(tmp_path, n=20):
+    path = tmp_path / "pairs.jsonl"
+    with open(path, "w") as f:
+        for i in range(n):
+            a, b = i % 7, i % 5
+            f.write(json.dumps({"prompt": f"{a}+{b}=", "chosen": str(a + b), "rejected": str(a + b + 1)}) + "\n")
+    return str(path)
+
+
+def a_batch(tmp_path, n_pairs=3):
+    tok = D.ByteTokenizer()
+    data = D.in_memory(D.pair_records(D.read_records(pairs_file(tmp_path))), tok)
+    return next(iter(D.PairBatches(data, range(n_pairs), 48, n_pairs, tok.pad_id, shuffle=False)))
+
+
+def lora_model(seed=0):
+    base = small_model(seed=seed, vocab_size=260)
+    model = copy.deepcopy(base)
+    L.add_lora(model, rank=4, alpha=8, generator=torch.Generator().manual_seed(1))
+    return base, model
+
+
+def written_out_logps(model, batch):
+    """Full logits, log-softmax, the label tokens' log-probabilities summed per row."""
+    logits = model(batch["input_ids"], position_ids=batch["position_ids"]).float()
+    logp = F.log_softmax(logits, dim=-1)
+    keep = batch["labels"] != -100
+    picked = logp.gather(-1, batch["labels"].clamp(min=0)[..., None])[..., 0]
+    return (picked * keep).sum(dim=1)
+
+
+def test_dpo_loss_equals_the_formula_written_out(tmp_path):
+    base, model = lora_model()
+    with torch.no_grad():  # move the adapters off zero so the policy differs from the reference
+        for _, m in L.lora_layers(model):
+            m.lora_B.weight.normal_(std=0.3)
+    batch = a_batch(tmp_path)
+    beta = 0.5
+    loss, n = train.DPO(beta)(model, batch)
+    pi, ref = written_out_logps(model, batch), written_out_logps(base, batch)
+    margin = beta * ((pi[0::2] - ref[0::2]) - (pi[1::2] - ref[1::2]))
+    want = -F.logsigmoid(margin).sum()
+    assert n == 3 and torch.allclose(loss, want, rtol=1e-5)
+    assert abs(loss.item() - 3 * math.log(2)) > 1e-3  # the policy has moved away from the reference
+    assert not torch.allclose(pi, ref)
+
+
+def test_at_step_0_the_rewards_are_zero_and_the_loss_is_log_2(tmp_path):
+    _, model = lora_model()  # fresh adapters: B = 0, the policy is the reference
+    dpo = train.DPO(0.1)
+    loss, n = dpo(model, a_batch(tmp_path))
+    assert loss.item() / n == pytest.approx(math.log(2), abs=1e-6)
+    assert dpo.sums[2:] == [0.0, 0.0, 0.0]  # margin, chosen and rejected rewards
+
+
+def test_the_reference_under_lora_is_the_base_model(tmp_path):
+    base, model = lora_model()
+    with torch.no_grad():
+        for _, m in L.lora_layers(model):
+            m.lora_B.weight.normal_(std=0.3)
+    ids = a_batch(tmp_path)["input_ids"]
+    with L.adapters_disabled(model):
+        assert torch.allclose(model(ids), base(ids), atol=1e-6)
+    assert not torch.allclose(model(ids), base(ids), atol=1e-3)  # and the adapters are back afterwards
+
+
+def losses(out_dir, key="loss"):
+    return [json.loads(line)[key] for line in open(os.path.join(out_dir, "metrics.jsonl")) if f'"{key}"' in line]
+
+
+def test_a_dpo_run_logs_rewards_and_accumulates_and_resumes_like_one_batch(tmp_path):
+    data = f"--data={pairs_file(tmp_path)}"
+    train.main(FAST + [data, "--max_steps=4", "--batch_size=4", f"--out_dir={tmp_path / 'one'}"])
+    train.main(FAST + [data, "--max_steps=4", "--grad_accum=2", "--save_every=2", f"--out_dir={tmp_path / 'accum'}"])
+    train.main(FAST + [data, "--max_steps=2", "--grad_accum=2", f"--out_dir={tmp_path / 'resumed'}"])
+    train.main(FAST + [data, "--max_steps=4", "--grad_accum=2", "--resume", f"--out_dir={tmp_path / 'resumed'}"])
+    one = losses(tmp_path / "one")
+    assert one[0] == pytest.approx(math.log(2), abs=1e-6) and len(one) == 4
+    assert losses(tmp_path / "accum") == pytest.approx(one, rel=1e-5)
+    assert losses(tmp_path / "resumed") == pytest.approx(one, rel=1e-5)
+    rows = [json.loads(line) for line in open(tmp_path / "one" / "metrics.jsonl")]
+    assert all(0 <= r["reward_accuracy"] <= 1 and "reward_margin" in r for r in rows if "loss" in r)
+    evals = [r for r in rows if "eval_loss" in r]
+    assert len(evals) == 2 and evals[0]["eval_loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert evals[0]["eval_reward_accuracy"] == 0.0 and "eval_chosen_reward" in evals[-1]
+
+
+def test_dpo_without_a_pairs_file_or_with_fsdp_is_refused_in_one_line(tmp_path):
+    for extra in (["--fsdp", "--data=x.jsonl"], []):
+        with pytest.raises(ValueError, match="--objective=dpo needs --data=<file of preference pairs> and runs without --fsdp"):
+            train.parse_args(["--objective=dpo", *extra])
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "chosen": "b"}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:1: a preference record needs 'prompt' \(or 'messages'\), 'chosen' and 'rejected'"):
+        train.main(FAST + [f"--data={bad}", "--max_steps=1", f"--out_dir={tmp_path / 'o'}"])
