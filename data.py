@@ -83,6 +83,8 @@ class HFTokenizer:
         self.vocab_size = self.tok.get_vocab_size()
         self.eos_id, self.bos_id = eos_id, bos_id
         self.pad_id = eos_id if eos_id is not None else 0
+        self.chat_template = read_chat_template(os.path.dirname(path))  # the checkpoint's own, or None
+        self.eos_token = self.tok.id_to_token(eos_id) if eos_id is not None else ""
 
     def encode(self, text, bos=False):
         return self.tok.encode(text, add_special_tokens=bos).ids
@@ -95,7 +97,17 @@ class HFTokenizer:
 
     def fingerprint(self):
         with open(self.path, "rb") as f:
-            return hashlib.sha1(f.read()).hexdigest()[:16] + f"-eos{self.eos_id}"
+            return hashlib.sha1(f.read() + (self.chat_template or "").encode()).hexdigest()[:16] + f"-eos{self.eos_id}"
+
+
+def read_chat_template(folder):
+    """An HF folder's chat template: chat_template.jinja, or tokenizer_config.json's chat_template."""
+    path = os.path.join(folder, "chat_template.jinja")
+    if os.path.isfile(path):
+        return read_text(path)
+    config = os.path.join(folder, "tokenizer_config.json")
+    template = json.loads(read_text(config)).get("chat_template") if os.path.isfile(config) else None
+    return template if isinstance(template, str) else None
 
 
 def load_tokenizer(model_dir=None, eos_id=None, bos_id=None):
@@ -137,9 +149,49 @@ ROLES = ("system", "user", "assistant")
 
 
 def detect_format(tok):
-    """The chat format a tokenizer's special tokens imply; alpaca when it has none of them."""
+    """The checkpoint's own chat template when it has one and jinja2 is installed; else the chat
+    format its special tokens imply; alpaca when it has none of them."""
+    if getattr(tok, "chat_template", None) and has_jinja2():
+        return "template"
     has = getattr(tok, "has_token", lambda t: False)
     return "chatml" if has("<|im_start|>") else "llama3" if has("<|start_header_id|>") else "alpaca"
+
+
+def has_jinja2():
+    import importlib.util
+    return importlib.util.find_spec("jinja2") is not None
+
+
+def render_template(template, turns, add_generation_prompt, eos_token=""):
+    """A conversation through an HF chat template, as transformers renders it (sandboxed jinja2,
+    trim_blocks, lstrip_blocks). bos_token is empty: the tokenizer adds bos itself, as for the
+    built-in formats."""
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise ValueError(f"chat template: {message}")
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = raise_exception
+    return env.from_string(template).render(messages=[{"role": r, "content": c} for r, c in turns],
+                                            add_generation_prompt=add_generation_prompt, bos_token="", eos_token=eos_token)
+
+
+def template_segments(turns, template, eos_token=""):
+    """Segments from the template, labels on the assistant turns only: the conversation is rendered
+    prefix by prefix, and an assistant turn is what its full render adds to the render of the turns
+    before it with the generation prompt (its header)."""
+    segments, done = [], ""
+    for k, (role, _) in enumerate(turns):
+        if role != "assistant":
+            continue
+        head = render_template(template, turns[:k], True, eos_token)
+        full = render_template(template, turns[:k + 1], False, eos_token)
+        if not head.startswith(done) or not full.startswith(head):
+            raise ValueError("--chat_format=template: this template does not render a conversation prefix by prefix "
+                             "(each render extending the last); use --chat_format=chatml, llama3 or alpaca")
+        segments += [(head[len(done):], False), (full[len(head):], True)]
+        done = full
+    return segments
 
 
 def text_field(rec, key, where, optional=False):
@@ -181,12 +233,14 @@ def chat_segments(turns, fmt):
     return segments
 
 
-def chat_prompt(turns, fmt):
+def chat_prompt(turns, fmt, tok=None):
     """The text a model continues to answer: the turns so far and an open assistant header."""
+    if fmt == "template":
+        return render_template(tok.chat_template, turns, True, tok.eos_token)
     return "".join(text for text, _ in chat_segments(turns, fmt)) + CHAT_FORMATS[fmt][0].format(role="assistant")
 
 
-def record_segments(rec, where, fmt="alpaca"):
+def record_segments(rec, where, fmt="alpaca", tok=None):
     """One record -> ([(text, trainable)], kind, reference answer or None, add_eos).
 
     fmt: alpaca (instruction data in the Alpaca prompt, prompt/completion verbatim; eos appended)
@@ -199,9 +253,10 @@ def record_segments(rec, where, fmt="alpaca"):
     if not ({"instruction", "output"} <= set(rec) or {"prompt", "completion"} <= set(rec) or "messages" in rec):
         raise ValueError(f"{where}: expected a 'text' field, Alpaca fields 'instruction' and 'output', "
                          f"'prompt' and 'completion', or 'messages', got keys {sorted(rec)}")
-    if fmt in CHAT_FORMATS:
+    if fmt in CHAT_FORMATS or fmt == "template":
         turns = chat_turns(rec, where)
-        return chat_segments(turns, fmt), "instruction", turns[-1][1], False
+        segments = template_segments(turns, tok.chat_template, tok.eos_token) if fmt == "template" else chat_segments(turns, fmt)
+        return segments, "instruction", turns[-1][1], False
     if "messages" in rec:
         raise ValueError(f"{where}: a 'messages' record needs a chat format (--chat_format=chatml or llama3)")
     if "instruction" in rec:
@@ -296,7 +351,7 @@ def tokenize_records(records, tok, fmt="alpaca"):
     """(record, where) pairs -> (ids, mask, kind, reference, prompt) per document. The prompt (for
     accuracy by generation) is the text before the last trained segment."""
     for rec, where in records:
-        segments, kind, ref, add_eos = record_segments(rec, where, fmt)
+        segments, kind, ref, add_eos = record_segments(rec, where, fmt, tok)
         ids, mask = tokenize_segments(tok, segments, add_eos)
         last = max(i for i, (_, trainable) in enumerate(segments) if trainable)
         prompt = "".join(text for text, _ in segments[:last]) if kind == "instruction" else None
@@ -321,8 +376,11 @@ def in_memory(records, tok, fmt="alpaca"):
 def load_documents(source, tok, cache_dir=None, fmt="alpaca"):
     """'arith' or a file -> TokenData. Files are tokenized once into `cache_dir` and memory-mapped.
     fmt: alpaca, chatml or llama3 (how instruction and chat records become text)."""
-    if fmt not in ("alpaca", *CHAT_FORMATS):
-        raise ValueError(f"--chat_format={fmt} is not one of alpaca, {', '.join(CHAT_FORMATS)}")
+    if fmt not in ("alpaca", "template", *CHAT_FORMATS):
+        raise ValueError(f"--chat_format={fmt} is not one of alpaca, template, {', '.join(CHAT_FORMATS)}")
+    if fmt == "template" and not getattr(tok, "chat_template", None):
+        raise ValueError("--chat_format=template: the tokenizer's folder has no chat_template.jinja and no chat_template "
+                         "in tokenizer_config.json")
     if source == "arith":
         return in_memory(((r, "arith") for r in arith_records()), tok, fmt)
     if not os.path.isfile(source):

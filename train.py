@@ -19,6 +19,7 @@ import copy
 import dataclasses
 import datetime
 import difflib
+import importlib.util
 import inspect
 import json
 import math
@@ -35,6 +36,7 @@ import torch.distributed as dist
 import torch.nn.functional as F_
 
 import checkpoint as C
+import curves
 import data as D
 import fsdp as F
 import kernels as K
@@ -63,7 +65,7 @@ class Config:
     objective: str = "sft"  # sft | dpo (preference pairs {"prompt", "chosen", "rejected"}; with adapters the reference is the base with them off, else a frozen copy)
     dpo_beta: float = 0.1  # DPO: the strength of the pull towards the reference model
     data: str = "arith"  # 'arith' (built-in sums), or a .txt / .jsonl / .json file (text, Alpaca or chat records)
-    chat_format: str = "auto"  # alpaca | chatml | llama3; auto = from the tokenizer's special tokens
+    chat_format: str = "auto"  # alpaca | chatml | llama3 | template (the checkpoint's own, with jinja2); auto = template if there is one, else from the tokenizer's special tokens
     seq_len: int = 66  # tokens per row (66: six fixed-width arith sums of 11 tokens fill a row exactly)
     batch_size: int = 16  # rows per micro-batch on each rank
     grad_accum: int = 1  # micro-batches per optimizer step
@@ -125,6 +127,8 @@ class Config:
     temperature: float = 0.0  # for --ask and the end-of-run samples: 0 = greedy
     top_k: int = 0  # for --ask and the samples: sample from the k most likely tokens; 0 = all
     overwrite: bool = False  # start afresh in an --out_dir that holds a previous run (else refused; --resume continues it)
+    compare: str = ""  # comma list of --out_dir folders: overlay their metrics.jsonl into compare.svg, print their final figures, exit
+    log_to: str = ""  # wandb | tensorboard: also send every metrics.jsonl row there (the package must be installed)
     resume: bool = False  # continue from the newest complete <out_dir>/checkpoint/step-N (also at another world size)
 
 
@@ -173,7 +177,7 @@ def parse_args(argv) -> Config:
     for name, allowed in (("schedule", ("cosine", "linear", "constant")), ("precision", ("auto", "bf16", "fp32", "fp16")),
                           ("eval_metric", ("auto", "exact", "last_number")),
                           ("train_type", ("full", "lora", "qlora", "dora", "qdora", "llama_pro")), ("reduce_dtype", ("fp32", "bf16")),
-                          ("chat_format", ("auto", "alpaca", "chatml", "llama3")), ("hf_dtype", ("bf16", "fp32")),
+                          ("chat_format", ("auto", "alpaca", "chatml", "llama3", "template")), ("hf_dtype", ("bf16", "fp32")),
                           ("kernels", ("triton", "torch", "interpret")), ("nan_policy", ("stop", "skip")), ("offload", F.OFFLOAD), ("shard", F.STRATEGIES),
                           ("quant", Q.FORMATS), ("optimizer", ("adamw", "galore")), ("objective", ("sft", "dpo"))):
         if getattr(cfg, name) not in allowed:
@@ -184,6 +188,10 @@ def parse_args(argv) -> Config:
         raise ValueError(f"flag --quant_bits={cfg.quant_bits}: hqq takes 2, 3, 4 or 8 bits")
     if cfg.quant == "nf4" and cfg.quant_group not in [2**k for k in range(5, 13)]:
         raise ValueError(f"flag --quant_group={cfg.quant_group}: nf4 blocks are a power of 2 from 32 to 4096 (bitsandbytes' sizes)")
+    if cfg.log_to not in ("", "wandb", "tensorboard"):
+        raise ValueError(f"flag --log_to={cfg.log_to} is not one of wandb, tensorboard")
+    if cfg.log_to and importlib.util.find_spec(cfg.log_to) is None:
+        raise ValueError(f"flag --log_to={cfg.log_to}: the {cfg.log_to} package is not installed (pip install {cfg.log_to})")
     if cfg.objective == "dpo" and (cfg.fsdp or cfg.data == "arith"):
         raise ValueError("flag --objective=dpo needs --data=<file of preference pairs> and runs without --fsdp "
                          "(plain or data parallel)")
@@ -575,12 +583,20 @@ def dry_run(cfg: Config, d: Dist):
     print(f"memory plan: {cfg.model} {cfg.train_type}, world {world}, --shard={cfg.shard}, batch {cfg.batch_size} x {cfg.seq_len}, "
           f"checkpointing {cfg.grad_checkpointing}, prefetch {cfg.prefetch}, offload {cfg.offload}, "
           f"loss_chunk {cfg.loss_chunk}, Triton kernels {'on' if kernels else 'off'}; {describe(model)}")
+    if cfg.objective == "dpo" and not has_adapters(cfg):  # DPO's reference: a frozen copy (setup)
+        total = gpu.pop("total") + sum(p.numel() for p in model.parameters()) * (2 if amp is not None else 4)
+        gpu["reference model"], gpu["total"] = total - sum(gpu.values()), total
     print("per rank, GPU at the peak:" + "".join(f"\n  {k:<20}{v / 2**30:8.2f} GiB" for k, v in gpu.items()))
     if cpu:
         print("per rank, CPU (pinned):" + "".join(f"\n  {k:<20}{v / 2**30:8.2f} GiB" for k, v in cpu.items()))
 
 
-def chat_format(cfg, tok):
+def chat_format(cfg, tok, log=lambda *a: None):
+    if cfg.chat_format == "template" and not D.has_jinja2():
+        raise ValueError("flag --chat_format=template renders the checkpoint's template with jinja2, which is not "
+                         "installed (pip install jinja2)")
+    if cfg.chat_format == "auto" and getattr(tok, "chat_template", None) and not D.has_jinja2():
+        log("note: the checkpoint has a chat template, but jinja2 is not installed: using the built-in format")
     return D.detect_format(tok) if cfg.chat_format == "auto" else cfg.chat_format
 
 
@@ -591,7 +607,7 @@ def ask(cfg: Config, d: Dist):
     if cfg.adapter:
         L.load_adapter(model, cfg.adapter)
     fmt = chat_format(cfg, tok)
-    text = D.chat_prompt([("user", cfg.ask)], fmt) if fmt != "alpaca" else D.alpaca_prompt(cfg.ask)
+    text = D.chat_prompt([("user", cfg.ask)], fmt, tok) if fmt != "alpaca" else D.alpaca_prompt(cfg.ask)
     ids = tok.encode(text, bos=True)
     if len(ids) + cfg.max_new_tokens > model.args.max_seq_len:
         raise ValueError(f"--ask: a prompt of {len(ids)} tokens plus --max_new_tokens={cfg.max_new_tokens} exceeds "
@@ -655,7 +671,7 @@ def setup(cfg: Config, d: Dist, log):
     cache = cfg.data_cache or os.path.join(cfg.out_dir, "token_cache")
     if d.world > 1 and not d.main:
         dist.barrier()  # wait for rank 0's cache
-    fmt = chat_format(cfg, tok)
+    fmt = chat_format(cfg, tok, log)
     if cfg.objective == "dpo":  # documents 2i, 2i + 1: pair i's chosen and rejected answers; pairs are held out whole
         dataset = D.in_memory(D.pair_records(D.read_records(cfg.data)), tok, fmt)
         train_pairs, eval_pairs = D.split_documents(len(dataset) // 2, cfg.eval_frac)
@@ -692,7 +708,8 @@ def setup(cfg: Config, d: Dist, log):
         log(f"resumed from {ckpt_path} at step {start}, data epoch {loader.epoch} batch {loader.index}")
     dpo = None
     if cfg.objective == "dpo":  # full fine-tuning: the starting model, frozen (one more copy of the weights)
-        reference = None if has_adapters(cfg) else copy.deepcopy(model).requires_grad_(False).eval()
+        amp = amp_dtype(cfg, d.device.type)  # the copy is only multiplied: in the autocast dtype, half the bytes
+        reference = None if has_adapters(cfg) else copy.deepcopy(model).requires_grad_(False).eval().to(amp or torch.float32)
         dpo = DPO(cfg.dpo_beta, reference)
     return types.SimpleNamespace(model=model, tok=tok, extra_files=extra_files, engine=engine, opt=opt, dataset=dataset,
                                  eval_docs=eval_docs, loader=loader, ckpt_path=ckpt_path, start=start, step=start,
@@ -816,11 +833,31 @@ def finish(cfg: Config, d: Dist, r, log, record):
         log(f"saved {os.path.join(cfg.out_dir, 'hf')}" + (" (merged)" if has_adapters(cfg) else ""))
 
 
+def external_logger(cfg: Config):
+    """--log_to: a function(values, step) that sends one metrics row to wandb or tensorboard."""
+    if cfg.log_to == "wandb":
+        import wandb
+        run = wandb.init(dir=cfg.out_dir, config=dataclasses.asdict(cfg))
+        return lambda values, step: run.log(values, step=step)
+    if cfg.log_to == "tensorboard":
+        from torch.utils.tensorboard import SummaryWriter
+        writer = SummaryWriter(os.path.join(cfg.out_dir, "tensorboard"))
+
+        def send(values, step):
+            for k, v in values.items():
+                writer.add_scalar(k, v, step)
+            writer.flush()
+        return send
+    return None
+
+
 def main(argv):
     cfg = parse_args(argv)
     K.DISABLED.clear()
     K.DISABLED.update(K.NAMES if cfg.kernels == "torch" else [k for k in cfg.kernels_off.split(",") if k])
     K.FORCE = cfg.kernels == "interpret"
+    if cfg.compare:
+        return print(curves.compare(cfg.compare.split(","), "compare.svg"))
     if cfg.ask:
         return ask(cfg, init_distributed(cfg.threads))
     if cfg.dry_run:
@@ -829,11 +866,16 @@ def main(argv):
     log = print if d.main else (lambda *a, **k: None)
     r = setup(cfg, d, log)
     metrics = C.open_metrics(os.path.join(cfg.out_dir, "metrics.jsonl"), r.start) if d.main else None
+    send = external_logger(cfg) if d.main else None
 
     def record(row):
         if metrics:
             metrics.write(json.dumps(row) + "\n")
             metrics.flush()
+        if send:
+            send({k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}, row["step"])
+        if metrics and "eval_loss" in row:  # the picture follows the evals
+            curves.write_svg(os.path.join(cfg.out_dir, "curves.svg"), {cfg.out_dir: curves.read_rows(cfg.out_dir)})
 
     if r.start == 0:
         run_eval(cfg, d, r, log, record, 0)
@@ -847,6 +889,7 @@ def main(argv):
     finish(cfg, d, r, log, record)
     if metrics:
         metrics.close()
+        curves.write_svg(os.path.join(cfg.out_dir, "curves.svg"), {cfg.out_dir: curves.read_rows(cfg.out_dir)})
     if d.world > 1:
         dist.destroy_process_group()
 

@@ -177,6 +177,7 @@ def test_real_gsm8k_file_loads_and_packs(tmp_path, gsm8k_path):
 
 def test_chatml_two_turns_format_and_mask_as_written_out(smollm2_dir, tmp_path):
     tok = D.load_tokenizer(smollm2_dir, eos_id=2)
+    tok.chat_template = None  # the built-in format, as detected from the special tokens alone
     assert D.detect_format(tok) == "chatml" and D.detect_format(D.ByteTokenizer()) == "alpaca"
     rec = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"},
                         {"role": "assistant", "content": "4"}, {"role": "user", "content": "And 3+3?"},
@@ -206,3 +207,29 @@ def test_unknown_chat_role_names_the_record(tmp_path):
     with pytest.raises(ValueError, match=r"c.jsonl:1: messages\[1\] has unknown role 'bot'; expected one of "
                                          r"system, user, assistant"):
         D.load_documents(write_jsonl(tmp_path / "c.jsonl", [rec]), D.ByteTokenizer(), fmt="chatml")
+
+
+def test_smollm2_chat_template_gives_the_tokens_and_labels_of_built_in_chatml(smollm2_dir):
+    pytest.importorskip("jinja2")
+    tok = D.load_tokenizer(smollm2_dir, eos_id=2)
+    assert tok.chat_template and D.detect_format(tok) == "template"
+    conversations = [  # with a system turn: SmolLM2's template would otherwise add its default one
+        {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"},
+                      {"role": "assistant", "content": "4"}]},
+        {"messages": [{"role": "system", "content": "You count."}, {"role": "user", "content": "One?"},
+                      {"role": "assistant", "content": "1"}, {"role": "user", "content": "Then?"},
+                      {"role": "assistant", "content": "2, then 3."}]},
+        {"messages": [{"role": "system", "content": "x"}, {"role": "user", "content": "Name a colour.\n\nAny."},
+                      {"role": "assistant", "content": "Blue."}]},
+    ]
+    records = [(c, f"conversation {i}") for i, c in enumerate(conversations)]
+    for (ids_t, mask_t, *_), (ids_c, mask_c, *_) in zip(D.tokenize_records(records, tok, "template"),
+                                                        D.tokenize_records(records, tok, "chatml")):
+        assert ids_t == ids_c and mask_t == mask_c
+    # without a system turn the template adds SmolLM2's default one, and only the answer is trained on
+    ids, mask, *_ = next(D.tokenize_records([({"prompt": "Hi", "completion": "Hello!"}, "r")], tok, "template"))
+    text = tok.decode(ids)
+    assert "You are a helpful AI assistant named SmolLM" in tok.tok.decode(ids, skip_special_tokens=False)
+    assert tok.tok.decode([i for i, m in zip(ids, mask) if m], skip_special_tokens=False) == "Hello!<|im_end|>\n"
+    assert text.endswith("Hello!\n")
+    assert D.chat_prompt([("user", "Hi")], "template", tok).endswith("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")

@@ -114,3 +114,15 @@ def test_dpo_without_a_pairs_file_or_with_fsdp_is_refused_in_one_line(tmp_path):
     bad.write_text('{"prompt": "a", "chosen": "b"}\n')
     with pytest.raises(ValueError, match=r"bad.jsonl:1: a preference record needs 'prompt' \(or 'messages'\), 'chosen' and 'rejected'"):
         train.main(FAST + [f"--data={bad}", "--max_steps=1", f"--out_dir={tmp_path / 'o'}"])
+
+
+def test_dry_run_counts_the_frozen_reference_of_full_fine_tuning(capsys):
+    base = ["--dry_run", "--model=llama2-7b", "--batch_size=1", "--seq_len=512", "--precision=bf16"]
+    train.main(base)
+    plain = capsys.readouterr().out
+    train.main(base + ["--objective=dpo", "--data=pairs.jsonl"])
+    out = capsys.readouterr().out
+    gib = lambda text, key: float(text.split(key)[1].split("GiB")[0])  # noqa: E731
+    params = 6738415616  # Llama-2-7B
+    assert gib(out, "reference model") == pytest.approx(params * 2 / 2**30, abs=0.01)  # a bf16 copy
+    assert gib(out, "total") == pytest.approx(gib(plain, "total") + params * 2 / 2**30, abs=0.02)

@@ -304,6 +304,7 @@ def test_a_full_disk_during_an_export_leaves_no_half_folder(tmp_path, monkeypatc
     assert not (tmp_path / f"{folder}.tmp").exists() and (tmp_path / folder / "earlier.txt").exists()
 
 
+@pytest.mark.slow
 def test_a_full_disk_on_one_rank_of_a_sharded_save_stops_every_rank_with_the_same_line(tmp_path):
     """Rank 1's torch.save fails at the second save; rank 0's succeeded: both learn it from the
     same all-reduce (no rank waits for the other forever), and the step-2 checkpoint stays."""

@@ -352,8 +352,8 @@ def test_gathering_for_export_keeps_no_unit_alive_afterwards():
     assert all(w.untyped_storage().nbytes() == 0 for w in weights)
 
 
-@pytest.mark.parametrize("quant", ["hqq", pytest.param("int8", marks=pytest.mark.slow),
-                                   pytest.param("ternary", marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("quant", ["hqq", "int8", "ternary"])
 def test_each_quantized_base_trains_sharded_with_the_losses_of_one_process(tmp_path, quant):
     common = ["train.py", "--train_type=qlora", f"--quant={quant}", "--quant_bits=3", "--quant_group=32", "--seq_len=32",
               "--batch_size=4", "--max_steps=3", "--eval_every=100", "--eval_samples=0", "--samples=0", "--save_hf=false",
