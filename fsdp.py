@@ -377,10 +377,10 @@ class Sharded:
     def forward_backward(self, batch, loss_scale=1.0, sync=True, loss_fn=None):
         """One micro-batch: the loss (summed over target tokens; and the token count), and the
         backward of loss * loss_scale. sync=True reduce-scatters the gradients into the shards'
-        .grad; sync=False keeps them, in fp32, for the next micro-batch. The loss is the model's
-        own: another (loss_fn, e.g. DPO) would need the schedule's head unit to compute it."""
+        .grad; sync=False keeps them, in fp32, for the next micro-batch. loss_fn (e.g. dpo.DPO):
+        its prepare(self, batch) runs first, and its head(model, x, batch) replaces the model's loss."""
         if loss_fn is not None:
-            raise ValueError("fsdp.Sharded computes the language-model loss only (train.py refuses --objective=dpo with --fsdp)")
+            loss_fn.prepare(self, batch)
         m, n_blocks, keep = self.model, len(self.model.model.layers), self.strategy == "grad_op"
         order = [self.at[i] for i in schedule(n_blocks)]
         self.free_if_stepped()
@@ -396,7 +396,7 @@ class Sharded:
             x = y.detach().requires_grad_(True)
         with self.computing(order, n_blocks + 1, keep):
             with self.amp():
-                loss, n = m.head(x, batch["labels"], self.loss_chunk)
+                loss, n = loss_fn.head(m, x, batch) if loss_fn else m.head(x, batch["labels"], self.loss_chunk)
             (loss * loss_scale).backward()  # through norm and head while they are gathered
         if self.at[-1] is not self.at[0]:
             self.reduce(self.at[-1], sync)  # the head's gradient is complete (untied)
@@ -594,11 +594,20 @@ class Replicated:
             self.next += 1
 
     def forward_backward(self, batch, loss_scale=1.0, sync=True, loss_fn=None):
-        """loss_fn(model, batch) -> (summed loss, count) replaces the model's own loss (e.g. train.DPO)."""
+        """As Sharded's: loss_fn.prepare(self, batch), then loss_fn.head(model, x, batch) for the loss."""
+        if loss_fn is not None:
+            loss_fn.prepare(self, batch)
         self.syncing = sync and self.d.world > 1
         self.waiting, self.next, self.works = [len(b) for b in self.buckets], 0, []
         with self.amp():
-            loss, n = loss_fn(self.model, batch) if loss_fn else self.model(**batch, loss_chunk=self.loss_chunk)
+            if loss_fn is None:
+                loss, n = self.model(**batch, loss_chunk=self.loss_chunk)
+            else:
+                m = self.model
+                x, ctx = m.embed(batch["input_ids"], batch.get("position_ids"), batch.get("doc_ids"))
+                for i in range(len(m.model.layers)):
+                    x = m.block(i, x, ctx)
+                loss, n = loss_fn.head(m, x, batch)
         (loss * loss_scale).backward()
         if self.syncing:
             self.waiting = [0] * len(self.buckets)  # parameters this batch did not reach: zeros

@@ -457,12 +457,16 @@ def cross_entropy_sum(h, head, labels, chunk=0):
 
 
 def sequence_logprobs(model: Llama, input_ids, labels, position_ids=None, doc_ids=None):
-    """Per row, the summed log-probability of its target tokens (labels != -100), as DPO needs. The
-    head runs one row at a time under checkpointing, so one row's [T, vocab] fp32 logits exist at a
-    time, in forward and in backward."""
+    """Per row, the summed log-probability of its target tokens (labels != -100), as DPO needs."""
     x, ctx = model.embed(input_ids, position_ids, doc_ids)
     for i in range(len(model.model.layers)):
         x = model.block(i, x, ctx)
+    return row_logprobs(model, x, labels)
+
+
+def row_logprobs(model: Llama, x, labels):
+    """sequence_logprobs from the last block's output x. The head runs one row at a time under
+    checkpointing, so one row's [T, vocab] fp32 logits exist at a time, in forward and in backward."""
     h = model.model.norm(x)
 
     def row(h_row, labels_row):

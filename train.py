@@ -33,11 +33,11 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F_
 
 import checkpoint as C
 import curves
 import data as D
+import dpo
 import fsdp as F
 import kernels as K
 import lora as L
@@ -192,9 +192,9 @@ def parse_args(argv) -> Config:
         raise ValueError(f"flag --log_to={cfg.log_to} is not one of wandb, tensorboard")
     if cfg.log_to and importlib.util.find_spec(cfg.log_to) is None:
         raise ValueError(f"flag --log_to={cfg.log_to}: the {cfg.log_to} package is not installed (pip install {cfg.log_to})")
-    if cfg.objective == "dpo" and (cfg.fsdp or cfg.data == "arith"):
-        raise ValueError("flag --objective=dpo needs --data=<file of preference pairs> and runs without --fsdp "
-                         "(plain or data parallel)")
+    if cfg.objective == "dpo" and (cfg.data == "arith" or (cfg.fsdp and cfg.train_type in ("full", "llama_pro"))):
+        raise ValueError("flag --objective=dpo needs --data=<file of preference pairs>, and under --fsdp adapters (its "
+                         "reference is then the base with them off; a full copy would not be sharded)")
     if cfg.offload_activations and not cfg.grad_checkpointing:
         raise ValueError("flag --offload_activations moves the block inputs that --grad_checkpointing keeps: pass both")
     if cfg.optimizer == "galore" and (cfg.fsdp or cfg.train_type not in ("full", "llama_pro")):
@@ -384,70 +384,12 @@ def evaluate(engine, cfg, d, eval_data, eval_docs, tok):
     return result
 
 
-@torch.no_grad()
-def evaluate_pairs(engine, dpo, cfg, d, data, eval_docs, tok):
-    """Held-out preference pairs (eval_docs: their chosen documents): DPO's loss, reward accuracy,
-    margin and rewards over up to eval_batches batches."""
-    engine.model.eval()
-    loader = D.PairBatches(data, [j // 2 for j in eval_docs], cfg.seq_len, cfg.batch_size, tok.pad_id, d.rank, d.world,
-                           shuffle=False)
-    training_sums, dpo.sums, loss_sum = dpo.sums, [0.0] * 5, 0.0
-    for _ in range(min(len(loader.plan(0)), cfg.eval_batches)):
-        batch = to_device(next(loader), d.device)
-        with F.autocast(d.device, engine.amp_dtype):
-            loss_sum += dpo(engine.model, batch)[0].item()
-    loss_sum, n = all_reduce_sum([loss_sum, dpo.sums[0]], d)
-    result = {"eval_loss": loss_sum / max(n, 1), **{"eval_" + k: v for k, v in dpo.metrics(d).items()}}
-    dpo.sums = training_sums
-    engine.model.train()
-    return result
-
-
 def generate(engine, cfg, tok, prompts, temperature, top_k=0, generator=None):
     """New tokens for each text prompt, through engine.forward (sharded: every rank takes the same
     steps). Autocast here too: the KV cache takes the autocast dtype."""
     with F.autocast(engine.d.device, engine.amp_dtype):
         return M.generate(engine.model, [tok.encode(p, bos=True) for p in prompts], cfg.max_new_tokens, temperature,
                           top_k, eos_id=tok.eos_id, generator=generator, stop_early=not cfg.fsdp, forward=engine.forward)
-
-
-class DPO:
-    """Direct preference optimization (Rafailov et al. 2023) as the engines' loss_fn: per pair,
-    -log sigmoid(r_chosen - r_rejected) with the reward r = beta * (log pi(answer) - log ref(answer)),
-    log-probabilities summed over the answer's tokens (model.sequence_logprobs). The reference is
-    `reference` (a frozen copy) or, when None, the same model with its adapters switched off. Rows
-    come as chosen_0, rejected_0, chosen_1, ... (data.PairBatches). Sums for the log accumulate in
-    `sums` until metrics() reads them."""
-
-    def __init__(self, beta, reference=None):
-        self.beta, self.reference, self.sums = beta, reference, [0.0] * 5
-
-    def rewards(self, model, batch):
-        kw = {k: batch[k] for k in ("input_ids", "labels", "position_ids")}
-        policy = M.sequence_logprobs(model, **kw)
-        with torch.no_grad():
-            if self.reference is not None:
-                ref = M.sequence_logprobs(self.reference, **kw)
-            else:
-                with L.adapters_disabled(model):
-                    ref = M.sequence_logprobs(model, **kw)
-        return self.beta * (policy[0::2] - ref[0::2]), self.beta * (policy[1::2] - ref[1::2])
-
-    def __call__(self, model, batch):
-        chosen, rejected = self.rewards(model, batch)
-        losses = -F_.logsigmoid(chosen - rejected)
-        c, r_ = chosen.detach(), rejected.detach()
-        for k, v in enumerate([len(losses), (c > r_).sum().item(), (c - r_).sum().item(), c.sum().item(), r_.sum().item()]):
-            self.sums[k] += v
-        return losses.sum(), len(losses)
-
-    def metrics(self, d):
-        """Means over the pairs since the last call, across ranks; then the sums restart."""
-        n, correct, margin, chosen, rejected = all_reduce_sum(self.sums, d)
-        self.sums = [0.0] * 5
-        n = max(n, 1)
-        return {"reward_accuracy": correct / n, "reward_margin": margin / n, "chosen_reward": chosen / n,
-                "rejected_reward": rejected / n}
 
 
 # -----------------------------------------------------------------------------
@@ -706,14 +648,14 @@ def setup(cfg: Config, d: Dist, log):
             raise ValueError(f"--max_steps={cfg.max_steps} is below the step of the checkpoint in {ckpt_path} "
                              f"({start}); pass --max_steps above it to train on")
         log(f"resumed from {ckpt_path} at step {start}, data epoch {loader.epoch} batch {loader.index}")
-    dpo = None
+    preference = None
     if cfg.objective == "dpo":  # full fine-tuning: the starting model, frozen (one more copy of the weights)
         amp = amp_dtype(cfg, d.device.type)  # the copy is only multiplied: in the autocast dtype, half the bytes
         reference = None if has_adapters(cfg) else copy.deepcopy(model).requires_grad_(False).eval().to(amp or torch.float32)
-        dpo = DPO(cfg.dpo_beta, reference)
+        preference = dpo.DPO(cfg.dpo_beta, reference)
     return types.SimpleNamespace(model=model, tok=tok, extra_files=extra_files, engine=engine, opt=opt, dataset=dataset,
                                  eval_docs=eval_docs, loader=loader, ckpt_path=ckpt_path, start=start, step=start,
-                                 adapters=adapters, base=base, scaler=scaler, dpo=dpo)
+                                 adapters=adapters, base=base, scaler=scaler, dpo=preference)
 
 
 def train_loop(cfg: Config, d: Dist, r, log, record):
@@ -796,7 +738,7 @@ def run_eval(cfg: Config, d: Dist, r, log, record, step):
     if cfg.eval_frac <= 0:
         return
     if r.dpo:
-        result = evaluate_pairs(r.engine, r.dpo, cfg, d, r.dataset, r.eval_docs, r.tok)
+        result = dpo.evaluate(r.engine, r.dpo, cfg, d, r.dataset, r.eval_docs, r.tok)
     else:
         result = evaluate(r.engine, cfg, d, r.dataset, r.eval_docs, r.tok)
     log(f"eval step {step}: loss {result['eval_loss']:.4f}"

@@ -11,6 +11,8 @@ import torch.nn.functional as F
 from conftest import small_model
 
 import data as D
+import dpo
+import fsdp as FS
 import lora as L
 import train
 
@@ -32,6 +34,14 @@ def a_batch(tmp_path, n_pairs=3):
     tok = D.ByteTokenizer()
     data = D.in_memory(D.pair_records(D.read_records(pairs_file(tmp_path))), tok)
     return next(iter(D.PairBatches(data, range(n_pairs), 48, n_pairs, tok.pad_id, shuffle=False)))
+
+
+def dpo_loss(model, batch, beta, reference=None):
+    """Through the engine, as the trainer runs it: prepare (the reference), then the policy's head."""
+    engine = FS.Replicated(model, train.Dist(0, 0, 1, torch.device("cpu")))
+    loss_fn = dpo.DPO(beta, reference)
+    loss, n = engine.forward_backward(batch, loss_fn=loss_fn)
+    return loss, n, loss_fn
 
 
 def lora_model(seed=0):
@@ -57,7 +67,7 @@ def test_dpo_loss_equals_the_formula_written_out(tmp_path):
             m.lora_B.weight.normal_(std=0.3)
     batch = a_batch(tmp_path)
     beta = 0.5
-    loss, n = train.DPO(beta)(model, batch)
+    loss, n, _ = dpo_loss(model, batch, beta)
     pi, ref = written_out_logps(model, batch), written_out_logps(base, batch)
     margin = beta * ((pi[0::2] - ref[0::2]) - (pi[1::2] - ref[1::2]))
     want = -F.logsigmoid(margin).sum()
@@ -68,10 +78,9 @@ def test_dpo_loss_equals_the_formula_written_out(tmp_path):
 
 def test_at_step_0_the_rewards_are_zero_and_the_loss_is_log_2(tmp_path):
     _, model = lora_model()  # fresh adapters: B = 0, the policy is the reference
-    dpo = train.DPO(0.1)
-    loss, n = dpo(model, a_batch(tmp_path))
+    loss, n, loss_fn = dpo_loss(model, a_batch(tmp_path), 0.1)
     assert loss.item() / n == pytest.approx(math.log(2), abs=1e-6)
-    assert dpo.sums[2:] == [0.0, 0.0, 0.0]  # margin, chosen and rejected rewards
+    assert loss_fn.sums[2:] == pytest.approx([0.0, 0.0, 0.0], abs=1e-5)  # margin, chosen and rejected rewards
 
 
 def test_the_reference_under_lora_is_the_base_model(tmp_path):
@@ -108,7 +117,7 @@ def test_a_dpo_run_logs_rewards_and_accumulates_and_resumes_like_one_batch(tmp_p
 
 def test_dpo_without_a_pairs_file_or_with_fsdp_is_refused_in_one_line(tmp_path):
     for extra in (["--fsdp", "--data=x.jsonl"], []):
-        with pytest.raises(ValueError, match="--objective=dpo needs --data=<file of preference pairs> and runs without --fsdp"):
+        with pytest.raises(ValueError, match="--objective=dpo needs --data=<file of preference pairs>, and under --fsdp adapters"):
             train.parse_args(["--objective=dpo", *extra])
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a", "chosen": "b"}\n')
@@ -126,3 +135,18 @@ def test_dry_run_counts_the_frozen_reference_of_full_fine_tuning(capsys):
     params = 6738415616  # Llama-2-7B
     assert gib(out, "reference model") == pytest.approx(params * 2 / 2**30, abs=0.01)  # a bf16 copy
     assert gib(out, "total") == pytest.approx(gib(plain, "total") + params * 2 / 2**30, abs=0.02)
+
+
+@pytest.mark.slow
+def test_dpo_with_lora_under_fsdp_gives_the_data_parallel_losses(tmp_path):
+    import subprocess
+    import sys
+    from conftest import ROOT
+    args = ["train.py", *FAST, f"--data={pairs_file(tmp_path)}", "--max_steps=3", "--eval_every=2"]
+    for name, extra in (("dp", []), ("fsdp", ["--fsdp"])):
+        r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args,
+                            *extra, f"--out_dir={tmp_path / name}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+    assert losses(tmp_path / "fsdp") == pytest.approx(losses(tmp_path / "dp"), rel=1e-5)
+    assert losses(tmp_path / "fsdp", "eval_loss") == pytest.approx(losses(tmp_path / "dp", "eval_loss"), rel=1e-5)
+    assert losses(tmp_path / "fsdp", "reward_margin") == pytest.approx(losses(tmp_path / "dp", "reward_margin"), rel=1e-4, abs=1e-6)
