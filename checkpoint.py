@@ -121,7 +121,7 @@ def set_rng(rng):
 
 # What a resumed run must share with the run that saved: the model and adapters (the tensors), the
 # data and how it is cut into batches (the saved position indexes that plan). The rest may change.
-MUST_MATCH = ("train_type", "expand_blocks", "quant", "quant_bits", "quant_group", "lora_rank", "lora_alpha", "lora_target", "data",
+MUST_MATCH = ("train_type", "expand_blocks", "optimizer", "quant", "quant_bits", "quant_group", "lora_rank", "lora_alpha", "lora_target", "data",
               "chat_format", "seq_len", "pack", "eval_frac", "seed")
 
 

@@ -244,6 +244,8 @@ def attend(q, k, v, mask):
         if flex_failed is None:
             try:
                 return _flex_attention(q, k, v, block_mask=mask, enable_gqa=True, kernel_options=FLEX_OPTIONS)
+            except torch.OutOfMemoryError:
+                raise  # dense masks would need more memory still
             except Exception as e:  # noqa: BLE001 - inductor found no kernel for this GPU (e.g. too little shared memory)
                 flex_failed = e
                 warnings.warn(f"flex_attention failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "

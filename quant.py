@@ -410,7 +410,7 @@ class LinearTernary(QuantLinear):
 
     def quantize(self, w):
         g = grouped(w, self.group)
-        scale = g.abs().mean(dim=1, keepdim=True).clamp(min=1e-8).half()
+        scale = g.abs().mean(dim=1, keepdim=True).clamp(min=2**-14).half()  # fp16's smallest normal: never 0
         q = (torch.round((g / scale.float()).clamp(-1, 1)) + 1).to(torch.int64).view(-1)  # 0, 1, 2
         q = torch.cat([q, q.new_zeros((-q.numel()) % 5)]).view(-1, 5)
         self.weight = (q * 3 ** torch.arange(5, device=q.device)).sum(dim=1).to(torch.uint8)

@@ -197,6 +197,9 @@ def parse_args(argv) -> Config:
                          "reference is then the base with them off; a full copy would not be sharded)")
     if cfg.offload_activations and not cfg.grad_checkpointing:
         raise ValueError("flag --offload_activations moves the block inputs that --grad_checkpointing keeps: pass both")
+    if cfg.offload_activations and cfg.fsdp:  # fsdp.Sharded keeps every block's input itself, for its backward
+        raise ValueError("flag --offload_activations does not save memory under --fsdp yet (the sharded schedule "
+                         "keeps each block's input on the GPU for its backward); drop one of them")
     if cfg.optimizer == "galore" and (cfg.fsdp or cfg.train_type not in ("full", "llama_pro")):
         raise ValueError("flag --optimizer=galore projects whole weight matrices: it needs --train_type=full (or "
                          "llama_pro) and no --fsdp (which hands the optimizer flat shards)")
@@ -574,6 +577,35 @@ def make_engine(model, cfg: Config, d: Dist):
     return engine
 
 
+def load_data(cfg: Config, d: Dist, tok, log):
+    """(dataset, held-out documents, this rank's training batches). Rank 0 tokenizes files into the
+    cache first, the others then open the same files. DPO: documents 2i and 2i + 1 are pair i's
+    chosen and rejected answers, and pairs are held out whole."""
+    cache = cfg.data_cache or os.path.join(cfg.out_dir, "token_cache")
+    if d.world > 1 and not d.main:
+        dist.barrier()  # wait for rank 0's cache
+    fmt = chat_format(cfg, tok, log)
+    if cfg.objective == "dpo":
+        dataset = D.in_memory(D.pair_records(D.read_records(cfg.data)), tok, fmt)
+        train_pairs, eval_pairs = D.split_documents(len(dataset) // 2, cfg.eval_frac)
+        loader = D.PairBatches(dataset, train_pairs, cfg.seq_len, cfg.batch_size, tok.pad_id, d.rank, d.world, cfg.seed)
+        eval_docs = [2 * p for p in eval_pairs]
+    else:
+        dataset = D.load_documents(cfg.data, tok, cache, fmt)
+    if d.world > 1 and d.main:
+        dist.barrier()  # the cache is written: let the others in
+    if cfg.objective == "sft":
+        train_docs, eval_docs = D.split_documents(len(dataset), cfg.eval_frac)
+        loader = D.Batches(dataset, train_docs, cfg.seq_len, cfg.batch_size, tok.pad_id, d.rank, d.world, cfg.seed, cfg.pack)
+    loader.plan(0)
+    s = loader.stats
+    log(f"data {cfg.data} ({fmt}): {s['docs']} train docs, {len(eval_docs)} held out, {s['tokens']:,} tokens/epoch, "
+        f"{'packing' if cfg.pack else 'padding'} efficiency {s['efficiency']:.1%}, "
+        f"{s['cropped_tokens']:,} tokens cropped, {s['batches_per_rank']} batches/rank/epoch"
+        + (f"; {s['untrainable']:,} documents with no trainable token within --seq_len" if s["untrainable"] else ""))
+    return dataset, eval_docs, loader
+
+
 def setup(cfg: Config, d: Dist, log):
     """The model, its engine and optimizer, the data, and the resumed state: what the loop needs."""
     if os.path.exists(cfg.out_dir) and not os.path.isdir(cfg.out_dir):
@@ -609,32 +641,15 @@ def setup(cfg: Config, d: Dist, log):
             f"{frozen / 2**20:.1f} MiB in all; {shard_bytes / 2**20:.1f} MiB of shards on this rank; prefetch "
             f"{cfg.prefetch}, checkpointing {cfg.grad_checkpointing}, reduce in {cfg.reduce_dtype}")
 
-    # Data: rank 0 tokenizes files into the cache first, the others then open the same files.
-    cache = cfg.data_cache or os.path.join(cfg.out_dir, "token_cache")
-    if d.world > 1 and not d.main:
-        dist.barrier()  # wait for rank 0's cache
-    fmt = chat_format(cfg, tok, log)
-    if cfg.objective == "dpo":  # documents 2i, 2i + 1: pair i's chosen and rejected answers; pairs are held out whole
-        dataset = D.in_memory(D.pair_records(D.read_records(cfg.data)), tok, fmt)
-        train_pairs, eval_pairs = D.split_documents(len(dataset) // 2, cfg.eval_frac)
-        loader = D.PairBatches(dataset, train_pairs, cfg.seq_len, cfg.batch_size, tok.pad_id, d.rank, d.world, cfg.seed)
-        eval_docs = [2 * p for p in eval_pairs]
-    else:
-        dataset = D.load_documents(cfg.data, tok, cache, fmt)
-    if d.world > 1 and d.main:
-        dist.barrier()  # the cache is written: let the others in
-    if cfg.objective == "sft":
-        train_docs, eval_docs = D.split_documents(len(dataset), cfg.eval_frac)
-        loader = D.Batches(dataset, train_docs, cfg.seq_len, cfg.batch_size, tok.pad_id, d.rank, d.world, cfg.seed, cfg.pack)
-    loader.plan(0)
-    s = loader.stats
-    log(f"data {cfg.data} ({fmt}): {s['docs']} train docs, {len(eval_docs)} held out, {s['tokens']:,} tokens/epoch, "
-        f"{'packing' if cfg.pack else 'padding'} efficiency {s['efficiency']:.1%}, "
-        f"{s['cropped_tokens']:,} tokens cropped, {s['batches_per_rank']} batches/rank/epoch"
-        + (f"; {s['untrainable']:,} documents with no trainable token within --seq_len" if s["untrainable"] else ""))
+    dataset, eval_docs, loader = load_data(cfg, d, tok, log)
     if cfg.eval_metric == "auto":
         cfg.eval_metric = "exact" if cfg.data == "arith" else "last_number"
 
+    preference = None
+    if cfg.objective == "dpo":  # full fine-tuning: the starting model (so before a resume), frozen, one more copy
+        amp = amp_dtype(cfg, d.device.type)  # the copy is only multiplied: in the autocast dtype, half the bytes
+        reference = None if has_adapters(cfg) else copy.deepcopy(model).requires_grad_(False).eval().to(amp or torch.float32)
+        preference = dpo.DPO(cfg.dpo_beta, reference)
     opt = make_optimizer(engine, cfg, d.device)
     ckpt_path, start, base = os.path.join(cfg.out_dir, "checkpoint"), 0, C.base_fingerprint(cfg.model)
     scaler = O.LossScaler(cfg.precision == "fp16")
@@ -642,17 +657,13 @@ def setup(cfg: Config, d: Dist, log):
         state = C.load_checkpoint(ckpt_path, engine, opt, check=lambda saved, where: C.same_run(saved, where, cfg, d.world, base))
         loader.load_state_dict(state["data"])
         C.set_rng(state["rng"])
-        scaler.load_state_dict(state.get("loss_scale", scaler.state_dict()))
+        if state["config"].get("precision") == cfg.precision == "fp16":  # else the scale starts afresh
+            scaler.load_state_dict(state["loss_scale"])
         start = state["step"]
         if start > cfg.max_steps:
             raise ValueError(f"--max_steps={cfg.max_steps} is below the step of the checkpoint in {ckpt_path} "
                              f"({start}); pass --max_steps above it to train on")
         log(f"resumed from {ckpt_path} at step {start}, data epoch {loader.epoch} batch {loader.index}")
-    preference = None
-    if cfg.objective == "dpo":  # full fine-tuning: the starting model, frozen (one more copy of the weights)
-        amp = amp_dtype(cfg, d.device.type)  # the copy is only multiplied: in the autocast dtype, half the bytes
-        reference = None if has_adapters(cfg) else copy.deepcopy(model).requires_grad_(False).eval().to(amp or torch.float32)
-        preference = dpo.DPO(cfg.dpo_beta, reference)
     return types.SimpleNamespace(model=model, tok=tok, extra_files=extra_files, engine=engine, opt=opt, dataset=dataset,
                                  eval_docs=eval_docs, loader=loader, ckpt_path=ckpt_path, start=start, step=start,
                                  adapters=adapters, base=base, scaler=scaler, dpo=preference)
@@ -693,6 +704,8 @@ def train_loop(cfg: Config, d: Dist, r, log, record):
             log(f"step {step + 1}: fp16 gradients overflowed; step skipped, loss scale now {r.scaler.scale:g}")
             record({"step": step + 1, "skipped": "fp16 overflow", "loss_scale": r.scaler.scale})
             opt.zero_grad(set_to_none=True)
+            if r.dpo:
+                r.dpo.metrics(d)  # drop the skipped step's pairs from the next row's means
             continue
         r.scaler.unscale_(opt)
         bad = next(((name, v) for name, v in (("loss", loss), ("gradient norm", gnorm)) if not math.isfinite(v)), None)
@@ -706,6 +719,8 @@ def train_loop(cfg: Config, d: Dist, r, log, record):
             log(f"step {step + 1}: the {bad[0]} is {bad[1]}; step skipped ({skipped} in a row, --nan_policy=skip)")
             record({"step": step + 1, "skipped": bad[0]})
             opt.zero_grad(set_to_none=True)
+            if r.dpo:
+                r.dpo.metrics(d)
             continue
         opt.step()
         opt.zero_grad(set_to_none=True)

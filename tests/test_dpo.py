@@ -150,3 +150,14 @@ def test_dpo_with_lora_under_fsdp_gives_the_data_parallel_losses(tmp_path):
     assert losses(tmp_path / "fsdp") == pytest.approx(losses(tmp_path / "dp"), rel=1e-5)
     assert losses(tmp_path / "fsdp", "eval_loss") == pytest.approx(losses(tmp_path / "dp", "eval_loss"), rel=1e-5)
     assert losses(tmp_path / "fsdp", "reward_margin") == pytest.approx(losses(tmp_path / "dp", "reward_margin"), rel=1e-4, abs=1e-6)
+
+
+def test_full_fine_tuning_dpo_resumes_against_the_starting_model(tmp_path):
+    """The frozen reference is the model before training, also after --resume (not the checkpoint)."""
+    args = FAST + [f"--data={pairs_file(tmp_path)}", "--train_type=full", "--lr=1e-3"]
+    train.main(args + ["--max_steps=4", f"--out_dir={tmp_path / 'straight'}"])
+    train.main(args + ["--max_steps=2", f"--out_dir={tmp_path / 'resumed'}"])
+    train.main(args + ["--max_steps=4", "--resume", f"--out_dir={tmp_path / 'resumed'}"])
+    straight = losses(tmp_path / "straight")
+    assert straight[-1] != pytest.approx(math.log(2), abs=1e-3)  # it moved away from the reference
+    assert losses(tmp_path / "resumed") == pytest.approx(straight, rel=1e-5)
