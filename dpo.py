@@ -23,13 +23,6 @@ import lora as L
 import model as M
 
 
-def logprobs_from_logits(logits, labels):
-    """Per row, the summed log-probability of the labels (-100: none)."""
-    logp = F.log_softmax(logits.float(), dim=-1)
-    keep = labels != -100
-    return logp.gather(-1, labels.clamp(min=0)[..., None])[..., 0].masked_fill(~keep, 0.0).sum(dim=1)
-
-
 class DPO:
     def __init__(self, beta, reference=None):
         self.beta, self.reference, self.ref = beta, reference, None
@@ -41,9 +34,9 @@ class DPO:
         if self.reference is not None:
             with FS.autocast(ids.device, engine.amp_dtype):
                 self.ref = M.sequence_logprobs(self.reference, ids, labels, pos)
-        else:
+        else:  # through the engine (sharded: every rank gathers together), one row's logits at a time
             with L.adapters_disabled(engine.model):
-                self.ref = logprobs_from_logits(engine.forward(ids, position_ids=pos), labels)
+                self.ref = engine.forward(ids, position_ids=pos, head=lambda m, x: M.row_logprobs(m, x, labels))
 
     def head(self, model, x, batch):
         return self.loss(M.row_logprobs(model, x, batch["labels"]))
@@ -70,16 +63,25 @@ class DPO:
 @torch.no_grad()
 def evaluate(engine, dpo, cfg, d, data, eval_docs, tok):
     """Held-out pairs (eval_docs: their chosen documents): DPO's loss, reward accuracy, margin and
-    rewards over up to --eval_batches batches, every forward through the engine."""
+    rewards over up to --eval_batches batches, every forward through the engine. Ranks take turns
+    over one plan; under --fsdp every rank must run the same forwards, so a rank with no batch left
+    repeats the last and ignores it (as train.evaluate does)."""
     engine.model.eval()
-    loader = D.PairBatches(data, [j // 2 for j in eval_docs], cfg.seq_len, cfg.batch_size, tok.pad_id, d.rank, d.world,
-                           shuffle=False)
+    loader = D.PairBatches(data, [j // 2 for j in eval_docs], cfg.seq_len, cfg.batch_size, tok.pad_id, shuffle=False)
+    n_batches = min(len(loader.plan(0)), cfg.eval_batches)
     training_sums, dpo.sums, loss_sum = dpo.sums, [0.0] * 5, 0.0
-    for _ in range(min(len(loader.plan(0)), cfg.eval_batches)):
+    for i in range(d.rank, -(-n_batches // d.world) * d.world if cfg.fsdp else n_batches, d.world):
+        loader.index = min(i, n_batches - 1)
         batch = {k: (v.to(d.device) if torch.is_tensor(v) else v) for k, v in next(loader).items()}
+        kept = list(dpo.sums)
         dpo.prepare(engine, batch)
-        loss_sum += dpo.loss(logprobs_from_logits(engine.forward(batch["input_ids"], position_ids=batch["position_ids"]),
-                                                  batch["labels"]))[0].item()
+        policy = engine.forward(batch["input_ids"], position_ids=batch["position_ids"],
+                                head=lambda m, x: M.row_logprobs(m, x, batch["labels"]))
+        loss = dpo.loss(policy)[0].item()
+        if i < n_batches:
+            loss_sum += loss
+        else:
+            dpo.sums = kept
     n = dpo.sums[0]
     result = dpo.metrics(d)
     t = torch.tensor([loss_sum, n], dtype=torch.float64, device=d.device)

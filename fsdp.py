@@ -428,8 +428,9 @@ class Sharded:
             self.free(unit)
 
     @torch.no_grad()
-    def forward(self, input_ids, labels=None, position_ids=None, doc_ids=None, cache=None, loss_chunk=0):
-        """Llama.forward under sharding (eval, generation): one gather per unit, with prefetching."""
+    def forward(self, input_ids, labels=None, position_ids=None, doc_ids=None, cache=None, loss_chunk=0, head=None):
+        """Llama.forward under sharding (eval, generation): one gather per unit, with prefetching.
+        head(model, x): what to compute from the last block's output instead of model.head."""
         m, n_blocks = self.model, len(self.model.model.layers)
         order = [self.at[i] for i in schedule(n_blocks, train=False)]
         self.free_if_stepped()
@@ -439,7 +440,7 @@ class Sharded:
             with self.computing(order, 1 + j), self.amp():
                 x = m.block(j, x, ctx, cache)
         with self.computing(order, n_blocks + 1), self.amp():
-            return m.head(x, labels, loss_chunk or self.loss_chunk, cache)
+            return head(m, x) if head else m.head(x, labels, loss_chunk or self.loss_chunk, cache)
 
     __call__ = forward
 
@@ -619,10 +620,16 @@ class Replicated:
             self.syncing, self.works = False, []  # the grads own the buckets now: zero_grad frees them
         return loss.detach(), n
 
-    def forward(self, *args, **kw):
+    def forward(self, *args, head=None, **kw):
         kw.setdefault("loss_chunk", self.loss_chunk)
         with torch.no_grad(), self.amp():
-            return self.model(*args, **kw)
+            if head is None:
+                return self.model(*args, **kw)
+            m = self.model  # as Sharded.forward: head(model, x) on the last block's output
+            x, ctx = m.embed(*args, kw.get("position_ids"), kw.get("doc_ids"))
+            for i in range(len(m.model.layers)):
+                x = m.block(i, x, ctx)
+            return head(m, x)
 
     __call__ = forward
 
