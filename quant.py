@@ -362,7 +362,9 @@ def hqq_zero(w, scale, zero, max_code, lp_norm=0.7, beta=10.0, kappa=1.01, iters
 class LinearHQQ(QuantLinear):
     """HQQ: `bits`-bit codes (2, 3, 4 or 8) with a scale and a zero point per group of `group`
     consecutive weights, w ~ (q - zero) * scale; min-max initialisation, then the zero point from
-    `hqq_zero`. Scale and zero are fp16, as hqq keeps them: bits + 32 / group per weight."""
+    `hqq_zero`. The scale is fp16, as hqq keeps it; the zero point fp32, since -min / step overflows
+    fp16 for a narrow group far from 0 (hqq's fp16 zero turns a constant group of 5.0 into inf):
+    bits + 48 / group per weight."""
 
     format = "hqq"
 
@@ -372,7 +374,7 @@ class LinearHQQ(QuantLinear):
         n_groups = math.ceil(in_features * out_features / group)
         self.register_buffer("weight", torch.empty(math.ceil(n_groups * group / 8) * bits, dtype=torch.uint8, device=device))
         self.register_buffer("scale", torch.empty(n_groups, dtype=torch.float16, device=device))
-        self.register_buffer("zero", torch.empty(n_groups, dtype=torch.float16, device=device))
+        self.register_buffer("zero", torch.empty(n_groups, dtype=torch.float32, device=device))
 
     def quantize(self, w):
         g, max_code = grouped(w, self.group), 2**self.bits - 1
@@ -380,8 +382,8 @@ class LinearHQQ(QuantLinear):
         scale = (max_code / (hi - lo)).clamp(max=2e4)  # codes per unit of weight (hqq's convention)
         scale16 = (1 / scale).half()  # stored in fp16: the codes are chosen against the stored values
         inv = 1 / scale16.float()
-        zero = hqq_zero(g, inv, (-lo * scale).half().float(), max_code).half()
-        q = torch.round(g * inv + zero.float()).clamp(0, max_code).to(torch.uint8)
+        zero = hqq_zero(g, inv, -lo * inv, max_code)
+        q = torch.round(g * inv + zero).clamp(0, max_code).to(torch.uint8)
         self.weight, self.scale, self.zero = pack_bits(q, self.bits), scale16.view(-1), zero.view(-1)
 
     def dequantize(self, dtype=torch.bfloat16):
