@@ -511,11 +511,19 @@ class Sharded:
                     state.pop("lm_head.weight", None)
                 yield state
 
+        states, error = unit_states(), None
         if self.d.rank == 0:
-            M.write_hf_folder(path, self.model.args, unit_states(), len(self.units), dtype, extra_files)
-        else:
-            for _ in unit_states():
-                pass
+            try:
+                M.write_hf_folder(path, self.model.args, states, len(self.units), dtype, extra_files)
+            except ValueError as e:  # a failed write (disk full): the temp folder is already gone
+                error = e
+        for _ in states:  # the gathers left, which the other ranks are in (all of them, on ranks > 0)
+            pass
+        failed = torch.tensor([error is not None], dtype=torch.int32, device=self.d.device)
+        if self.d.world > 1:
+            dist.all_reduce(failed, group=dist.group.WORLD)
+        if failed.item():
+            raise error or ValueError(f"{path}: rank 0 could not write the export (its error says why)")
 
     def export_adapter(self, path, base_model_name_or_path=""):
         """The trained adapters in PEFT's layout (fp32 masters), written by rank 0."""

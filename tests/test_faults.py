@@ -392,3 +392,31 @@ train.main(sys.argv[1:])
     trained = [x for x in got if "loss" in x]
     assert trained[-1]["step"] == 5 and all(math.isfinite(x["loss"]) for x in trained)
     assert at3["loss_scale"] < 2.0**16
+
+
+@pytest.mark.slow
+def test_a_full_disk_during_a_sharded_export_stops_every_rank_instead_of_hanging(tmp_path):
+    import subprocess
+    import sys
+    from conftest import ROOT
+    script = tmp_path / "run.py"
+    script.write_text(f"""import os, sys
+sys.path.insert(0, {str(ROOT)!r})
+import safetensors.torch as st, train
+def save_file(*a, **kw):
+    raise OSError(28, "No space left on device")
+if os.environ["RANK"] == "0":
+    st.save_file = save_file
+try:
+    train.main(sys.argv[1:])
+except ValueError as e:
+    print(f"error: {{e}}", file=sys.stderr)
+    sys.exit(2)
+""")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+                        *FAST, "--fsdp", "--max_steps=1", "--save_hf=true", f"--out_dir={tmp_path / 'out'}"],
+                       capture_output=True, text=True, timeout=120, cwd=ROOT)
+    # both ranks end with one line each (the two processes' lines may interleave on stderr)
+    assert r.returncode != 0 and r.stderr.count("error: ") == 2, r.stderr[-2000:]
+    assert "No space left on device" in r.stderr and "rank 0 could not write the export" in r.stderr
+    assert not (tmp_path / "out" / "hf.tmp").exists() and not (tmp_path / "out" / "hf").exists()
