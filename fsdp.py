@@ -519,10 +519,7 @@ class Sharded:
                 error = e
         for _ in states:  # the gathers left, which the other ranks are in (all of them, on ranks > 0)
             pass
-        failed = torch.tensor([error is not None], dtype=torch.int32, device=self.d.device)
-        if self.d.world > 1:
-            dist.all_reduce(failed, group=dist.group.WORLD)
-        if failed.item():
+        if any_rank(self.d, error is not None):
             raise error or ValueError(f"{path}: rank 0 could not write the export (its error says why)")
 
     def export_adapter(self, path, base_model_name_or_path=""):
@@ -612,11 +609,8 @@ class Replicated:
             if loss_fn is None:
                 loss, n = self.model(**batch, loss_chunk=self.loss_chunk)
             else:
-                m = self.model
-                x, ctx = m.embed(batch["input_ids"], batch.get("position_ids"), batch.get("doc_ids"))
-                for i in range(len(m.model.layers)):
-                    x = m.block(i, x, ctx)
-                loss, n = loss_fn.head(m, x, batch)
+                x = self.model.hidden(batch["input_ids"], batch.get("position_ids"), batch.get("doc_ids"))
+                loss, n = loss_fn.head(self.model, x, batch)
         (loss * loss_scale).backward()
         if self.syncing:
             self.waiting = [0] * len(self.buckets)  # parameters this batch did not reach: zeros
@@ -633,11 +627,8 @@ class Replicated:
         with torch.no_grad(), self.amp():
             if head is None:
                 return self.model(*args, **kw)
-            m = self.model  # as Sharded.forward: head(model, x) on the last block's output
-            x, ctx = m.embed(*args, kw.get("position_ids"), kw.get("doc_ids"))
-            for i in range(len(m.model.layers)):
-                x = m.block(i, x, ctx)
-            return head(m, x)
+            # as Sharded.forward: head(model, x) on the last block's output
+            return head(self.model, self.model.hidden(*args, kw.get("position_ids"), kw.get("doc_ids")))
 
     __call__ = forward
 
@@ -679,6 +670,14 @@ class Replicated:
     def export_adapter(self, path, base_model_name_or_path=""):
         if self.d.rank == 0:
             L.save_adapter(self.model, path, base_model_name_or_path)
+
+
+def any_rank(d, flag):
+    """True on every rank if `flag` is true on any: how ranks agree that a write failed somewhere."""
+    t = torch.tensor([int(bool(flag))], dtype=torch.int32, device=d.device)
+    if d.world > 1:
+        dist.all_reduce(t, group=dist.group.WORLD)
+    return bool(t.item())
 
 
 def dense_tensors(prefix, module):

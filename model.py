@@ -429,10 +429,14 @@ class Llama(nn.Module):
         lets packing decide where documents end. The sum (not mean) lets the trainer divide by the
         token count of the whole global batch across micro-steps and ranks.
         """
+        return self.head(self.hidden(input_ids, position_ids, doc_ids, cache), labels, loss_chunk, cache)
+
+    def hidden(self, input_ids, position_ids=None, doc_ids=None, cache=None):
+        """The last block's output: embed, then every block (what head, or DPO's row_logprobs, takes)."""
         x, ctx = self.embed(input_ids, position_ids, doc_ids, cache)
         for i in range(len(self.model.layers)):
             x = self.block(i, x, ctx, cache)
-        return self.head(x, labels, loss_chunk, cache)
+        return x
 
 
 def _ce_chunk(h, head, labels):
@@ -460,10 +464,7 @@ def cross_entropy_sum(h, head, labels, chunk=0):
 
 def sequence_logprobs(model: Llama, input_ids, labels, position_ids=None, doc_ids=None):
     """Per row, the summed log-probability of its target tokens (labels != -100), as DPO needs."""
-    x, ctx = model.embed(input_ids, position_ids, doc_ids)
-    for i in range(len(model.model.layers)):
-        x = model.block(i, x, ctx)
-    return row_logprobs(model, x, labels)
+    return row_logprobs(model, model.hidden(input_ids, position_ids, doc_ids), labels)
 
 
 def row_logprobs(model: Llama, x, labels):
