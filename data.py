@@ -614,6 +614,9 @@ class PairBatches(Batches):
     one document per row, right-padded to the longest, cropped to seq_len (a crop that leaves an
     answer no token gives that pair a zero log-ratio). Sharded and resumable as Batches."""
 
+    def __init__(self, *args, **kw):
+        super().__init__(*args, pack=False, **kw)
+
     def plan(self, epoch):
         if self._plan_epoch == epoch:
             return self._plan
@@ -634,14 +637,8 @@ class PairBatches(Batches):
         return self._plan
 
     def __next__(self):
-        plan = self.plan(self.epoch)
-        if self.index >= len(plan):
-            self.epoch, self.index = self.epoch + 1, 0
-            plan = self.plan(self.epoch)
-        rows = plan[self.index]
-        self.index += 1
-        batch = collate(self.data, rows, max(r[0][1] for r in rows), self.pad_id, False)
-        batch["num_pairs"] = len(rows) // 2
+        batch = super().__next__()
+        batch["num_pairs"] = len(batch["input_ids"]) // 2
         return batch
 
 
