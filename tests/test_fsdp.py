@@ -355,19 +355,23 @@ def test_gathering_for_export_keeps_no_unit_alive_afterwards():
 @pytest.mark.slow
 @pytest.mark.parametrize("quant", ["hqq", "int8", "ternary"])
 def test_each_quantized_base_trains_sharded_with_the_losses_of_one_process(tmp_path, quant):
-    common = ["train.py", "--train_type=qlora", f"--quant={quant}", "--quant_bits=3", "--quant_group=32", "--seq_len=32",
-              "--batch_size=4", "--max_steps=3", "--eval_every=100", "--eval_samples=0", "--samples=0", "--save_hf=false",
-              "--precision=fp32", "--lr=1e-2", "--warmup_steps=1"]
+    sharded, one = sharded_and_one_process_losses(tmp_path, ["--train_type=qlora", f"--quant={quant}", "--quant_bits=3",
+                                                              "--quant_group=32"])
+    assert len(one) == 3 and sharded == pytest.approx(one, rel=1e-5)
+
+
+def sharded_and_one_process_losses(tmp_path, args):
+    """3 steps of the tiny preset: --fsdp at world 2, and one process with the same global batch."""
+    common = ["train.py", *args, "--seq_len=32", "--batch_size=4", "--max_steps=3", "--eval_every=100",
+              "--eval_samples=0", "--samples=0", "--save_hf=false", "--precision=fp32", "--lr=1e-2", "--warmup_steps=1"]
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *common,
                         "--fsdp", f"--out_dir={tmp_path / 'fsdp'}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     r = subprocess.run([sys.executable, *common, "--grad_accum=2", f"--out_dir={tmp_path / 'one'}"], cwd=ROOT,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-
-    def losses(out):
-        return [json.loads(line)["loss"] for line in open(out / "metrics.jsonl") if '"loss"' in line]
-    assert len(losses(tmp_path / "one")) == 3 and losses(tmp_path / "fsdp") == pytest.approx(losses(tmp_path / "one"), rel=1e-5)
+    return [[json.loads(line)["loss"] for line in open(tmp_path / out / "metrics.jsonl") if '"loss"' in line]
+            for out in ("fsdp", "one")]
 
 
 @pytest.mark.parametrize("quant,bits", [("nf4", 4), ("hqq", 3), ("int8", 8), ("ternary", 2)])
@@ -386,16 +390,5 @@ def test_memory_plan_counts_each_quantized_format_at_its_real_bytes(quant, bits)
 
 @pytest.mark.slow
 def test_llama_pro_trains_sharded_with_the_losses_of_one_process(tmp_path):
-    common = ["train.py", "--train_type=llama_pro", "--expand_blocks=2", "--seq_len=32", "--batch_size=4",
-              "--max_steps=3", "--eval_every=100", "--eval_samples=0", "--samples=0", "--save_hf=false",
-              "--precision=fp32", "--lr=1e-2", "--warmup_steps=1"]
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *common,
-                        "--fsdp", f"--out_dir={tmp_path / 'fsdp'}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    r = subprocess.run([sys.executable, *common, "--grad_accum=2", f"--out_dir={tmp_path / 'one'}"], cwd=ROOT,
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-
-    def losses(out):
-        return [json.loads(line)["loss"] for line in open(out / "metrics.jsonl") if '"loss"' in line]
-    assert len(losses(tmp_path / "one")) == 3 and losses(tmp_path / "fsdp") == pytest.approx(losses(tmp_path / "one"), rel=1e-5)
+    sharded, one = sharded_and_one_process_losses(tmp_path, ["--train_type=llama_pro", "--expand_blocks=2"])
+    assert len(one) == 3 and sharded == pytest.approx(one, rel=1e-5)
