@@ -304,34 +304,32 @@ def test_a_full_disk_during_an_export_leaves_no_half_folder(tmp_path, monkeypatc
     assert not (tmp_path / f"{folder}.tmp").exists() and (tmp_path / folder / "earlier.txt").exists()
 
 
-@pytest.mark.slow
-def test_a_full_disk_on_one_rank_of_a_sharded_save_stops_every_rank_with_the_same_line(tmp_path):
-    """Rank 1's torch.save fails at the second save; rank 0's succeeded: both learn it from the
-    same all-reduce (no rank waits for the other forever), and the step-2 checkpoint stays."""
+def patched_run_at_world_2(tmp_path, patch, args, timeout=240):
+    """torchrun --nproc_per_node=2 train.py with `patch` (Python source, e.g. a failing write on
+    one rank) applied first in each process; one-line errors as train.py's __main__ prints them."""
     import subprocess
     import sys
     from conftest import ROOT
     script = tmp_path / "run.py"
-    script.write_text(f"""import os, sys, torch
-sys.path.insert(0, {str(ROOT)!r})
+    script.write_text(f"import os, sys\nsys.path.insert(0, {str(ROOT)!r})\n{patch}\nimport train\n"
+                      "try:\n    train.main(sys.argv[1:])\nexcept ValueError as e:\n"
+                      "    print(f'error: {e}', file=sys.stderr)\n    sys.exit(2)\n")
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+                           *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+@pytest.mark.slow
+def test_a_full_disk_on_one_rank_of_a_sharded_save_stops_every_rank_with_the_same_line(tmp_path):
+    """Rank 1's torch.save fails at the second save; rank 0's succeeded: both learn it from the
+    same all-reduce (no rank waits for the other forever), and the step-2 checkpoint stays."""
+    r = patched_run_at_world_2(tmp_path, """import torch
 real, calls = torch.save, [0]
 def save(obj, path, *a, **kw):
     calls[0] += 1
     if os.environ["RANK"] == "1" and calls[0] == 2:
         raise RuntimeError("PytorchStreamWriter failed writing file data/3: file write failed")
     return real(obj, path, *a, **kw)
-torch.save = save
-import train
-sys.argv[0] = "train.py"
-try:
-    train.main(sys.argv[1:])
-except ValueError as e:
-    print(f"error: {{e}}", file=sys.stderr)
-    sys.exit(2)
-""")
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
-                        *FAST, "--fsdp", "--max_steps=4", "--save_every=2", f"--out_dir={tmp_path / 'out'}"],
-                       capture_output=True, text=True, timeout=240, cwd=ROOT)
+torch.save = save""", [*FAST, "--fsdp", "--max_steps=4", "--save_every=2", f"--out_dir={tmp_path / 'out'}"])
     lines = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
     assert r.returncode != 0 and len(lines) == 2 and all(
         "step-00000004.tmp: could not write the checkpoint of step 4" in line for line in lines), r.stderr[-2000:]
@@ -365,25 +363,16 @@ def test_scaled_gradients_are_unscaled_and_clipped_exactly(tmp_path, monkeypatch
 def test_fp16_skips_an_overflowing_step_on_every_rank_and_trains_on(tmp_path):
     """Rank 1 alone overflows at step 3 (its loss times inf); the global norm makes both ranks skip
     it and halve the scale, and the run goes on instead of stopping at a non-finite norm."""
-    import subprocess
-    import sys
-    from conftest import ROOT
-    script = tmp_path / "run.py"
-    script.write_text(f"""import os, sys
-sys.path.insert(0, {str(ROOT)!r})
-import fsdp as F, train
+    r = patched_run_at_world_2(tmp_path, """import fsdp as F
 real, calls = F.Sharded.forward_backward, [0]
 def forward_backward(self, batch, loss_scale=1.0, sync=True, loss_fn=None):
     calls[0] += 1
     if os.environ["RANK"] == "1" and calls[0] == 3:
         loss_scale = loss_scale * float("inf")
     return real(self, batch, loss_scale, sync, loss_fn)
-F.Sharded.forward_backward = forward_backward
-train.main(sys.argv[1:])
-""")
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
-                        *[a for a in FAST if not a.startswith("--precision")], "--precision=fp16", "--fsdp",
-                        "--max_steps=5", f"--out_dir={tmp_path / 'out'}"], capture_output=True, text=True, timeout=240, cwd=ROOT)
+F.Sharded.forward_backward = forward_backward""", [*[a for a in FAST if not a.startswith("--precision")],
+                                                    "--precision=fp16", "--fsdp", "--max_steps=5",
+                                                    f"--out_dir={tmp_path / 'out'}"])
     assert r.returncode == 0, r.stderr[-3000:]
     got = rows(tmp_path / "out")
     skips = [x for x in got if x.get("skipped") == "fp16 overflow"]
@@ -396,26 +385,12 @@ train.main(sys.argv[1:])
 
 @pytest.mark.slow
 def test_a_full_disk_during_a_sharded_export_stops_every_rank_instead_of_hanging(tmp_path):
-    import subprocess
-    import sys
-    from conftest import ROOT
-    script = tmp_path / "run.py"
-    script.write_text(f"""import os, sys
-sys.path.insert(0, {str(ROOT)!r})
-import safetensors.torch as st, train
+    r = patched_run_at_world_2(tmp_path, """import safetensors.torch as st
 def save_file(*a, **kw):
     raise OSError(28, "No space left on device")
 if os.environ["RANK"] == "0":
-    st.save_file = save_file
-try:
-    train.main(sys.argv[1:])
-except ValueError as e:
-    print(f"error: {{e}}", file=sys.stderr)
-    sys.exit(2)
-""")
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
-                        *FAST, "--fsdp", "--max_steps=1", "--save_hf=true", f"--out_dir={tmp_path / 'out'}"],
-                       capture_output=True, text=True, timeout=120, cwd=ROOT)
+    st.save_file = save_file""", [*FAST, "--fsdp", "--max_steps=1", "--save_hf=true", f"--out_dir={tmp_path / 'out'}"],
+                               timeout=120)
     # both ranks end with one line each (the two processes' lines may interleave on stderr)
     assert r.returncode != 0 and r.stderr.count("error: ") == 2, r.stderr[-2000:]
     assert "No space left on device" in r.stderr and "rank 0 could not write the export" in r.stderr
