@@ -1,4 +1,4 @@
-"""Resumable checkpoints, for either engine (fsdp.Replicated or fsdp.Sharded), and what a resume checks.
+"""Resumable checkpoints, for either engine (ddp.Replicated or fsdp.Sharded), and what a resume checks.
 
     save_checkpoint(path, engine, opt, step, extra)   # every rank, at the same step
     state = load_checkpoint(path, engine, opt, check)  # -> this rank's `extra` (data position, RNG, ...)
@@ -21,7 +21,7 @@ import shutil
 import torch
 import torch.distributed as dist
 
-import fsdp as F
+import ddp
 import model as M
 
 
@@ -50,7 +50,7 @@ def save_checkpoint(path, engine, opt, step, extra):
         error = None
     except (OSError, RuntimeError) as e:  # disk full, quota: torch.save reports a failed write as RuntimeError
         error = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
-    if F.any_rank(d, error is not None):  # every rank's file is complete, or every rank learns that one is not
+    if ddp.any_rank(d, error is not None):  # every rank's file is complete, or every rank learns that one is not
         if d.world > 1:
             dist.barrier(group=dist.group.WORLD)  # all have stopped writing before the folder goes
         if d.rank == 0:

@@ -9,6 +9,7 @@ Left panel: training loss (thin), its exponential moving average (thick), held-o
 with points). Right panel: held-out accuracy (SFT, by generation) or reward accuracy (DPO), in %.
 """
 
+import dataclasses
 import json
 import math
 import os
@@ -109,3 +110,21 @@ def compare(dirs, out="compare.svg"):
         lines.append(f"{name[-28:]:<28}{(train[-1][0] if train else 0):>7}{last(smoothed(train), '.4f'):>12}"
                      f"{last(evals, '.4f'):>11}{last(acc, '.1f'):>10}")
     return "\n".join(lines) + f"\nwrote {out}"
+
+
+def external_logger(cfg):
+    """--log_to: a function(values, step) that sends one metrics row to wandb or tensorboard."""
+    if cfg.log_to == "wandb":
+        import wandb
+        run = wandb.init(dir=cfg.out_dir, config=dataclasses.asdict(cfg))
+        return lambda values, step: run.log(values, step=step)
+    if cfg.log_to == "tensorboard":
+        from torch.utils.tensorboard import SummaryWriter
+        writer = SummaryWriter(os.path.join(cfg.out_dir, "tensorboard"))
+
+        def send(values, step):
+            for k, v in values.items():
+                writer.add_scalar(k, v, step)
+            writer.flush()
+        return send
+    return None

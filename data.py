@@ -643,6 +643,51 @@ class PairBatches(Batches):
 
 
 # -----------------------------------------------------------------------------
+# What train.py loads
+
+
+def chat_format(cfg, tok, log=lambda *a: None):
+    """The format to render records in: --chat_format, or for auto the checkpoint's template (with
+    jinja2), else the built-in format its special tokens name."""
+    if cfg.chat_format == "template" and not has_jinja2():
+        raise ValueError("flag --chat_format=template renders the checkpoint's template with jinja2, which is not "
+                         "installed (pip install jinja2)")
+    if cfg.chat_format == "auto" and getattr(tok, "chat_template", None) and not has_jinja2():
+        log("note: the checkpoint has a chat template, but jinja2 is not installed: using the built-in format")
+    return detect_format(tok) if cfg.chat_format == "auto" else cfg.chat_format
+
+
+def load_for_training(cfg, tok, rank, world, log, barrier):
+    """train.py's data, from its Config: (dataset, held-out documents, this rank's training batches).
+    Rank 0 tokenizes files into the cache first, the others then open the same files (barrier():
+    every rank waits there). DPO: documents 2i and 2i + 1 are pair i's
+    chosen and rejected answers, and pairs are held out whole."""
+    cache = cfg.data_cache or os.path.join(cfg.out_dir, "token_cache")
+    if world > 1 and rank != 0:
+        barrier()  # wait for rank 0's cache
+    fmt = chat_format(cfg, tok, log)
+    if cfg.objective == "dpo":
+        dataset = in_memory(pair_records(read_records(cfg.data)), tok, fmt)
+        train_pairs, eval_pairs = split_documents(len(dataset) // 2, cfg.eval_frac)
+        loader = PairBatches(dataset, train_pairs, cfg.seq_len, cfg.batch_size, tok.pad_id, rank, world, cfg.seed)
+        eval_docs = [2 * p for p in eval_pairs]
+    else:
+        dataset = load_documents(cfg.data, tok, cache, fmt)
+    if world > 1 and rank == 0:
+        barrier()  # the cache is written: let the others in
+    if cfg.objective == "sft":
+        train_docs, eval_docs = split_documents(len(dataset), cfg.eval_frac)
+        loader = Batches(dataset, train_docs, cfg.seq_len, cfg.batch_size, tok.pad_id, rank, world, cfg.seed, cfg.pack)
+    loader.plan(0)
+    s = loader.stats
+    log(f"data {cfg.data} ({fmt}): {s['docs']} train docs, {len(eval_docs)} held out, {s['tokens']:,} tokens/epoch, "
+        f"{'packing' if cfg.pack else 'padding'} efficiency {s['efficiency']:.1%}, "
+        f"{s['cropped_tokens']:,} tokens cropped, {s['batches_per_rank']} batches/rank/epoch"
+        + (f"; {s['untrainable']:,} documents with no trainable token within --seq_len" if s["untrainable"] else ""))
+    return dataset, eval_docs, loader
+
+
+# -----------------------------------------------------------------------------
 # Accuracy by generation
 
 

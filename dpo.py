@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 import data as D
-import fsdp as FS
+import ddp
 import lora as L
 import model as M
 
@@ -32,7 +32,7 @@ class DPO:
     def prepare(self, engine, batch):
         ids, labels, pos = batch["input_ids"], batch["labels"], batch.get("position_ids")
         if self.reference is not None:
-            with FS.autocast(ids.device, engine.amp_dtype):
+            with ddp.autocast(ids.device, engine.amp_dtype):
                 self.ref = M.sequence_logprobs(self.reference, ids, labels, pos)
         else:  # through the engine (sharded: every rank gathers together), one row's logits at a time
             with L.adapters_disabled(engine.model):

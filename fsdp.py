@@ -1,7 +1,7 @@
-"""How ranks share a training step: plain data parallelism (`Replicated`) or fully sharded data
-parallelism (`Sharded`), written out over torch.distributed collectives, behind one interface.
+"""Fully sharded data parallelism (`Sharded`), written out over torch.distributed collectives, behind
+the same interface as plain data parallelism (ddp.Replicated):
 
-    engine = Sharded(model, d, strategy="full") or Replicated(model, d)
+    engine = Sharded(model, d, strategy="full")
     loss_sum, n = engine.forward_backward(batch, loss_scale=1 / n_global, sync=True)
     engine.clip_grad_norm_(1.0); opt.step()      # opt = AdamW(engine.param_groups(weight_decay))
     engine.forward(input_ids, labels=...)         # eval and generation (model.generate(forward=...))
@@ -33,7 +33,7 @@ blocks' inputs are kept; without it each block's autograd graph keeps views of i
 again once the unit is re-gathered for its backward. On CUDA gathers run on a side stream, and at
 most prefetch + 1 units' buffers are in flight (events); on CPU (gloo) async work handles.
 
-Below: `stream_from_pretrained` (load an HF folder one unit at a time straight into shards).
+model.stream_from_pretrained loads an HF folder one unit at a time straight into shards.
 checkpoint.py saves and loads the engines' state (re-sharded on load at another world size);
 plan.py predicts what a rank will hold at its peak.
 """
@@ -48,7 +48,7 @@ import torch.nn as nn
 
 import lora as L
 import model as M
-from quant import QuantLinear
+from ddp import any_rank, autocast
 
 STRATEGIES = ("full", "grad_op", "hybrid")
 OFFLOAD = ("none", "frozen", "all")
@@ -64,11 +64,6 @@ def offloaded(offload, trainable):
     if offload not in OFFLOAD:
         raise ValueError(f"offload={offload!r} is not one of {', '.join(OFFLOAD)}")
     return offload == "all" or (offload == "frozen" and not trainable)
-
-
-def autocast(device, dtype):
-    """A fresh autocast context (an instance must not be entered twice at once): dtype None = off."""
-    return torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
 
 
 def shard_groups(d, strategy, group_size=0):
@@ -268,7 +263,7 @@ class Sharded:
                  materialize=None):
         """d: train.Dist (rank, world, device). Shards `model` in place. The model is either on
         d.device already, or on the meta device with materialize(modules) loading one unit's
-        modules at a time (stream_from_pretrained), so the whole model never exists on any rank."""
+        modules at a time (model.stream_from_pretrained), so the whole model never exists on any rank."""
         self.model, self.d, self.prefetch, self.strategy = model, d, prefetch, strategy
         self.reduce_dtype, self.loss_chunk, self.amp_dtype = reduce_dtype, loss_chunk, amp_dtype
         groups = shard_groups(d, strategy, shard_group)
@@ -506,7 +501,7 @@ class Sharded:
         def unit_states():
             for unit in self.gathered_units():
                 state = {name: t.detach().to("cpu", dtype).contiguous().clone() for mod in unit.modules
-                         for name, t in dense_tensors(names[id(mod)], mod)}
+                         for name, t in L.dense_tensors(names[id(mod)], mod)}
                 if self.model.args.tie_embeddings:
                     state.pop("lm_head.weight", None)
                 yield state
@@ -560,157 +555,3 @@ class Sharded:
                                      if torch.is_tensor(v) and v.dim() == 1 else v) for name, v in s.items()}
                           for k, s in state["state"].items()}
         opt.load_state_dict(state)
-
-
-class Replicated:
-    """Plain data parallelism behind the same interface: every rank holds the whole model, and the
-    gradients are all-reduced in buckets issued as they become ready in backward (overlapping it)."""
-
-    def __init__(self, model, d, amp_dtype=None, loss_chunk=0, bucket_bytes=25 * 2**20):
-        self.model, self.d, self.loss_chunk, self.amp_dtype = model, d, loss_chunk, amp_dtype
-        named = {id(p): (n, p) for n, p in model.named_parameters() if p.requires_grad}  # a tied head once
-        self.named = list(named.values())
-        self.buckets, size = [[]], 0  # in reverse registration order: roughly the order backward finishes them
-        for _, p in reversed(self.named):
-            if size and size + p.numel() * 4 > bucket_bytes:
-                self.buckets.append([])
-                size = 0
-            self.buckets[-1].append(p)
-            size += p.numel() * 4
-        self.bucket_of = {id(p): k for k, b in enumerate(self.buckets) for p in b}
-        self.syncing, self.works = False, []
-        if d.world > 1:
-            for _, p in self.named:
-                p.register_post_accumulate_grad_hook(self._ready)
-
-    def amp(self):
-        return autocast(self.d.device, self.amp_dtype)
-
-    def _ready(self, p):
-        if self.syncing:
-            self.waiting[self.bucket_of[id(p)]] -= 1
-            self._issue_ready()
-
-    def _issue_ready(self):
-        """Issue complete buckets strictly in order, so every rank issues the same all-reduces."""
-        while self.next < len(self.buckets) and self.waiting[self.next] <= 0:
-            params = self.buckets[self.next]
-            flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
-            self.works.append((params, flat, dist.all_reduce(flat, group=dist.group.WORLD, async_op=True)))
-            self.next += 1
-
-    def forward_backward(self, batch, loss_scale=1.0, sync=True, loss_fn=None):
-        """As Sharded's: loss_fn.prepare(self, batch), then loss_fn.head(model, x, batch) for the loss."""
-        if loss_fn is not None:
-            loss_fn.prepare(self, batch)
-        self.syncing = sync and self.d.world > 1
-        self.waiting, self.next, self.works = [len(b) for b in self.buckets], 0, []
-        with self.amp():
-            if loss_fn is None:
-                loss, n = self.model(**batch, loss_chunk=self.loss_chunk)
-            else:
-                x = self.model.hidden(batch["input_ids"], batch.get("position_ids"), batch.get("doc_ids"))
-                loss, n = loss_fn.head(self.model, x, batch)
-        (loss * loss_scale).backward()
-        if self.syncing:
-            self.waiting = [0] * len(self.buckets)  # parameters this batch did not reach: zeros
-            self._issue_ready()
-            for params, flat, work in self.works:
-                work.wait()  # <- all-reduces waited for
-                for p, piece in zip(params, flat.split([p.numel() for p in params])):
-                    p.grad = piece.view_as(p).to(p.dtype)
-            self.syncing, self.works = False, []  # the grads own the buckets now: zero_grad frees them
-        return loss.detach(), n
-
-    def forward(self, *args, head=None, **kw):
-        kw.setdefault("loss_chunk", self.loss_chunk)
-        with torch.no_grad(), self.amp():
-            if head is None:
-                return self.model(*args, **kw)
-            # as Sharded.forward: head(model, x) on the last block's output
-            return head(self.model, self.model.hidden(*args, kw.get("position_ids"), kw.get("doc_ids")))
-
-    __call__ = forward
-
-    def param_groups(self, weight_decay):
-        params = [p for _, p in self.named]
-        return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-                {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-
-    def clip_grad_norm_(self, max_norm):
-        return torch.nn.utils.clip_grad_norm_([p for _, p in self.named], max_norm)
-
-    def counts(self):
-        return sum(p.numel() for _, p in self.named), sum(p.numel() for n, p in self.named if ".lora_" in n)
-
-    def model_state(self):
-        """All of the model, or with adapters only the trainable tensors (the frozen base is
-        reloaded from --model on resume)."""
-        if L.lora_layers(self.model):
-            return {n: p.detach() for n, p in self.named}
-        return self.model.state_dict()
-
-    def checkpoint_state(self, opt):
-        return {"model": self.model_state(), "optimizer": opt.state_dict()} if self.d.rank == 0 else {}
-
-    def load_checkpoint_state(self, old, opt, path):
-        state = old[0]
-        missing, unexpected = self.model.load_state_dict(state["model"], strict=not L.lora_layers(self.model))
-        lacking = {n for n, _ in self.named} - set(state["model"])
-        if unexpected or lacking:
-            raise ValueError(f"{path}: saved with a different --train_type or --lora_target "
-                             f"({len(unexpected)} unexpected, {len(lacking)} missing tensors)")
-        opt.load_state_dict(state["optimizer"])
-
-    def export_hf(self, path, extra_files=(), dtype=torch.bfloat16):
-        if self.d.rank == 0:  # adapters folded into dense weights (dequantized when quantized)
-            model = L.merge_and_unload(self.model) if L.lora_layers(self.model) else self.model
-            M.save_pretrained(model, path, dtype=dtype, extra_files=extra_files)
-
-    def export_adapter(self, path, base_model_name_or_path=""):
-        if self.d.rank == 0:
-            L.save_adapter(self.model, path, base_model_name_or_path)
-
-
-def any_rank(d, flag):
-    """True on every rank if `flag` is true on any: how ranks agree that a write failed somewhere."""
-    t = torch.tensor([int(bool(flag))], dtype=torch.int32, device=d.device)
-    if d.world > 1:
-        dist.all_reduce(t, group=dist.group.WORLD)
-    return bool(t.item())
-
-
-def dense_tensors(prefix, module):
-    """HF name -> dense tensor for the leaves under `module`: adapters merged, NF4 dequantized."""
-    if isinstance(module, L.LoRALinear):
-        yield prefix + ".weight", module.dense_weight()
-        if module.base_layer.bias is not None:
-            yield prefix + ".bias", module.base_layer.bias
-        return
-    if isinstance(module, QuantLinear):
-        yield prefix + ".weight", module.dequantize(torch.float32)
-        if module.bias is not None:
-            yield prefix + ".bias", module.bias
-        return
-    children = list(module.named_children())
-    if not children:
-        for k in ("weight", "bias"):
-            t = getattr(module, k, None)
-            if isinstance(t, torch.Tensor):
-                yield f"{prefix}.{k}", t
-    for name, child in children:
-        yield from dense_tensors(f"{prefix}.{name}", child)
-
-
-def stream_from_pretrained(model: M.Llama, path, device, dtype, then=None):
-    """A `materialize` for Sharded: read just the given modules' tensors from the HF folder (NF4
-    targets quantize as they arrive), then call then(modules) (e.g. to add adapters)."""
-    shapes = M.checkpoint_shapes(model)  # taken now: sharded modules stop listing their parameters
-    names = {id(mod): name for name, mod in model.named_modules()}
-
-    def materialize(modules):
-        prefixes = tuple(names[id(mod)] + "." for mod in modules)
-        M.load_tensors(model, path, device, dtype, only={k for k in shapes if k.startswith(prefixes)}, shapes=shapes)
-        if then is not None:
-            then(modules)
-    return materialize

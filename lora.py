@@ -256,3 +256,25 @@ def merge_and_unload(model, dtype=torch.float32):
         model.set_submodule(name, dense)
     dequantize_model(model, dtype)
     return model
+
+
+def dense_tensors(prefix, module):
+    """HF name -> dense tensor for the leaves under `module`: adapters merged, NF4 dequantized."""
+    if isinstance(module, LoRALinear):
+        yield prefix + ".weight", module.dense_weight()
+        if module.base_layer.bias is not None:
+            yield prefix + ".bias", module.base_layer.bias
+        return
+    if isinstance(module, QuantLinear):
+        yield prefix + ".weight", module.dequantize(torch.float32)
+        if module.bias is not None:
+            yield prefix + ".bias", module.bias
+        return
+    children = list(module.named_children())
+    if not children:
+        for k in ("weight", "bias"):
+            t = getattr(module, k, None)
+            if isinstance(t, torch.Tensor):
+                yield f"{prefix}.{k}", t
+    for name, child in children:
+        yield from dense_tensors(f"{prefix}.{name}", child)

@@ -721,6 +721,20 @@ def load_tensors(model: Llama, path, device, dtype, only=None, shapes=None):
             model.lm_head.weight = model.model.embed_tokens.weight
 
 
+def stream_from_pretrained(model: Llama, path, device, dtype, then=None):
+    """A `materialize` for fsdp.Sharded: read just the given modules' tensors from the HF folder (NF4
+    targets quantize as they arrive), then call then(modules) (e.g. to add adapters)."""
+    shapes = checkpoint_shapes(model)  # taken now: sharded modules stop listing their parameters
+    names = {id(mod): name for name, mod in model.named_modules()}
+
+    def materialize(modules):
+        prefixes = tuple(names[id(mod)] + "." for mod in modules)
+        load_tensors(model, path, device, dtype, only={k for k in shapes if k.startswith(prefixes)}, shapes=shapes)
+        if then is not None:
+            then(modules)
+    return materialize
+
+
 @contextlib.contextmanager
 def writing(tmp, what):
     """Around the writing of a temp folder: if it fails (disk full, read-only, quota), remove what

@@ -1,4 +1,5 @@
-"""Optimizer-side pieces train.py uses: GaLore, and fp16's dynamic loss scaling (`LossScaler`, at the end).
+"""Optimizer-side pieces train.py uses: the learning-rate schedule and the optimizer (`lr_at`,
+`make_optimizer`, first), GaLore, and fp16's dynamic loss scaling (`LossScaler`, at the end).
 
 GaLore (Zhao et al. 2024, "Memory-Efficient LLM Training by Gradient Low-Rank Projection"):
 full fine-tuning whose AdamW state lives in a low-rank subspace of each weight matrix's gradient.
@@ -20,6 +21,32 @@ implementation. Groups without "rank" (embeddings, norms, the head) are plain Ad
 import math
 
 import torch
+
+
+def lr_at(step, cfg):
+    """The learning rate of `step` (from 0): linear warmup, then --schedule down to lr * min_lr_ratio."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return cfg.lr
+    frac = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+    decay = 0.5 * (1 + math.cos(math.pi * frac)) if cfg.schedule == "cosine" else 1 - frac
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * decay)
+
+
+def make_optimizer(engine, cfg):
+    """AdamW over the engine's parameter groups (matrices decayed), or --optimizer=galore."""
+    if cfg.optimizer == "galore":  # the blocks' matrices through GaLore, the rest as AdamW (optim.py)
+        named = [(n, p) for n, p in engine.model.named_parameters() if p.requires_grad]
+        low = [p for n, p in named if p.dim() == 2 and ".layers." in n]
+        return GaLoreAdamW([{"params": low, "rank": cfg.galore_rank, "gap": cfg.galore_gap, "scale": cfg.galore_scale,
+                               "weight_decay": cfg.weight_decay},
+                              {"params": [p for n, p in named if p.dim() == 2 and ".layers." not in n],
+                               "weight_decay": cfg.weight_decay},
+                              {"params": [p for n, p in named if p.dim() < 2], "weight_decay": 0.0}],
+                             lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+    return torch.optim.AdamW(engine.param_groups(cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                             fused=cfg.offload != "all")
 
 
 class GaLoreAdamW(torch.optim.Optimizer):

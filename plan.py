@@ -1,6 +1,7 @@
 """The memory plan: what each rank will hold at the peak of a training step, computed from a model on
-the meta device (nothing allocated), for `train.py --dry_run` and bench/memory.py, which measures
-the peak against it.
+the meta device (nothing allocated), for `train.py --dry_run` (`print_plan`) and bench/memory.py,
+which measures the peak against it. At the end, the other counting train.py logs: `describe` (the
+model in one line) and `flops_per_token` / `peak_flops` (for MFU).
 
 Weights follow fsdp.py exactly: the same units, groups, padding, offloading and `fsdp.schedule`
 (the units gathered at a moment are that schedule's prefetch window). Activations are written out
@@ -12,9 +13,11 @@ import math
 
 import torch
 
+import kernels as K
 import lora as L
 from fsdp import group_tensors, offloaded, schedule, unit_module_lists
-from quant import QuantLinear
+import model as M
+from quant import QuantLinear, base_bytes
 
 def activation_bytes_per_token(model, act, kernels):
     """Bytes per token kept for backward: (by one block, outside the blocks for the whole step,
@@ -150,3 +153,67 @@ def plan_memory(model, world, batch_size, seq_len, prefetch=1, checkpointing=Tru
     if offload_activations:
         cpu["activations"] = tokens * n_blocks * kept
     return gpu, cpu
+
+
+def print_plan(model, cfg, world, amp, reference_copy=False):
+    """--dry_run's table: plan_memory for train.py's Config `cfg` on a meta-device `model` (quantized,
+    with adapters); amp: the autocast dtype or None; reference_copy: DPO's frozen copy of the model."""
+    if amp is not None and cfg.train_type != "full":  # a frozen base is loaded in the autocast dtype (build_model)
+        for p in model.parameters():
+            if not p.requires_grad:
+                p.data = p.data.to(amp)
+    # The Triton kernels that keep less for backward, when they would run (a GPU, --kernels=triton).
+    kernels = K.HAS_TRITON and cfg.kernels == "triton" and not {"rmsnorm", "swiglu", "linear_ce"} & set(cfg.kernels_off.split(","))
+    gpu, cpu = plan_memory(model, world, cfg.batch_size, cfg.seq_len, cfg.prefetch, cfg.grad_checkpointing,
+                           2 if amp is not None else 4, cfg.reduce_every_micro, cfg.offload, cfg.loss_chunk, kernels,
+                           cfg.shard, cfg.shard_group, cfg.galore_rank if cfg.optimizer == "galore" else 0,
+                           cfg.offload_activations)
+    print(f"memory plan: {cfg.model} {cfg.train_type}, world {world}, --shard={cfg.shard}, batch {cfg.batch_size} x {cfg.seq_len}, "
+          f"checkpointing {cfg.grad_checkpointing}, prefetch {cfg.prefetch}, offload {cfg.offload}, "
+          f"loss_chunk {cfg.loss_chunk}, Triton kernels {'on' if kernels else 'off'}; {describe(model)}")
+    if reference_copy:  # DPO's reference under full fine-tuning: a frozen copy, in the autocast dtype
+        total = gpu.pop("total") + sum(p.numel() for p in model.parameters()) * (2 if amp is not None else 4)
+        gpu["reference model"], gpu["total"] = total - sum(gpu.values()), total
+    print("per rank, GPU at the peak:" + "".join(f"\n  {k:<20}{v / 2**30:8.2f} GiB" for k, v in gpu.items()))
+    if cpu:
+        print("per rank, CPU (pinned):" + "".join(f"\n  {k:<20}{v / 2**30:8.2f} GiB" for k, v in cpu.items()))
+
+
+# -----------------------------------------------------------------------------
+# What the log and --dry_run print: the model in one line, and compute per token
+
+
+def describe(model):
+    """One log line: parameters (a quantized weight counts as its in * out), trainable share, frozen bytes."""
+    params = {id(p): p for p in model.parameters()}.values()  # a tied head once
+    q_bytes, q_params, other = base_bytes(model)
+    total = sum(p.numel() for p in params) + q_params
+    trainable = sum(p.numel() for p in params if p.requires_grad)
+    line = f"{total / 1e6:.2f}M parameters, {trainable / 1e6:.3f}M trainable ({trainable / total:.2%})"
+    if trainable < total:
+        line += f"; frozen base {(q_bytes + other) / 2**20:.1f} MiB"
+        if q_params:
+            fmt = next(m for m in model.modules() if isinstance(m, QuantLinear)).extra_repr().split(", ", 2)[-1]
+            line += f" ({q_bytes / 2**20:.1f} MiB {fmt} for {q_params / 1e6:.2f}M weights = {8 * q_bytes / q_params:.3f} bits each)"
+    return line
+
+
+def flops_per_token(args: M.ModelArgs, seq_len, frozen_base=False, adapter_params=0):
+    """Training FLOPs per token actually needed: per weight 2 forward + 2 for the input gradient
+    + 2 for the weight gradient, where a frozen base weight (LoRA) skips the last 2; adapters cost
+    the full 6. Plus attention scores and values, 6 * 2 * n_layers * seq_len * n_heads * head_dim
+    (PaLM appendix B; causal halving ignored)."""
+    n = args.num_params() - args.vocab_size * args.dim  # the embedding lookup is no matmul
+    return (4 if frozen_base else 6) * n + 6 * adapter_params + 12 * args.n_layers * seq_len * args.n_heads * args.head_dim
+
+
+def peak_flops(device):
+    """Dense bf16 peak of the GPU, for MFU; None where unknown."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, flops in (("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("L40S", 362e12), ("A10", 125e12),
+                       ("4090", 165e12), ("3090", 71e12)):
+        if key in name:
+            return flops
+    return None

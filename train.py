@@ -7,7 +7,7 @@
 
 main() is setup (model, engine, optimizer, data, resume), train_loop and finish. The loop, top to
 bottom: take grad_accum micro-batches, count their target tokens across all ranks, forward +
-backward each through the engine (fsdp.Replicated, or fsdp.Sharded under --fsdp: the same
+backward each through the engine (ddp.Replicated, or fsdp.Sharded under --fsdp: the same
 interface; loss = summed token losses / that global count, so every token weighs the same whatever
 the micro-batch or rank it lands on), clip, stop on a non-finite loss or norm, step, log, and now
 and then evaluate and checkpoint. Outputs in --out_dir: metrics.jsonl (one JSON line per step and
@@ -37,6 +37,7 @@ import torch.distributed as dist
 import checkpoint as C
 import curves
 import data as D
+import ddp
 import dpo
 import fsdp as F
 import kernels as K
@@ -302,51 +303,6 @@ def uses_bf16(cfg: Config, device_type):
     return cfg.precision == "bf16" or (cfg.precision == "auto" and native)
 
 
-def lr_at(step, cfg: Config):
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    if cfg.schedule == "constant":
-        return cfg.lr
-    frac = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
-    decay = 0.5 * (1 + math.cos(math.pi * frac)) if cfg.schedule == "cosine" else 1 - frac
-    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * decay)
-
-
-def make_optimizer(engine, cfg: Config, device):
-    if cfg.optimizer == "galore":  # the blocks' matrices through GaLore, the rest as AdamW (optim.py)
-        named = [(n, p) for n, p in engine.model.named_parameters() if p.requires_grad]
-        low = [p for n, p in named if p.dim() == 2 and ".layers." in n]
-        return O.GaLoreAdamW([{"params": low, "rank": cfg.galore_rank, "gap": cfg.galore_gap, "scale": cfg.galore_scale,
-                               "weight_decay": cfg.weight_decay},
-                              {"params": [p for n, p in named if p.dim() == 2 and ".layers." not in n],
-                               "weight_decay": cfg.weight_decay},
-                              {"params": [p for n, p in named if p.dim() < 2], "weight_decay": 0.0}],
-                             lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
-    return torch.optim.AdamW(engine.param_groups(cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                             fused=cfg.offload != "all")
-
-
-def flops_per_token(args: M.ModelArgs, seq_len, frozen_base=False, adapter_params=0):
-    """Training FLOPs per token actually needed: per weight 2 forward + 2 for the input gradient
-    + 2 for the weight gradient, where a frozen base weight (LoRA) skips the last 2; adapters cost
-    the full 6. Plus attention scores and values, 6 * 2 * n_layers * seq_len * n_heads * head_dim
-    (PaLM appendix B; causal halving ignored)."""
-    n = args.num_params() - args.vocab_size * args.dim  # the embedding lookup is no matmul
-    return (4 if frozen_base else 6) * n + 6 * adapter_params + 12 * args.n_layers * seq_len * args.n_heads * args.head_dim
-
-
-def peak_flops(device):
-    """Dense bf16 peak of the GPU, for MFU; None where unknown."""
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    for key, flops in (("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("L40S", 362e12), ("A10", 125e12),
-                       ("4090", 165e12), ("3090", 71e12)):
-        if key in name:
-            return flops
-    return None
-
-
 def to_device(batch, device):
     return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
 
@@ -390,7 +346,7 @@ def evaluate(engine, cfg, d, eval_data, eval_docs, tok):
 def generate(engine, cfg, tok, prompts, temperature, top_k=0, generator=None):
     """New tokens for each text prompt, through engine.forward (sharded: every rank takes the same
     steps). Autocast here too: the KV cache takes the autocast dtype."""
-    with F.autocast(engine.d.device, engine.amp_dtype):
+    with ddp.autocast(engine.d.device, engine.amp_dtype):
         return M.generate(engine.model, [tok.encode(p, bos=True) for p in prompts], cfg.max_new_tokens, temperature,
                           top_k, eos_id=tok.eos_id, generator=generator, stop_early=not cfg.fsdp, forward=engine.forward)
 
@@ -447,7 +403,7 @@ def build_model(cfg: Config, d: Dist, with_adapters=True):
         return model, tok, extra
     gen = torch.Generator().manual_seed(cfg.seed)  # adapters start the same on every rank, sharded or not
     if model.inv_freq.is_meta:  # --fsdp from a folder: adapters are added unit by unit as it loads
-        model.materialize = F.stream_from_pretrained(model, cfg.model, d.device, base_dtype,
+        model.materialize = M.stream_from_pretrained(model, cfg.model, d.device, base_dtype,
                                                      then=lambda modules: add_adapters(modules, cfg, gen))
         model.inv_freq = M.rope_frequencies(model.args, d.device)
     else:
@@ -485,24 +441,9 @@ def add_adapters(modules, cfg, generator):
             module.requires_grad_(False)
 
 
-def describe(model):
-    """One log line: parameters (a quantized weight counts as its in * out), trainable share, frozen bytes."""
-    params = {id(p): p for p in model.parameters()}.values()  # a tied head once
-    q_bytes, q_params, other = Q.base_bytes(model)
-    total = sum(p.numel() for p in params) + q_params
-    trainable = sum(p.numel() for p in params if p.requires_grad)
-    line = f"{total / 1e6:.2f}M parameters, {trainable / 1e6:.3f}M trainable ({trainable / total:.2%})"
-    if trainable < total:
-        line += f"; frozen base {(q_bytes + other) / 2**20:.1f} MiB"
-        if q_params:
-            fmt = next(m for m in model.modules() if isinstance(m, Q.QuantLinear)).extra_repr().split(", ", 2)[-1]
-            line += f" ({q_bytes / 2**20:.1f} MiB {fmt} for {q_params / 1e6:.2f}M weights = {8 * q_bytes / q_params:.3f} bits each)"
-    return line
-
-
 def dry_run(cfg: Config, d: Dist):
     """Build the model on the meta device (quantized, with adapters, as configured) and print what
-    each rank would hold on the GPU at its peak (and on the CPU with --offload)."""
+    each rank would hold on the GPU at its peak (and on the CPU with --offload): plan.print_plan."""
     if cfg.model in M.MODELS:
         with torch.device("meta"):
             model = M.Llama(dataclasses.replace(M.MODELS[cfg.model]))
@@ -513,36 +454,8 @@ def dry_run(cfg: Config, d: Dist):
     add_adapters([model], cfg, torch.Generator().manual_seed(0))
     if cfg.train_type == "llama_pro":
         expand_for_llama_pro(model, cfg)
-    world = cfg.plan_world or d.world
-    amp = amp_dtype(cfg, "cuda" if torch.cuda.is_available() else "cpu")
-    if amp is not None and cfg.train_type != "full":  # a frozen base is loaded in the autocast dtype (build_model)
-        for p in model.parameters():
-            if not p.requires_grad:
-                p.data = p.data.to(amp)
-    # The Triton kernels that keep less for backward, when they would run (a GPU, --kernels=triton).
-    kernels = K.HAS_TRITON and cfg.kernels == "triton" and not {"rmsnorm", "swiglu", "linear_ce"} & set(cfg.kernels_off.split(","))
-    gpu, cpu = P.plan_memory(model, world, cfg.batch_size, cfg.seq_len, cfg.prefetch, cfg.grad_checkpointing,
-                             2 if amp is not None else 4, cfg.reduce_every_micro, cfg.offload, cfg.loss_chunk, kernels,
-                             cfg.shard, cfg.shard_group, cfg.galore_rank if cfg.optimizer == "galore" else 0,
-                             cfg.offload_activations)
-    print(f"memory plan: {cfg.model} {cfg.train_type}, world {world}, --shard={cfg.shard}, batch {cfg.batch_size} x {cfg.seq_len}, "
-          f"checkpointing {cfg.grad_checkpointing}, prefetch {cfg.prefetch}, offload {cfg.offload}, "
-          f"loss_chunk {cfg.loss_chunk}, Triton kernels {'on' if kernels else 'off'}; {describe(model)}")
-    if cfg.objective == "dpo" and not has_adapters(cfg):  # DPO's reference: a frozen copy (setup)
-        total = gpu.pop("total") + sum(p.numel() for p in model.parameters()) * (2 if amp is not None else 4)
-        gpu["reference model"], gpu["total"] = total - sum(gpu.values()), total
-    print("per rank, GPU at the peak:" + "".join(f"\n  {k:<20}{v / 2**30:8.2f} GiB" for k, v in gpu.items()))
-    if cpu:
-        print("per rank, CPU (pinned):" + "".join(f"\n  {k:<20}{v / 2**30:8.2f} GiB" for k, v in cpu.items()))
-
-
-def chat_format(cfg, tok, log=lambda *a: None):
-    if cfg.chat_format == "template" and not D.has_jinja2():
-        raise ValueError("flag --chat_format=template renders the checkpoint's template with jinja2, which is not "
-                         "installed (pip install jinja2)")
-    if cfg.chat_format == "auto" and getattr(tok, "chat_template", None) and not D.has_jinja2():
-        log("note: the checkpoint has a chat template, but jinja2 is not installed: using the built-in format")
-    return D.detect_format(tok) if cfg.chat_format == "auto" else cfg.chat_format
+    P.print_plan(model, cfg, cfg.plan_world or d.world, amp_dtype(cfg, "cuda" if torch.cuda.is_available() else "cpu"),
+                 reference_copy=cfg.objective == "dpo" and not has_adapters(cfg))
 
 
 def ask(cfg: Config, d: Dist):
@@ -551,7 +464,7 @@ def ask(cfg: Config, d: Dist):
     model, tok, _ = build_model(cfg, d, with_adapters=False)
     if cfg.adapter:
         L.load_adapter(model, cfg.adapter)
-    fmt = chat_format(cfg, tok)
+    fmt = D.chat_format(cfg, tok)
     text = D.chat_prompt([("user", cfg.ask)], fmt, tok) if fmt != "alpaca" else D.alpaca_prompt(cfg.ask)
     ids = tok.encode(text, bos=True)
     if len(ids) + cfg.max_new_tokens > model.args.max_seq_len:
@@ -568,42 +481,13 @@ def make_engine(model, cfg: Config, d: Dist):
     """Plain data parallelism or fsdp.py's sharding, behind the same interface (fsdp.py)."""
     amp = amp_dtype(cfg, d.device.type)
     if not cfg.fsdp:
-        return F.Replicated(model, d, amp, cfg.loss_chunk)
+        return ddp.Replicated(model, d, amp, cfg.loss_chunk)
     engine = F.Sharded(model, d, cfg.prefetch, amp or torch.float32, torch.bfloat16 if cfg.reduce_dtype == "bf16" else
                        torch.float32, cfg.offload, cfg.shard, cfg.shard_group, amp, cfg.loss_chunk,
                        materialize=getattr(model, "materialize", None))
     if has_adapters(cfg):  # for the adapter's config, once the modules have stopped listing parameters
         model.lora_config = next(mod.lora_config for mod in model.modules() if hasattr(mod, "lora_config"))
     return engine
-
-
-def load_data(cfg: Config, d: Dist, tok, log):
-    """(dataset, held-out documents, this rank's training batches). Rank 0 tokenizes files into the
-    cache first, the others then open the same files. DPO: documents 2i and 2i + 1 are pair i's
-    chosen and rejected answers, and pairs are held out whole."""
-    cache = cfg.data_cache or os.path.join(cfg.out_dir, "token_cache")
-    if d.world > 1 and not d.main:
-        dist.barrier()  # wait for rank 0's cache
-    fmt = chat_format(cfg, tok, log)
-    if cfg.objective == "dpo":
-        dataset = D.in_memory(D.pair_records(D.read_records(cfg.data)), tok, fmt)
-        train_pairs, eval_pairs = D.split_documents(len(dataset) // 2, cfg.eval_frac)
-        loader = D.PairBatches(dataset, train_pairs, cfg.seq_len, cfg.batch_size, tok.pad_id, d.rank, d.world, cfg.seed)
-        eval_docs = [2 * p for p in eval_pairs]
-    else:
-        dataset = D.load_documents(cfg.data, tok, cache, fmt)
-    if d.world > 1 and d.main:
-        dist.barrier()  # the cache is written: let the others in
-    if cfg.objective == "sft":
-        train_docs, eval_docs = D.split_documents(len(dataset), cfg.eval_frac)
-        loader = D.Batches(dataset, train_docs, cfg.seq_len, cfg.batch_size, tok.pad_id, d.rank, d.world, cfg.seed, cfg.pack)
-    loader.plan(0)
-    s = loader.stats
-    log(f"data {cfg.data} ({fmt}): {s['docs']} train docs, {len(eval_docs)} held out, {s['tokens']:,} tokens/epoch, "
-        f"{'packing' if cfg.pack else 'padding'} efficiency {s['efficiency']:.1%}, "
-        f"{s['cropped_tokens']:,} tokens cropped, {s['batches_per_rank']} batches/rank/epoch"
-        + (f"; {s['untrainable']:,} documents with no trainable token within --seq_len" if s["untrainable"] else ""))
-    return dataset, eval_docs, loader
 
 
 def setup(cfg: Config, d: Dist, log):
@@ -630,7 +514,7 @@ def setup(cfg: Config, d: Dist, log):
             layer.compile()
     engine = make_engine(model, cfg, d)
     trainable, adapters = engine.counts()
-    log(f"model {cfg.model} ({cfg.train_type}): " + (f"{trainable / 1e6:.3f}M trainable" if cfg.fsdp else describe(model))
+    log(f"model {cfg.model} ({cfg.train_type}): " + (f"{trainable / 1e6:.3f}M trainable" if cfg.fsdp else P.describe(model))
         + (f", {adapters / 1e6:.3f}M of them in adapters" if adapters else "")
         + f"; {model.args.n_layers} layers, dim {model.args.dim}, world {d.world} on {d.device.type}")
     if cfg.fsdp:
@@ -641,7 +525,7 @@ def setup(cfg: Config, d: Dist, log):
             f"{frozen / 2**20:.1f} MiB in all; {shard_bytes / 2**20:.1f} MiB of shards on this rank; prefetch "
             f"{cfg.prefetch}, checkpointing {cfg.grad_checkpointing}, reduce in {cfg.reduce_dtype}")
 
-    dataset, eval_docs, loader = load_data(cfg, d, tok, log)
+    dataset, eval_docs, loader = D.load_for_training(cfg, tok, d.rank, d.world, log, dist.barrier)
     if cfg.eval_metric == "auto":
         cfg.eval_metric = "exact" if cfg.data == "arith" else "last_number"
 
@@ -650,7 +534,7 @@ def setup(cfg: Config, d: Dist, log):
         amp = amp_dtype(cfg, d.device.type)  # the copy is only multiplied: in the autocast dtype, half the bytes
         reference = None if has_adapters(cfg) else copy.deepcopy(model).requires_grad_(False).eval().to(amp or torch.float32)
         preference = dpo.DPO(cfg.dpo_beta, reference)
-    opt = make_optimizer(engine, cfg, d.device)
+    opt = O.make_optimizer(engine, cfg)
     ckpt_path, start, base = os.path.join(cfg.out_dir, "checkpoint"), 0, C.base_fingerprint(cfg.model)
     scaler = O.LossScaler(cfg.precision == "fp16")
     if cfg.resume:
@@ -673,12 +557,12 @@ def train_loop(cfg: Config, d: Dist, r, log, record):
     """Steps r.start .. max_steps: micro-batches, clip, AdamW, log; eval and save now and then."""
     engine, opt, loader = r.engine, r.opt, r.loader
     # llama_pro: the new blocks' weight gradients are not counted (MFU errs low, by 2 FLOPs per new weight)
-    flops_tok = flops_per_token(r.model.args, cfg.seq_len, cfg.train_type != "full", r.adapters)
-    peak = peak_flops(d.device)
+    flops_tok = P.flops_per_token(r.model.args, cfg.seq_len, cfg.train_type != "full", r.adapters)
+    peak = P.peak_flops(d.device)
     t_start, t_last, tokens_since, skipped = time.time(), time.time(), 0, 0
     for step in range(r.start, cfg.max_steps):
         r.step = step + 1  # named if a collective times out
-        lr = lr_at(step, cfg)
+        lr = O.lr_at(step, cfg)
         for g in opt.param_groups:
             g["lr"] = lr
         micro = [next(loader) for _ in range(cfg.grad_accum)]
@@ -790,24 +674,6 @@ def finish(cfg: Config, d: Dist, r, log, record):
         log(f"saved {os.path.join(cfg.out_dir, 'hf')}" + (" (merged)" if has_adapters(cfg) else ""))
 
 
-def external_logger(cfg: Config):
-    """--log_to: a function(values, step) that sends one metrics row to wandb or tensorboard."""
-    if cfg.log_to == "wandb":
-        import wandb
-        run = wandb.init(dir=cfg.out_dir, config=dataclasses.asdict(cfg))
-        return lambda values, step: run.log(values, step=step)
-    if cfg.log_to == "tensorboard":
-        from torch.utils.tensorboard import SummaryWriter
-        writer = SummaryWriter(os.path.join(cfg.out_dir, "tensorboard"))
-
-        def send(values, step):
-            for k, v in values.items():
-                writer.add_scalar(k, v, step)
-            writer.flush()
-        return send
-    return None
-
-
 def main(argv):
     cfg = parse_args(argv)
     K.DISABLED.clear()
@@ -823,7 +689,7 @@ def main(argv):
     log = print if d.main else (lambda *a, **k: None)
     r = setup(cfg, d, log)
     metrics = C.open_metrics(os.path.join(cfg.out_dir, "metrics.jsonl"), r.start) if d.main else None
-    send = external_logger(cfg) if d.main else None
+    send = curves.external_logger(cfg) if d.main else None
 
     def record(row):
         if metrics:

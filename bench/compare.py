@@ -7,7 +7,7 @@ the same batch, one training step at a time, side by side in one run.
 Each side runs at its best setting on this device, printed in the table:
 - ours: train.py's --precision=auto (bf16 autocast with fp32 master weights and a bf16 frozen base
   where the device multiplies bf16 natively: CUDA, or a CPU with AMX / AVX512-BF16; else fp32),
-  the Triton kernels on CUDA, fsdp.Replicated, fused AdamW;
+  the Triton kernels on CUDA, ddp.Replicated, fused AdamW;
 - transformers + PEFT: bf16 autocast where ours uses it (same precision), the frozen base loaded
   in bf16 for LoRA, fp32 master weights for full fine-tuning, SDPA attention, fused AdamW (as ours);
   QLoRA through bitsandbytes' 4-bit Linear, on a GPU only (its CPU backend is not its product).
@@ -33,6 +33,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import optim  # noqa: E402
 import train  # noqa: E402
 
 
@@ -88,7 +89,7 @@ def ours(path, kind, device, batch, rank):
     def build():
         model, _, _ = train.build_model(cfg, d)
         engine = train.make_engine(model, cfg, d)
-        opt = train.make_optimizer(engine, cfg, device)
+        opt = optim.make_optimizer(engine, cfg)
 
         def step():
             engine.forward_backward(batch, loss_scale=1 / batch["labels"].numel())

@@ -12,7 +12,7 @@ step, the time spent in collectives and the share of it that overlaps compute:
     hidden = |comm intersected with compute| / |comm|   (compute: the other GPU kernels; CPU: the
              top-level ops of the main thread)
 Ours runs once per sharding strategy (full = ZeRO-3, grad_op = ZeRO-2, hybrid = HSDP over groups of
-world / 2 ranks, at even world sizes above 2) and plain data parallelism (fsdp.Replicated). For
+world / 2 ranks, at even world sizes above 2) and plain data parallelism (ddp.Replicated). For
 full sharding also, from timing: (step time with prefetch 0 - with prefetch 1) / (the same collectives
 alone), i.e. how much of the communication prefetching actually saved (prefetch 0 waits for every
 gather right before the unit computes).
@@ -27,8 +27,10 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import ddp  # noqa: E402
 import fsdp as F  # noqa: E402
 import model as M  # noqa: E402
+import plan  # noqa: E402
 import train  # noqa: E402
 
 
@@ -120,7 +122,7 @@ def main(argv):
         model = build(preset, d.device)
         model.gradient_checkpointing = True
         if replicated:
-            engine = F.Replicated(model, d, amp_dtype=dtype if cuda else None, loss_chunk=1024)
+            engine = ddp.Replicated(model, d, amp_dtype=dtype if cuda else None, loss_chunk=1024)
         else:
             engine = F.Sharded(model, d, prefetch, dtype, strategy=strategy, shard_group=d.world // 2,
                                amp_dtype=dtype if cuda else None, loss_chunk=1024)
@@ -154,8 +156,8 @@ def main(argv):
     t1, peak, model, trace1, engine, opt = ours(1)
     comm = timed_steps(lambda: comm_only(engine, opt), d.device, n)
     t0, _, _, trace0, _, _ = ours(0)
-    flops = train.flops_per_token(model.args, T)
-    peak_flops = train.peak_flops(d.device)
+    flops = plan.flops_per_token(model.args, T)
+    peak_flops = plan.peak_flops(d.device)
     saved = max(0.0, (t0 - t1) / comm) if comm > 0 else 0.0
     rows.append(("fsdp.py full, prefetch 1", t1, peak, trace1, f"{min(saved, 1):.0%}"))
     rows.append(("fsdp.py full, prefetch 0", t0, None, trace0, "0% (by construction)"))
@@ -164,7 +166,7 @@ def main(argv):
         t, pk, _, trace, _, _ = ours(1, strategy)
         rows.append((f"fsdp.py {strategy}", t, pk, trace, ""))
     t, pk, _, trace, _, _ = ours(replicated=True)
-    rows.append(("fsdp.Replicated (plain DP)", t, pk, trace, ""))
+    rows.append(("ddp.Replicated (plain DP)", t, pk, trace, ""))
 
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard

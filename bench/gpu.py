@@ -41,9 +41,11 @@ if SMOKE:
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel is defined
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(1, os.path.dirname(os.path.abspath(__file__)))
+import ddp  # noqa: E402
 import fsdp as F  # noqa: E402
 import kernels as K  # noqa: E402
 import model as M  # noqa: E402
+import plan  # noqa: E402
 import plan as P  # noqa: E402
 import quant as Q  # noqa: E402
 import train  # noqa: E402
@@ -243,7 +245,7 @@ def our_step(args, kind, device, B, T):
     model = build_model(args, kind, device, torch.bfloat16)
     model.gradient_checkpointing = True
     d = train.Dist(0, 0, 1, device)
-    engine = F.Replicated(model, d, amp_dtype=torch.bfloat16, loss_chunk=4096)
+    engine = ddp.Replicated(model, d, amp_dtype=torch.bfloat16, loss_chunk=4096)
     opt = torch.optim.AdamW(engine.param_groups(0.0), lr=1e-5, fused=True)
     ids = torch.randint(0, args.vocab_size, (B, T), device=device)
 
@@ -289,7 +291,7 @@ def their_step(args, kind, device, B, T):
 def training_rows(t, device, smoke, layers):
     args = shapes(smoke, layers)
     B, T, steps = (2, 64, 1) if smoke else (2, 2048, 2)
-    peak_flops = train.peak_flops(device)
+    peak_flops = plan.peak_flops(device)
     ours = {}
     for kind in ("full", "lora", "qlora"):
         base = allocated(device)
@@ -300,7 +302,7 @@ def training_rows(t, device, smoke, layers):
         dt = timed(step, device, steps)
         tok_s = B * T / dt
         adapters = sum(p.numel() for n, p in model.named_parameters() if ".lora_" in n)
-        mfu = tok_s * train.flops_per_token(args, T, kind != "full", adapters) / peak_flops if peak_flops else None
+        mfu = tok_s * plan.flops_per_token(args, T, kind != "full", adapters) / peak_flops if peak_flops else None
         ours[kind] = (tok_s, peak)
         t.add("train step", f"ours {kind}, {args.n_layers}-layer llama3-8b shape, {B}x{T}",
               f"{tok_s:,.0f} tok/s, MFU {mfu:.1%}, peak {peak / 2**30:.2f} GiB" if mfu else f"{tok_s:,.0f} tok/s")
@@ -340,7 +342,7 @@ def fsdp_rows(t, device, smoke):
     for mode in ("replicated", "none", "frozen", "all"):
         model = build_model(args, "qlora", device, torch.bfloat16)
         model.gradient_checkpointing = True
-        engine = (F.Replicated(model, d, amp_dtype=torch.bfloat16) if mode == "replicated" else
+        engine = (ddp.Replicated(model, d, amp_dtype=torch.bfloat16) if mode == "replicated" else
                   F.Sharded(model, d, param_dtype=torch.bfloat16, amp_dtype=torch.bfloat16, offload=mode))
         opt = torch.optim.AdamW(engine.param_groups(0.0), lr=1e-2)
         losses[mode] = []

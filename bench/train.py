@@ -5,7 +5,7 @@ Triton kernel on, with all off, and with each one off alone.
     python bench/train.py --model=tinyllama-1.1b --layers=0 --seq_len=2048 --batch_size=4
 
 Random weights, nothing downloaded; one micro-batch per step, AdamW, activation checkpointing,
-loss in 4096-token chunks. MFU counts the FLOPs a step needs (train.flops_per_token): per weight
+loss in 4096-token chunks. MFU counts the FLOPs a step needs (plan.flops_per_token): per weight
 and token 2 (forward) + 2 (input gradient) + 2 (weight gradient), where a frozen base weight under
 LoRA/QLoRA needs no weight gradient (4, not 6), plus 6 per adapter weight, plus attention
 12 * layers * seq_len * heads * head_dim; divided by the GPU's dense bf16 peak. On CPU the table
@@ -24,7 +24,7 @@ import kernels as K  # noqa: E402
 import lora as L  # noqa: E402
 import model as M  # noqa: E402
 import quant as Q  # noqa: E402
-import train  # noqa: E402
+import plan  # noqa: E402
 
 
 def step_stats(args, kind, device, batch_size, seq_len, steps=3):
@@ -62,8 +62,8 @@ def step_stats(args, kind, device, batch_size, seq_len, steps=3):
         torch.cuda.synchronize()
     dt = (time.perf_counter() - t) / steps
     adapters = sum(p.numel() for n, p in model.named_parameters() if ".lora_" in n)
-    flops = train.flops_per_token(args, seq_len, kind != "full", adapters)
-    peak = train.peak_flops(device)
+    flops = plan.flops_per_token(args, seq_len, kind != "full", adapters)
+    peak = plan.peak_flops(device)
     tok_s = batch_size * seq_len / dt
     mem = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
     return tok_s, (tok_s * flops / peak if peak else None), mem

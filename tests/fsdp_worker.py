@@ -12,6 +12,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import ddp  # noqa: E402
 import fsdp as F  # noqa: E402
 import lora as L  # noqa: E402
 import quant as Q  # noqa: E402
@@ -117,7 +118,7 @@ def strategies(d):
     results["zero_filled"] = [g.shard.grad[:g.numel - g.rank * g.shard_numel].unique().tolist()
                               for g in unit.groups if g.trainable]
     # Plain data parallelism issues its all-reduces while backward is still running.
-    engine = F.Replicated(build("full", tie=True), d, bucket_bytes=4096)
+    engine = ddp.Replicated(build("full", tie=True), d, bucket_bytes=4096)
     inside, issue = [], dist.all_reduce
 
     def logged(*a, **kw):

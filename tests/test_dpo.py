@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from conftest import small_model
 
 import data as D
+import ddp
 import dpo
-import fsdp as FS
 import lora as L
 import train
 
@@ -38,7 +38,7 @@ def a_batch(tmp_path, n_pairs=3):
 
 def dpo_loss(model, batch, beta, reference=None):
     """Through the engine, as the trainer runs it: prepare (the reference), then the policy's head."""
-    engine = FS.Replicated(model, train.Dist(0, 0, 1, torch.device("cpu")))
+    engine = ddp.Replicated(model, train.Dist(0, 0, 1, torch.device("cpu")))
     loss_fn = dpo.DPO(beta, reference)
     loss, n = engine.forward_backward(batch, loss_fn=loss_fn)
     return loss, n, loss_fn

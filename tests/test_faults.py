@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import checkpoint as C
+import ddp
 import fsdp as F
 import optim as O
 import train
@@ -34,13 +35,13 @@ def test_a_diverging_run_stops_at_the_first_non_finite_step_and_keeps_the_last_g
 
 def poison(monkeypatch, steps):
     """Make the loss of the given (1-based) optimizer steps NaN, as a bad batch would."""
-    real, calls = F.Replicated.forward_backward, {"n": 0}
+    real, calls = ddp.Replicated.forward_backward, {"n": 0}
 
     def forward_backward(self, batch, loss_scale=1.0, sync=True, loss_fn=None):
         calls["n"] += 1
         loss, n = real(self, batch, loss_scale, sync, loss_fn)
         return (loss * float("nan") if calls["n"] in steps else loss), n
-    monkeypatch.setattr(F.Replicated, "forward_backward", forward_backward)
+    monkeypatch.setattr(ddp.Replicated, "forward_backward", forward_backward)
 
 
 def test_nan_policy_skip_drops_the_bad_step_and_counts_it(tmp_path, monkeypatch):

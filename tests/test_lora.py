@@ -5,9 +5,10 @@ import torch
 import torch.nn as nn
 from conftest import small_model
 
-import fsdp as F
+import ddp
 import lora as L
 import model as M
+import optim
 import quant as Q
 import train
 
@@ -133,8 +134,8 @@ def test_only_adapters_train_and_get_optimizer_state():
     m = adapted(True, True)
     trainable = {n for n, p in m.named_parameters() if p.requires_grad}
     assert trainable and all(".lora_A." in n or ".lora_B." in n or n.endswith("lora_magnitude_vector") for n in trainable)
-    engine = F.Replicated(m, train.Dist(0, 0, 1, torch.device("cpu")))
-    opt = train.make_optimizer(engine, train.Config(), torch.device("cpu"))
+    engine = ddp.Replicated(m, train.Dist(0, 0, 1, torch.device("cpu")))
+    opt = optim.make_optimizer(engine, train.Config())
     s, n = m(torch.randint(0, 50, (2, 10)), labels=torch.randint(0, 50, (2, 10)))
     s.backward()
     opt.step()

@@ -15,6 +15,7 @@ import checkpoint as C
 import fsdp as F
 import model as M
 import quant as Q
+import optim
 import train
 
 FAST = ["--seq_len=32", "--batch_size=4", "--eval_samples=0", "--samples=0", "--save_hf=false", "--log_every=1",
@@ -65,13 +66,13 @@ def test_command_line_errors_are_one_line():
 
 def test_schedules_follow_their_formulas():
     cfg = train.Config(lr=1.0, warmup_steps=10, max_steps=110, min_lr_ratio=0.1)
-    assert train.lr_at(0, cfg) == pytest.approx(0.1) and train.lr_at(9, cfg) == pytest.approx(1.0)
-    assert train.lr_at(60, cfg) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
-    assert train.lr_at(110, cfg) == pytest.approx(0.1)
+    assert optim.lr_at(0, cfg) == pytest.approx(0.1) and optim.lr_at(9, cfg) == pytest.approx(1.0)
+    assert optim.lr_at(60, cfg) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert optim.lr_at(110, cfg) == pytest.approx(0.1)
     cfg.schedule = "linear"
-    assert train.lr_at(35, cfg) == pytest.approx(0.1 + 0.9 * 0.75)
+    assert optim.lr_at(35, cfg) == pytest.approx(0.1 + 0.9 * 0.75)
     cfg.schedule = "constant"
-    assert train.lr_at(100, cfg) == 1.0
+    assert optim.lr_at(100, cfg) == 1.0
 
 
 def test_seq_len_beyond_context_is_refused(tmp_path):
