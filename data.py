@@ -610,12 +610,13 @@ def pair_records(records):
 
 
 class PairBatches(Batches):
-    """Batches of `batch_size` pairs over pair indices: rows chosen_0, rejected_0, chosen_1, ...,
-    one document per row, right-padded to the longest, cropped to seq_len (a crop that leaves an
-    answer no token gives that pair a zero log-ratio). Sharded and resumable as Batches."""
-
-    def __init__(self, *args, **kw):
-        super().__init__(*args, pack=False, **kw)
+    """Batches of `batch_size` pairs over pair indices. pack=True: the batch's 2 x batch_size
+    documents (each cropped to seq_len) packed first-fit into rows of seq_len, with document masks,
+    so a pair's chosen and rejected answers go through in one batch and short pairs share rows;
+    pack=False: one right-padded document per row, chosen_0, rejected_0, chosen_1, ... Each batch
+    adds seq_ids ([rows, width]: the document each token belongs to, 2k for pair k's chosen answer,
+    2k + 1 for its rejected one, -1 for padding) and num_pairs. A crop that leaves an answer no token
+    gives that pair a zero log-ratio. Sharded and resumable as Batches."""
 
     def plan(self, epoch):
         if self._plan_epoch == epoch:
@@ -624,21 +625,35 @@ class PairBatches(Batches):
         if self.shuffle:
             random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
         pieces, cropped = pieces_of(self.data, [d for p in order for d in (2 * p, 2 * p + 1)], self.seq_len)
-        rows = [[piece] for piece in pieces]
-        batches = [rows[i:i + 2 * self.batch_size] for i in range(0, len(rows), 2 * self.batch_size)]
+        n = 2 * self.batch_size  # pieces per batch: one per document, as instruction documents are cropped, not split
+        groups = [pieces[i:i + n] for i in range(0, len(pieces), n)]
+        batches = [pack_first_fit(g, self.seq_len, open_rows=n) if self.pack else [[p] for p in g] for g in groups]
         per_rank = len(batches) // self.world
         if per_rank == 0:
             raise ValueError(f"data: {len(batches)} batches of {self.batch_size} pairs cannot give each of "
                              f"{self.world} ranks one; use less --batch_size or more data")
         untrainable = sum(1 for start, n in pieces if not self.data.mask[start:start + n].any())
+        slots = sum(len(b) * (self.seq_len if self.pack else max(r[0][1] for r in b)) for b in batches)
         self.stats = {"docs": len(order), "tokens": sum(n for _, n in pieces), "cropped_tokens": cropped,
-                      "untrainable": untrainable, "efficiency": 1.0, "batches_per_rank": per_rank}
+                      "untrainable": untrainable, "efficiency": sum(n for _, n in pieces) / max(slots, 1),
+                      "batches_per_rank": per_rank}
         self._plan, self._plan_epoch = batches[self.rank:per_rank * self.world:self.world], epoch
         return self._plan
 
     def __next__(self):
         batch = super().__next__()
-        batch["num_pairs"] = len(batch["input_ids"]) // 2
+        rows = self.plan(self.epoch)[self.index - 1]  # the rows super() just collated
+        doc_of = lambda start: int(np.searchsorted(self.data.offsets, start, side="right")) - 1
+        pairs = {}  # pair index -> k, in order of first appearance
+        seq_ids = torch.full(batch["input_ids"].shape, -1, dtype=torch.int64)
+        for b, row in enumerate(rows):
+            col = 0
+            for start, n in row:
+                doc = doc_of(start)
+                k = pairs.setdefault(doc // 2, len(pairs))
+                seq_ids[b, col:col + n] = 2 * k + doc % 2
+                col += n
+        batch["seq_ids"], batch["num_pairs"] = seq_ids, len(pairs)
         return batch
 
 
@@ -669,7 +684,8 @@ def load_for_training(cfg, tok, rank, world, log, barrier):
     if cfg.objective == "dpo":
         dataset = in_memory(pair_records(read_records(cfg.data)), tok, fmt)
         train_pairs, eval_pairs = split_documents(len(dataset) // 2, cfg.eval_frac)
-        loader = PairBatches(dataset, train_pairs, cfg.seq_len, cfg.batch_size, tok.pad_id, rank, world, cfg.seed)
+        loader = PairBatches(dataset, train_pairs, cfg.seq_len, cfg.batch_size, tok.pad_id, rank, world, cfg.seed,
+                             cfg.pack)
         eval_docs = [2 * p for p in eval_pairs]
     else:
         dataset = load_documents(cfg.data, tok, cache, fmt)

@@ -3,10 +3,12 @@ and its held-out evaluation. In its own file because train.py, which drives it, 
 reading length.
 
 Per pair, -log sigmoid(r_chosen - r_rejected), with the reward r = beta * (log pi(answer) -
-log ref(answer)) and log-probabilities summed over the answer's tokens. Rows come as chosen_0,
-rejected_0, chosen_1, ... (data.PairBatches). The reference is a frozen copy of the starting model
-(full fine-tuning, plain or data parallel), or the trained model itself with its adapters switched
-off (lora.adapters_disabled): no second copy of the weights, and it works sharded too.
+log ref(answer)) and log-probabilities summed over the answer's tokens. A batch (data.PairBatches)
+holds whole pairs, packed into rows with document masks (or one padded answer per row); its seq_ids
+say which answer each token belongs to: 2k pair k's chosen one, 2k + 1 its rejected one. The
+reference is the trained model itself with its adapters switched off (lora.adapters_disabled: no
+second copy of the weights), or under full fine-tuning a frozen copy of the starting model behind
+an engine of its own (train.dpo_reference; sharded like the model under --fsdp).
 
 An engine's forward_backward(batch, loss_scale, sync, loss_fn=dpo) calls dpo.prepare(engine, batch)
 first (the reference log-probabilities, through the engine: under fsdp.Sharded every rank gathers
@@ -18,28 +20,34 @@ import torch
 import torch.nn.functional as F
 
 import data as D
-import ddp
 import lora as L
 import model as M
 
 
 class DPO:
     def __init__(self, beta, reference=None):
+        """reference: None (adapters off) or an engine (ddp.Replicated, fsdp.Sharded) over a frozen copy."""
         self.beta, self.reference, self.ref = beta, reference, None
         self.sums = [0.0] * 5  # pairs, correct, margin, chosen reward, rejected reward: for the log
 
     @torch.no_grad()
     def prepare(self, engine, batch):
-        ids, labels, pos = batch["input_ids"], batch["labels"], batch.get("position_ids")
+        """The reference log-probabilities, through an engine (sharded: every rank gathers together)."""
+        forward = lambda e: e.forward(batch["input_ids"], position_ids=batch.get("position_ids"),  # noqa: E731
+                                      doc_ids=batch.get("doc_ids"), head=lambda m, x: self.logprobs(m, x, batch))
         if self.reference is not None:
-            with ddp.autocast(ids.device, engine.amp_dtype):
-                self.ref = M.sequence_logprobs(self.reference, ids, labels, pos)
-        else:  # through the engine (sharded: every rank gathers together), one row's logits at a time
+            self.ref = forward(self.reference)
+        else:
             with L.adapters_disabled(engine.model):
-                self.ref = engine.forward(ids, position_ids=pos, head=lambda m, x: M.row_logprobs(m, x, labels))
+                self.ref = forward(engine)
+
+    @staticmethod
+    def logprobs(model, x, batch):
+        """Each answer's summed log-probability: 2k pair k's chosen one, 2k + 1 its rejected one."""
+        return M.row_logprobs(model, x, batch["labels"], batch.get("seq_ids"))
 
     def head(self, model, x, batch):
-        return self.loss(M.row_logprobs(model, x, batch["labels"]))
+        return self.loss(self.logprobs(model, x, batch))
 
     def loss(self, policy):
         chosen, rejected = self.beta * (policy[0::2] - self.ref[0::2]), self.beta * (policy[1::2] - self.ref[1::2])
@@ -67,7 +75,8 @@ def evaluate(engine, dpo, cfg, d, data, eval_docs, tok):
     over one plan; under --fsdp every rank must run the same forwards, so a rank with no batch left
     repeats the last and ignores it (as train.evaluate does)."""
     engine.model.eval()
-    loader = D.PairBatches(data, [j // 2 for j in eval_docs], cfg.seq_len, cfg.batch_size, tok.pad_id, shuffle=False)
+    loader = D.PairBatches(data, [j // 2 for j in eval_docs], cfg.seq_len, cfg.batch_size, tok.pad_id, pack=cfg.pack,
+                           shuffle=False)
     n_batches = min(len(loader.plan(0)), cfg.eval_batches)
     training_sums, dpo.sums, loss_sum = dpo.sums, [0.0] * 5, 0.0
     for i in range(d.rank, -(-n_batches // d.world) * d.world if cfg.fsdp else n_batches, d.world):
@@ -75,8 +84,8 @@ def evaluate(engine, dpo, cfg, d, data, eval_docs, tok):
         batch = {k: (v.to(d.device) if torch.is_tensor(v) else v) for k, v in next(loader).items()}
         kept = list(dpo.sums)
         dpo.prepare(engine, batch)
-        policy = engine.forward(batch["input_ids"], position_ids=batch["position_ids"],
-                                head=lambda m, x: M.row_logprobs(m, x, batch["labels"]))
+        policy = engine.forward(batch["input_ids"], position_ids=batch["position_ids"], doc_ids=batch.get("doc_ids"),
+                                head=lambda m, x: dpo.logprobs(m, x, batch))
         loss = dpo.loss(policy)[0].item()
         if i < n_batches:
             loss_sum += loss

@@ -462,23 +462,27 @@ def cross_entropy_sum(h, head, labels, chunk=0):
     return total, n
 
 
-def sequence_logprobs(model: Llama, input_ids, labels, position_ids=None, doc_ids=None):
-    """Per row, the summed log-probability of its target tokens (labels != -100), as DPO needs."""
-    return row_logprobs(model, model.hidden(input_ids, position_ids, doc_ids), labels)
+def sequence_logprobs(model: Llama, input_ids, labels, position_ids=None, doc_ids=None, seq_ids=None):
+    """The summed log-probability of each sequence's target tokens (labels != -100), as DPO needs:
+    per row, or with seq_ids ([B, T], the sequence each token belongs to, -1 for none) per sequence."""
+    return row_logprobs(model, model.hidden(input_ids, position_ids, doc_ids), labels, seq_ids)
 
 
-def row_logprobs(model: Llama, x, labels):
+def row_logprobs(model: Llama, x, labels, seq_ids=None):
     """sequence_logprobs from the last block's output x. The head runs one row at a time under
     checkpointing, so one row's [T, vocab] fp32 logits exist at a time, in forward and in backward."""
     h = model.model.norm(x)
 
     def row(h_row, labels_row):
         logp = F.log_softmax(model.lm_head(h_row).float(), dim=-1)
-        keep = labels_row != -100
-        return logp.gather(-1, labels_row.clamp(min=0)[:, None])[:, 0].masked_fill(~keep, 0.0).sum()
+        return logp.gather(-1, labels_row.clamp(min=0)[:, None])[:, 0].masked_fill(labels_row == -100, 0.0)
     grad = torch.is_grad_enabled()
-    return torch.stack([checkpoint(row, h[b], labels[b], use_reentrant=False) if grad else row(h[b], labels[b])
-                        for b in range(h.shape[0])])
+    token = torch.stack([checkpoint(row, h[b], labels[b], use_reentrant=False) if grad else row(h[b], labels[b])
+                         for b in range(h.shape[0])])
+    if seq_ids is None:
+        return token.sum(-1)
+    keep = (seq_ids >= 0) & (labels != -100)
+    return token.new_zeros(int(seq_ids.max()) + 1).index_add(0, seq_ids[keep], token[keep])
 
 
 def expand_blocks(model: Llama, n):

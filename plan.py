@@ -171,9 +171,14 @@ def print_plan(model, cfg, world, amp, reference_copy=False):
     print(f"memory plan: {cfg.model} {cfg.train_type}, world {world}, --shard={cfg.shard}, batch {cfg.batch_size} x {cfg.seq_len}, "
           f"checkpointing {cfg.grad_checkpointing}, prefetch {cfg.prefetch}, offload {cfg.offload}, "
           f"loss_chunk {cfg.loss_chunk}, Triton kernels {'on' if kernels else 'off'}; {describe(model)}")
-    if reference_copy:  # DPO's reference under full fine-tuning: a frozen copy, in the autocast dtype
-        total = gpu.pop("total") + sum(p.numel() for p in model.parameters()) * (2 if amp is not None else 4)
-        gpu["reference model"], gpu["total"] = total - sum(gpu.values()), total
+    if reference_copy:  # DPO's reference under full fine-tuning: a frozen copy in the autocast dtype, sharded
+        shards = (cfg.shard_group if cfg.shard == "hybrid" else world) if cfg.fsdp else 1  # like the model (--fsdp)
+        copy = math.ceil(sum(p.numel() for p in model.parameters()) / shards) * (2 if amp is not None else 4)
+        where = cpu if cfg.fsdp and cfg.offload != "none" else gpu  # offloaded as a frozen shard
+        total = where.pop("total", None)
+        where["reference model"] = copy
+        if total is not None:  # the CPU table has no total
+            where["total"] = total + copy
     print("per rank, GPU at the peak:" + "".join(f"\n  {k:<20}{v / 2**30:8.2f} GiB" for k, v in gpu.items()))
     if cpu:
         print("per rank, CPU (pinned):" + "".join(f"\n  {k:<20}{v / 2**30:8.2f} GiB" for k, v in cpu.items()))

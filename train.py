@@ -193,9 +193,8 @@ def parse_args(argv) -> Config:
         raise ValueError(f"flag --log_to={cfg.log_to} is not one of wandb, tensorboard")
     if cfg.log_to and importlib.util.find_spec(cfg.log_to) is None:
         raise ValueError(f"flag --log_to={cfg.log_to}: the {cfg.log_to} package is not installed (pip install {cfg.log_to})")
-    if cfg.objective == "dpo" and (cfg.data == "arith" or (cfg.fsdp and cfg.train_type in ("full", "llama_pro"))):
-        raise ValueError("flag --objective=dpo needs --data=<file of preference pairs>, and under --fsdp adapters (its "
-                         "reference is then the base with them off; a full copy would not be sharded)")
+    if cfg.objective == "dpo" and cfg.data == "arith":
+        raise ValueError("flag --objective=dpo needs --data=<file of preference pairs> ({\"prompt\", \"chosen\", \"rejected\"})")
     if cfg.offload_activations and not cfg.grad_checkpointing:
         raise ValueError("flag --offload_activations moves the block inputs that --grad_checkpointing keeps: pass both")
     if cfg.offload_activations and cfg.fsdp:  # fsdp.Sharded keeps every block's input itself, for its backward
@@ -490,6 +489,21 @@ def make_engine(model, cfg: Config, d: Dist):
     return engine
 
 
+def dpo_reference(cfg: Config, d: Dist, model):
+    """DPO's reference under full fine-tuning: the starting model (so also after a resume), frozen,
+    in the autocast dtype (it is only multiplied), behind an engine of its own: under --fsdp it is
+    sharded like the model, and a folder streams into it a second time."""
+    dtype = amp_dtype(cfg, d.device.type) or torch.float32
+    if getattr(model, "materialize", None):  # --fsdp from a folder: the model exists only as it loads
+        ref = M.empty_from_pretrained(cfg.model)
+        ref.materialize = M.stream_from_pretrained(ref, cfg.model, d.device, dtype,
+                                                   then=lambda modules: [m.requires_grad_(False) for m in modules])
+        ref.inv_freq = M.rope_frequencies(ref.args, d.device)
+    else:
+        ref = copy.deepcopy(model).to(dtype)
+    return make_engine(ref.requires_grad_(False).eval(), cfg, d)
+
+
 def setup(cfg: Config, d: Dist, log):
     """The model, its engine and optimizer, the data, and the resumed state: what the loop needs."""
     if os.path.exists(cfg.out_dir) and not os.path.isdir(cfg.out_dir):
@@ -508,6 +522,7 @@ def setup(cfg: Config, d: Dist, log):
     except OSError as e:
         raise ValueError(f"--out_dir={cfg.out_dir}: cannot write there ({e.strerror})") from None
     model, tok, extra_files = build_model(cfg, d)
+    reference = dpo_reference(cfg, d, model) if cfg.objective == "dpo" and not has_adapters(cfg) else None
     model.gradient_checkpointing, model.offload_activations = cfg.grad_checkpointing, cfg.offload_activations
     if cfg.compile:
         for layer in model.model.layers:
@@ -529,11 +544,7 @@ def setup(cfg: Config, d: Dist, log):
     if cfg.eval_metric == "auto":
         cfg.eval_metric = "exact" if cfg.data == "arith" else "last_number"
 
-    preference = None
-    if cfg.objective == "dpo":  # full fine-tuning: the starting model (so before a resume), frozen, one more copy
-        amp = amp_dtype(cfg, d.device.type)  # the copy is only multiplied: in the autocast dtype, half the bytes
-        reference = None if has_adapters(cfg) else copy.deepcopy(model).requires_grad_(False).eval().to(amp or torch.float32)
-        preference = dpo.DPO(cfg.dpo_beta, reference)
+    preference = dpo.DPO(cfg.dpo_beta, reference) if cfg.objective == "dpo" else None
     opt = O.make_optimizer(engine, cfg)
     ckpt_path, start, base = os.path.join(cfg.out_dir, "checkpoint"), 0, C.base_fingerprint(cfg.model)
     scaler = O.LossScaler(cfg.precision == "fp16")

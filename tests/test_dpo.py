@@ -30,10 +30,10 @@ def pairs_file(tmp_path, n=20):
     return str(path)
 
 
-def a_batch(tmp_path, n_pairs=3):
+def a_batch(tmp_path, n_pairs=3, pack=False, seq_len=48):
     tok = D.ByteTokenizer()
     data = D.in_memory(D.pair_records(D.read_records(pairs_file(tmp_path))), tok)
-    return next(iter(D.PairBatches(data, range(n_pairs), 48, n_pairs, tok.pad_id, shuffle=False)))
+    return next(iter(D.PairBatches(data, range(n_pairs), seq_len, n_pairs, tok.pad_id, pack=pack, shuffle=False)))
 
 
 def dpo_loss(model, batch, beta, reference=None):
@@ -76,6 +76,24 @@ def test_dpo_loss_equals_the_formula_written_out(tmp_path):
     assert not torch.allclose(pi, ref)
 
 
+def test_packed_pairs_give_the_loss_and_gradients_of_one_padded_answer_per_row(tmp_path):
+    _, model = lora_model()
+    with torch.no_grad():
+        for _, m in L.lora_layers(model):
+            m.lora_B.weight.normal_(std=0.3)
+    padded, packed = a_batch(tmp_path, 4), a_batch(tmp_path, 4, pack=True, seq_len=64)
+    assert packed["input_ids"].shape[0] < padded["input_ids"].shape[0]  # answers share rows
+    assert packed["num_pairs"] == padded["num_pairs"] == 4
+    results = []
+    for batch in (padded, packed):
+        model.zero_grad()
+        loss, n, loss_fn = dpo_loss(model, batch, 0.5)
+        results.append((loss, loss_fn.sums, [p.grad.clone() for p in model.parameters() if p.requires_grad]))
+    (a, sums_a, grads_a), (b, sums_b, grads_b) = results
+    assert torch.allclose(a, b, rtol=1e-5) and sums_a == pytest.approx(sums_b, rel=1e-4)
+    assert all(torch.allclose(x, y, rtol=1e-4, atol=1e-6) for x, y in zip(grads_a, grads_b))
+
+
 def test_at_step_0_the_rewards_are_zero_and_the_loss_is_log_2(tmp_path):
     _, model = lora_model()  # fresh adapters: B = 0, the policy is the reference
     loss, n, loss_fn = dpo_loss(model, a_batch(tmp_path), 0.1)
@@ -115,17 +133,16 @@ def test_a_dpo_run_logs_rewards_and_accumulates_and_resumes_like_one_batch(tmp_p
     assert evals[0]["eval_reward_accuracy"] == 0.0 and "eval_chosen_reward" in evals[-1]
 
 
-def test_dpo_without_a_pairs_file_or_with_fsdp_is_refused_in_one_line(tmp_path):
-    for extra in (["--fsdp", "--data=x.jsonl"], []):
-        with pytest.raises(ValueError, match="--objective=dpo needs --data=<file of preference pairs>, and under --fsdp adapters"):
-            train.parse_args(["--objective=dpo", *extra])
+def test_dpo_without_a_pairs_file_or_with_a_bad_record_is_refused_in_one_line(tmp_path):
+    with pytest.raises(ValueError, match="--objective=dpo needs --data=<file of preference pairs>"):
+        train.parse_args(["--objective=dpo"])
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a", "chosen": "b"}\n')
     with pytest.raises(ValueError, match=r"bad.jsonl:1: a preference record needs 'prompt' \(or 'messages'\), 'chosen' and 'rejected'"):
         train.main(FAST + [f"--data={bad}", "--max_steps=1", f"--out_dir={tmp_path / 'o'}"])
 
 
-def test_dry_run_counts_the_frozen_reference_of_full_fine_tuning(capsys):
+def test_dry_run_counts_the_frozen_reference_of_full_fine_tuning_sharded_under_fsdp(capsys):
     base = ["--dry_run", "--model=llama2-7b", "--batch_size=1", "--seq_len=512", "--precision=bf16"]
     train.main(base)
     plain = capsys.readouterr().out
@@ -135,14 +152,45 @@ def test_dry_run_counts_the_frozen_reference_of_full_fine_tuning(capsys):
     params = 6738415616  # Llama-2-7B
     assert gib(out, "reference model") == pytest.approx(params * 2 / 2**30, abs=0.01)  # a bf16 copy
     assert gib(out, "total") == pytest.approx(gib(plain, "total") + params * 2 / 2**30, abs=0.02)
+    train.main(base + ["--objective=dpo", "--data=pairs.jsonl", "--fsdp", "--plan_world=8"])
+    assert gib(capsys.readouterr().out, "reference model") == pytest.approx(params * 2 / 8 / 2**30, abs=0.01)  # sharded
+
+
+def hf_folder(tmp_path):
+    """A tiny HF folder with a character tokenizer (ids 3.. for printable characters)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    import model as M
+    chars = {chr(i): i - 29 for i in range(32, 127)}
+    tok = Tokenizer(models.WordLevel({"<unk>": 0, "<s>": 1, "</s>": 2, **chars}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    tok.save(str(tmp_path / "tokenizer.json"))
+    model = small_model(seed=0, vocab_size=100)
+    model.args.bos_token_id, model.args.eos_token_id = 1, 2
+    M.save_pretrained(model, str(tmp_path / "base"), dtype=torch.float32, extra_files=[str(tmp_path / "tokenizer.json")])
+    return tmp_path / "base"
+
+
+def test_full_fine_tuning_dpo_under_fsdp_streams_a_sharded_reference_and_gives_the_plain_losses(tmp_path):
+    args = FAST + [f"--data={pairs_file(tmp_path)}", "--train_type=full", "--lr=1e-3", "--max_steps=3",
+                   f"--model={hf_folder(tmp_path)}"]
+    train.main(args + [f"--out_dir={tmp_path / 'plain'}"])
+    train.main(args + ["--fsdp", f"--out_dir={tmp_path / 'fsdp'}"])
+    plain = losses(tmp_path / "plain")
+    assert plain[-1] != pytest.approx(math.log(2), abs=1e-3)  # it moved away from the reference
+    assert losses(tmp_path / "fsdp") == pytest.approx(plain, rel=1e-5)
+    assert losses(tmp_path / "fsdp", "reward_margin") == pytest.approx(losses(tmp_path / "plain", "reward_margin"),
+                                                                      rel=1e-4, abs=1e-6)
 
 
 @pytest.mark.slow
-def test_dpo_with_lora_under_fsdp_gives_the_data_parallel_losses(tmp_path):
+@pytest.mark.parametrize("train_type", ["lora", "full"])
+def test_dpo_under_fsdp_at_world_2_gives_the_data_parallel_losses(tmp_path, train_type):
     import subprocess
     import sys
     from conftest import ROOT
-    args = ["train.py", *FAST, f"--data={pairs_file(tmp_path)}", "--max_steps=3", "--eval_every=2"]
+    args = ["train.py", *FAST, f"--data={pairs_file(tmp_path)}", "--max_steps=3", "--eval_every=2",
+            f"--train_type={train_type}", *(["--lr=1e-3"] if train_type == "full" else [])]
     for name, extra in (("dp", []), ("fsdp", ["--fsdp"])):
         r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args,
                             *extra, f"--out_dir={tmp_path / name}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
