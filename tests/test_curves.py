@@ -65,3 +65,17 @@ def test_log_to_tensorboard_without_the_package_is_one_line():
         pytest.skip("tensorboard is installed here")
     with pytest.raises(ValueError, match=r"^flag --log_to=tensorboard: the tensorboard package is not installed"):
         train.parse_args(["--log_to=tensorboard"])
+
+
+def test_log_to_tensorboard_writes_every_metrics_row_as_scalars(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    train.main(FAST + ["--log_to=tensorboard", f"--out_dir={tmp_path}"])
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    for key in ("loss", "eval_loss", "accuracy", "grad_norm"):
+        want = [(r["step"], r[key]) for r in rows if key in r]
+        got = [(e.step, e.value) for e in events.Scalars(key)]
+        assert len(got) == len(want) > 0 and all(s == ws and v == pytest.approx(wv, rel=1e-6)
+                                                 for (s, v), (ws, wv) in zip(got, want))
