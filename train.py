@@ -16,6 +16,7 @@ model as a Hugging Face folder).
 """
 
 import copy
+import ctypes
 import dataclasses
 import datetime
 import difflib
@@ -270,6 +271,20 @@ def init_distributed(threads=0, timeout=600) -> Dist:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None,
                                 timeout=datetime.timedelta(seconds=timeout))  # a stuck rank ends the job
     return Dist(rank, local_rank, world, device)
+
+
+def keep_freed_memory():
+    """On a CPU, have glibc keep freed memory for reuse. By default every block over 32 MiB (logits,
+    gradients, activations) is mmap-ed and returned to the OS when freed, so each step page-faults
+    it in afresh: a SmolLM2 full fine-tuning step on 2 cores ran 1.35x faster without that
+    (bench/compare.py). The process's memory then stays at its peak, which a training run reaches
+    at every step anyway; train.py sets it once the model and data are loaded."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc (macOS, musl): nothing to tune
+        return
+    libc.mallopt(-4, 0)  # M_MMAP_MAX: serve every block from the heap
+    libc.mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD: never give the heap's free top back
 
 
 def all_reduce_sum(values, d: Dist):
@@ -699,6 +714,8 @@ def main(argv):
     d = init_distributed(cfg.threads, cfg.timeout)
     log = print if d.main else (lambda *a, **k: None)
     r = setup(cfg, d, log)
+    if d.device.type == "cpu":  # after loading, whose blocks of every size would fragment a heap that keeps them
+        keep_freed_memory()
     metrics = C.open_metrics(os.path.join(cfg.out_dir, "metrics.jsonl"), r.start) if d.main else None
     send = curves.external_logger(cfg) if d.main else None
 

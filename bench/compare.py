@@ -2,7 +2,7 @@
 the same batch, one training step at a time, side by side in one run.
 
     python bench/compare.py --model=<HF folder> [--batch_size=2] [--seq_len=512] [--steps=3]
-                            [--kinds=full,lora,qlora] [--lora_rank=16]
+                            [--kinds=full,lora,qlora] [--lora_rank=16] [--keep_freed_memory=1]
 
 Each side runs at its best setting on this device, printed in the table:
 - ours: train.py's --precision=auto (bf16 autocast with fp32 master weights and a bf16 frozen base
@@ -11,6 +11,9 @@ Each side runs at its best setting on this device, printed in the table:
 - transformers + PEFT: bf16 autocast where ours uses it (same precision), the frozen base loaded
   in bf16 for LoRA, fp32 master weights for full fine-tuning, SDPA attention, fused AdamW (as ours);
   QLoRA through bitsandbytes' 4-bit Linear, on a GPU only (its CPU backend is not its product).
+On a CPU both sides run with train.keep_freed_memory (glibc keeps freed blocks for reuse instead
+of page-faulting them in afresh each step), which speeds both up; --keep_freed_memory=0 runs both
+with glibc's defaults.
 LoRA targets every linear layer but the head, rank --lora_rank, alpha 2 * rank, no dropout.
 A row whose library is not installed is skipped with a note: none of them is a dependency.
 
@@ -156,6 +159,8 @@ def one(opts, side, kind, device):
         bf16 = setting.startswith("bf16")
         build = theirs(opts["model"], kind, device, batch, rank, bf16)
         setting = ("bf16 autocast" if bf16 else "fp32") + (", bf16 base" if kind != "full" and bf16 else "")
+    if device.type == "cpu" and opts.get("keep_freed_memory", "1") == "1":  # train.py's setting, for both sides
+        train.keep_freed_memory()
     tok_s, peak = measure(build, device, steps, B * T)
     return {"tok_s": tok_s, "peak": peak, "setting": setting}
 
