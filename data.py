@@ -506,7 +506,9 @@ def collate(data: TokenData, rows, width, pad_id, packed):
     doc = np.full((B, width), -1, np.int64)
     for b, row in enumerate(rows):
         col = 0
-        for j, (start, n) in enumerate(row):
+        for j, (start, n, *_) in enumerate(row):  # PairBatches' pieces carry a third field, their answer's slot
+            if n == 0:  # an empty document (no bos, no eos, no text) has nothing to place
+                continue
             toks = np.asarray(data.tokens[start:start + n], np.int64)
             ids[b, col:col + n] = toks
             targets = np.where(np.asarray(data.mask[start + 1:start + n], bool), toks[1:], IGNORE)
@@ -515,7 +517,7 @@ def collate(data: TokenData, rows, width, pad_id, packed):
             doc[b, col:col + n] = j
             col += n
     batch = {"input_ids": torch.from_numpy(ids), "labels": torch.from_numpy(labels),
-             "position_ids": torch.from_numpy(pos), "num_tokens": int(sum(n for row in rows for _, n in row))}
+             "position_ids": torch.from_numpy(pos), "num_tokens": int(sum(p[1] for row in rows for p in row))}
     # One right-padded document per row needs no document mask: causal attention never sees the padding.
     batch["doc_ids"] = torch.from_numpy(doc) if packed else None
     return batch
@@ -626,7 +628,8 @@ class PairBatches(Batches):
             random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
         pieces, cropped = pieces_of(self.data, [d for p in order for d in (2 * p, 2 * p + 1)], self.seq_len)
         n = 2 * self.batch_size  # pieces per batch: one per document, as instruction documents are cropped, not split
-        groups = [pieces[i:i + n] for i in range(0, len(pieces), n)]
+        # Each piece carries its answer's slot in the batch: 2k for pair k's chosen one, 2k + 1 its rejected one.
+        groups = [[(*p, j) for j, p in enumerate(pieces[i:i + n])] for i in range(0, len(pieces), n)]
         batches = [pack_first_fit(g, self.seq_len, open_rows=n) if self.pack else [[p] for p in g] for g in groups]
         per_rank = len(batches) // self.world
         if per_rank == 0:
@@ -643,17 +646,13 @@ class PairBatches(Batches):
     def __next__(self):
         batch = super().__next__()
         rows = self.plan(self.epoch)[self.index - 1]  # the rows super() just collated
-        doc_of = lambda start: int(np.searchsorted(self.data.offsets, start, side="right")) - 1
-        pairs = {}  # pair index -> k, in order of first appearance
         seq_ids = torch.full(batch["input_ids"].shape, -1, dtype=torch.int64)
         for b, row in enumerate(rows):
             col = 0
-            for start, n in row:
-                doc = doc_of(start)
-                k = pairs.setdefault(doc // 2, len(pairs))
-                seq_ids[b, col:col + n] = 2 * k + doc % 2
+            for _, n, slot in row:
+                seq_ids[b, col:col + n] = slot
                 col += n
-        batch["seq_ids"], batch["num_pairs"] = seq_ids, len(pairs)
+        batch["seq_ids"], batch["num_pairs"] = seq_ids, sum(len(row) for row in rows) // 2
         return batch
 
 

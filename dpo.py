@@ -44,7 +44,7 @@ class DPO:
     @staticmethod
     def logprobs(model, x, batch):
         """Each answer's summed log-probability: 2k pair k's chosen one, 2k + 1 its rejected one."""
-        return M.row_logprobs(model, x, batch["labels"], batch.get("seq_ids"))
+        return M.row_logprobs(model, x, batch["labels"], batch.get("seq_ids"), 2 * batch["num_pairs"])
 
     def head(self, model, x, batch):
         return self.loss(self.logprobs(model, x, batch))

@@ -468,7 +468,7 @@ def sequence_logprobs(model: Llama, input_ids, labels, position_ids=None, doc_id
     return row_logprobs(model, model.hidden(input_ids, position_ids, doc_ids), labels, seq_ids)
 
 
-def row_logprobs(model: Llama, x, labels, seq_ids=None):
+def row_logprobs(model: Llama, x, labels, seq_ids=None, n_seqs=None):
     """sequence_logprobs from the last block's output x. The head runs one row at a time under
     checkpointing, so one row's [T, vocab] fp32 logits exist at a time, in forward and in backward."""
     h = model.model.norm(x)
@@ -482,7 +482,8 @@ def row_logprobs(model: Llama, x, labels, seq_ids=None):
     if seq_ids is None:
         return token.sum(-1)
     keep = (seq_ids >= 0) & (labels != -100)
-    return token.new_zeros(int(seq_ids.max()) + 1).index_add(0, seq_ids[keep], token[keep])
+    n_seqs = int(seq_ids.max()) + 1 if n_seqs is None else n_seqs  # given: an empty last sequence still counts
+    return token.new_zeros(n_seqs).index_add(0, seq_ids[keep], token[keep])
 
 
 def expand_blocks(model: Llama, n):

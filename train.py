@@ -25,6 +25,7 @@ import inspect
 import json
 import math
 import os
+import platform
 import re
 import shutil
 import sys
@@ -279,10 +280,9 @@ def keep_freed_memory():
     it in afresh: a SmolLM2 full fine-tuning step on 2 cores ran 1.35x faster without that
     (bench/compare.py). The process's memory then stays at its peak, which a training run reaches
     at every step anyway; train.py sets it once the model and data are loaded."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc (macOS, musl): nothing to tune
+    if platform.libc_ver()[0] != "glibc":  # macOS, musl, Windows: another allocator, nothing to tune
         return
+    libc = ctypes.CDLL("libc.so.6")
     libc.mallopt(-4, 0)  # M_MMAP_MAX: serve every block from the heap
     libc.mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD: never give the heap's free top back
 
@@ -492,7 +492,7 @@ def ask(cfg: Config, d: Dist):
 
 
 def make_engine(model, cfg: Config, d: Dist):
-    """Plain data parallelism or fsdp.py's sharding, behind the same interface (fsdp.py)."""
+    """Plain data parallelism (ddp.Replicated) or sharding (fsdp.Sharded), behind the same interface."""
     amp = amp_dtype(cfg, d.device.type)
     if not cfg.fsdp:
         return ddp.Replicated(model, d, amp, cfg.loss_chunk)
@@ -506,8 +506,11 @@ def make_engine(model, cfg: Config, d: Dist):
 
 def dpo_reference(cfg: Config, d: Dist, model):
     """DPO's reference under full fine-tuning: the starting model (so also after a resume), frozen,
-    in the autocast dtype (it is only multiplied), behind an engine of its own: under --fsdp it is
-    sharded like the model, and a folder streams into it a second time."""
+    behind an engine of its own (sharded like the model under --fsdp, where a folder streams into it
+    a second time). It holds in the autocast dtype what the policy computes with in that dtype, so
+    that at step 0 both give the same numbers: under --fsdp every weight (the policy's are gathered
+    in it), else the Linear weights (autocast casts them; embeddings and norms stay fp32). RoPE's
+    inv_freq stays fp32 in both."""
     dtype = amp_dtype(cfg, d.device.type) or torch.float32
     if getattr(model, "materialize", None):  # --fsdp from a folder: the model exists only as it loads
         ref = M.empty_from_pretrained(cfg.model)
@@ -515,7 +518,12 @@ def dpo_reference(cfg: Config, d: Dist, model):
                                                    then=lambda modules: [m.requires_grad_(False) for m in modules])
         ref.inv_freq = M.rope_frequencies(ref.args, d.device)
     else:
-        ref = copy.deepcopy(model).to(dtype)
+        ref = copy.deepcopy(model)
+        tied_head = ref.lm_head if ref.args.tie_embeddings else None  # it is the embedding: fp32 unless --fsdp
+        for m in ref.modules():
+            if cfg.fsdp or (isinstance(m, torch.nn.Linear) and m is not tied_head):
+                for p in m.parameters(recurse=False):
+                    p.data = p.data.to(dtype)
     return make_engine(ref.requires_grad_(False).eval(), cfg, d)
 
 
@@ -599,7 +607,7 @@ def train_loop(cfg: Config, d: Dist, r, log, record):
         micro = [next(loader) for _ in range(cfg.grad_accum)]
         n_real = sum(b.pop("num_tokens") for b in micro)
         # What the loss averages over: target tokens (SFT) or pairs (DPO), across micro-batches and ranks
-        targets = sum(b.pop("num_pairs") if r.dpo else int((b["labels"] != D.IGNORE).sum()) for b in micro)
+        targets = sum(b["num_pairs"] if r.dpo else int((b["labels"] != D.IGNORE).sum()) for b in micro)
         n_target, n_real = all_reduce_sum([targets, n_real], d)
         if n_target == 0:  # the same on every rank: all stop
             raise ValueError(f"step {step + 1}: no trainable token in this step's batches ({loader.stats['untrainable']:,} "

@@ -233,3 +233,16 @@ def test_smollm2_chat_template_gives_the_tokens_and_labels_of_built_in_chatml(sm
     assert tok.tok.decode([i for i, m in zip(ids, mask) if m], skip_special_tokens=False) == "Hello!<|im_end|>\n"
     assert text.endswith("Hello!\n")
     assert D.chat_prompt([("user", "Hi")], "template", tok).endswith("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_an_empty_document_takes_no_slot_packed_padded_or_paired():
+    # documents [1 2 3], [], [4 5], [6 7 8]: with no bos, eos or text a record tokenizes to nothing
+    data = D.TokenData(np.array([1, 2, 3, 4, 5, 6, 7, 8], np.int32), np.ones(8, np.uint8), [0, 3, 3, 5, 8], "instruction")
+    for pack in (True, False):
+        batch = next(D.Batches(data, range(4), 8, 4, 0, pack=pack, shuffle=False))
+        rows = [r[r != 0].tolist() for r in batch["input_ids"]]
+        assert sorted(x for r in rows for x in r) == [1, 2, 3, 4, 5, 6, 7, 8] and batch["num_tokens"] == 8
+    pairs = next(D.PairBatches(data, range(2), 8, 2, 0, pack=True, shuffle=False))
+    ids, seq = pairs["input_ids"].flatten().tolist(), pairs["seq_ids"].flatten().tolist()
+    assert pairs["num_pairs"] == 2 and 1 not in seq  # pair 0's rejected answer is empty
+    assert {t: s for t, s in zip(ids, seq) if s >= 0} == {1: 0, 2: 0, 3: 0, 4: 2, 5: 2, 6: 3, 7: 3, 8: 3}

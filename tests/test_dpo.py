@@ -1,4 +1,4 @@
-"""DPO (train.DPO, data.PairBatches, model.sequence_logprobs, lora.adapters_disabled) against
+"""DPO (dpo.DPO, data.PairBatches, model.sequence_logprobs, lora.adapters_disabled) against
 its formula written out, its starting point, and the trainer's resume and accumulation."""
 import copy
 import json
@@ -165,7 +165,7 @@ def hf_folder(tmp_path):
     tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     tok.decoder = decoders.Fuse()
     tok.save(str(tmp_path / "tokenizer.json"))
-    model = small_model(seed=0, vocab_size=100)
+    model = small_model(seed=0, vocab_size=100, tie_embeddings=True)  # as SmolLM2
     model.args.bos_token_id, model.args.eos_token_id = 1, 2
     M.save_pretrained(model, str(tmp_path / "base"), dtype=torch.float32, extra_files=[str(tmp_path / "tokenizer.json")])
     return tmp_path / "base"
@@ -181,6 +181,18 @@ def test_full_fine_tuning_dpo_under_fsdp_streams_a_sharded_reference_and_gives_t
     assert losses(tmp_path / "fsdp") == pytest.approx(plain, rel=1e-5)
     assert losses(tmp_path / "fsdp", "reward_margin") == pytest.approx(losses(tmp_path / "plain", "reward_margin"),
                                                                       rel=1e-4, abs=1e-6)
+
+
+def test_the_full_fine_tuning_reference_in_bf16_equals_the_policy_at_step_0(tmp_path):
+    """The frozen copy holds bf16 weights where the policy computes in bf16, so at step 0 every reward
+    is exactly 0: plain and sharded, a copied preset (tied embeddings) and a streamed folder."""
+    args = [a if a != "--precision=fp32" else "--precision=bf16" for a in FAST]
+    args += [f"--data={pairs_file(tmp_path)}", "--train_type=full", "--max_steps=1"]
+    for i, extra in enumerate(([], ["--fsdp"], [f"--model={hf_folder(tmp_path)}"], [f"--model={hf_folder(tmp_path)}", "--fsdp"])):
+        train.main(args + extra + [f"--out_dir={tmp_path / str(i)}"])
+        step0 = [json.loads(line) for line in open(tmp_path / str(i) / "metrics.jsonl")][0]
+        assert step0["eval_loss"] == pytest.approx(math.log(2), abs=1e-7), extra
+        assert step0["eval_reward_margin"] == 0.0 and step0["eval_chosen_reward"] == 0.0, extra
 
 
 @pytest.mark.slow
