@@ -8,7 +8,7 @@ holds whole pairs, packed into rows with document masks (or one padded answer pe
 say which answer each token belongs to: 2k pair k's chosen one, 2k + 1 its rejected one. The
 reference is the trained model itself with its adapters switched off (lora.adapters_disabled: no
 second copy of the weights), or under full fine-tuning a frozen copy of the starting model behind
-an engine of its own (train.dpo_reference; sharded like the model under --fsdp).
+an engine of its own (build.dpo_reference; sharded like the model under --fsdp).
 
 An engine's forward_backward(batch, loss_scale, sync, loss_fn=dpo) calls dpo.prepare(engine, batch)
 first (the reference log-probabilities, through the engine: under fsdp.Sharded every rank gathers

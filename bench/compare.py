@@ -11,7 +11,7 @@ Each side runs at its best setting on this device, printed in the table:
 - transformers + PEFT: bf16 autocast where ours uses it (same precision), the frozen base loaded
   in bf16 for LoRA, fp32 master weights for full fine-tuning, SDPA attention, fused AdamW (as ours);
   QLoRA through bitsandbytes' 4-bit Linear, on a GPU only (its CPU backend is not its product).
-On a CPU both sides run with train.keep_freed_memory (glibc keeps freed blocks for reuse instead
+On a CPU both sides run with build.keep_freed_memory (glibc keeps freed blocks for reuse instead
 of page-faulting them in afresh each step), which speeds both up; --keep_freed_memory=0 runs both
 with glibc's defaults.
 LoRA targets every linear layer but the head, rank --lora_rank, alpha 2 * rank, no dropout.
@@ -37,6 +37,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import optim  # noqa: E402
+import build as B  # noqa: E402
 import train  # noqa: E402
 
 
@@ -90,8 +91,8 @@ def ours(path, kind, device, batch, rank):
     d = train.Dist(0, 0, 1, device)
 
     def build():
-        model, _, _ = train.build_model(cfg, d)
-        engine = train.make_engine(model, cfg, d)
+        model, _, _ = B.build_model(cfg, d)
+        engine = B.make_engine(model, cfg, d)
         opt = optim.make_optimizer(engine, cfg)
 
         def step():
@@ -99,7 +100,7 @@ def ours(path, kind, device, batch, rank):
             opt.step()
             opt.zero_grad(set_to_none=True)
         return step
-    return build, ("bf16 autocast" if train.uses_bf16(cfg, device.type) else "fp32")
+    return build, ("bf16 autocast" if B.uses_bf16(cfg, device.type) else "fp32")
 
 
 def theirs(path, kind, device, batch, rank, bf16):
@@ -151,7 +152,7 @@ def one(opts, side, kind, device):
     """Measure one side of one kind in this process: {"tok_s", "peak", "setting"}."""
     B, T, steps = int(opts.get("batch_size", 2)), int(opts.get("seq_len", 512)), int(opts.get("steps", 3))
     rank = int(opts.get("lora_rank", 16))
-    vocab = train.M.read_hf_config(opts["model"]).vocab_size
+    vocab = B.M.read_hf_config(opts["model"]).vocab_size
     ids = torch.randint(0, vocab, (B, T), generator=torch.Generator().manual_seed(0)).to(device)
     batch = {"input_ids": ids, "labels": torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -100)], 1)}
     build, setting = ours(opts["model"], kind, device, batch, rank)
@@ -160,7 +161,7 @@ def one(opts, side, kind, device):
         build = theirs(opts["model"], kind, device, batch, rank, bf16)
         setting = ("bf16 autocast" if bf16 else "fp32") + (", bf16 base" if kind != "full" and bf16 else "")
     if device.type == "cpu" and opts.get("keep_freed_memory", "1") == "1":  # train.py's setting, for both sides
-        train.keep_freed_memory()
+        B.keep_freed_memory()
     tok_s, peak = measure(build, device, steps, B * T)
     return {"tok_s": tok_s, "peak": peak, "setting": setting}
 

@@ -40,6 +40,7 @@ import lora as L  # noqa: E402
 import model as M  # noqa: E402
 import plan as P  # noqa: E402
 import quant as Q  # noqa: E402
+import build  # noqa: E402
 import train  # noqa: E402
 
 
@@ -83,7 +84,7 @@ def peak_bytes(device, build, step):
 
 
 def build_model(args, kind, device, dtype):
-    """Random weights; frozen weights in `dtype` for lora / qlora (as train.build_model does in bf16)."""
+    """Random weights; frozen weights in `dtype` for lora / qlora (as build.build_model does in bf16)."""
     torch.manual_seed(0)
     with torch.device(device):
         model = M.Llama(args)
@@ -149,7 +150,7 @@ def loading(path, d, opts):
         keep = {}
 
         def streamed():
-            model, _, _ = train.build_model(cfg, d)
+            model, _, _ = build.build_model(cfg, d)
             keep["sharded"] = F.Sharded(model, d, materialize=model.materialize)
         grown = rss_growth(streamed)
         shards = sum(g.shard.numel() * g.shard.element_size() for u in keep["sharded"].units for g in u.groups)

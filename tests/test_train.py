@@ -15,6 +15,7 @@ import checkpoint as C
 import fsdp as F
 import model as M
 import quant as Q
+import build
 import optim
 import train
 
@@ -116,7 +117,7 @@ def test_two_process_data_parallel_equals_one_process_with_accumulation(tmp_path
 
 def test_qlora_run_on_tiny_lowers_the_loss_on_a_4bit_base(tmp_path):
     cfg = train.parse_args(["--train_type=qlora"])
-    model, _, _ = train.build_model(cfg, train.Dist(0, 0, 1, torch.device("cpu")))
+    model, _, _ = build.build_model(cfg, train.Dist(0, 0, 1, torch.device("cpu")))
     q_bytes, q_params, _ = Q.base_bytes(model)
     assert q_params == 4 * (2 * 128 * 128 + 2 * 128 * 64 + 3 * 128 * 344)  # every Linear of the 4 blocks
     assert abs(8 * q_bytes / q_params / 4.127 - 1) < 0.05
@@ -223,20 +224,20 @@ def test_a_save_killed_halfway_leaves_the_previous_checkpoint_to_resume_from(tmp
 def test_precision_auto_trains_in_bf16_where_the_cpu_multiplies_bf16_natively(monkeypatch):
     cfg = train.Config()
     for native in (True, False):
-        monkeypatch.setattr(train, "native_bf16_cpu", lambda: native)
-        assert train.uses_bf16(cfg, "cpu") is native
-        assert train.uses_bf16(train.Config(precision="fp32"), "cpu") is False
-        assert train.uses_bf16(train.Config(precision="bf16"), "cpu") is True
+        monkeypatch.setattr(build, "native_bf16_cpu", lambda: native)
+        assert build.uses_bf16(cfg, "cpu") is native
+        assert build.uses_bf16(train.Config(precision="fp32"), "cpu") is False
+        assert build.uses_bf16(train.Config(precision="bf16"), "cpu") is True
     caps = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
     monkeypatch.undo()
-    assert train.native_bf16_cpu() == bool(caps.get("amx_bf16") or caps.get("avx512_bf16"))
+    assert build.native_bf16_cpu() == bool(caps.get("amx_bf16") or caps.get("avx512_bf16"))
 
 
 def test_llama_pro_trains_only_the_new_blocks_and_exports_a_deeper_hf_folder(tmp_path):
     train.main(FAST + ["--train_type=llama_pro", "--expand_blocks=2", "--max_steps=3", "--lr=1e-2", "--save_hf=true",
                        "--hf_dtype=fp32", f"--out_dir={tmp_path}"])
     cfg = train.parse_args(FAST + ["--train_type=llama_pro", "--expand_blocks=2"])
-    original, _, _ = train.build_model(dataclasses.replace(cfg, train_type="full", expand_blocks=0),
+    original, _, _ = build.build_model(dataclasses.replace(cfg, train_type="full", expand_blocks=0),
                                        train.Dist(0, 0, 1, torch.device("cpu")))
     exported = M.from_pretrained(str(tmp_path / "hf"))
     assert exported.args.n_layers == 6

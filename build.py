@@ -1,0 +1,192 @@
+"""From train.py's Config to what the loop trains: the precision (and the CPU's allocator), the model (a preset or a Hugging
+Face folder; quantized base, adapters or Llama-Pro blocks), its engine (plain data parallel or
+sharded), and DPO's frozen reference. In its own file because train.py, with them, was past the
+reading length its issue sets (~550 lines); train.py keeps the config, the command line and the loop.
+
+    model, tok, extra_files = build_model(cfg, d)    # d: train.Dist
+    engine = make_engine(model, cfg, d)               # ddp.Replicated or fsdp.Sharded
+"""
+
+import copy
+import ctypes
+import dataclasses
+import os
+import platform
+
+import torch
+
+import data as D
+import ddp
+import fsdp as F
+import lora as L
+import model as M
+import quant as Q
+
+
+def native_bf16_cpu():
+    """Does this CPU multiply bf16 natively (AMX or AVX512-BF16)? From torch's cpuinfo probe."""
+    caps = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
+    return bool(caps.get("amx_bf16") or caps.get("avx512_bf16"))
+
+
+def keep_freed_memory():
+    """On a CPU, have glibc keep freed memory for reuse. By default every block over 32 MiB (logits,
+    gradients, activations) is mmap-ed and returned to the OS when freed, so each step page-faults
+    it in afresh: a SmolLM2 full fine-tuning step on 2 cores ran 1.35x faster without that
+    (bench/compare.py). The process's memory then stays at its peak, which a training run reaches
+    at every step anyway; train.py sets it once the model and data are loaded."""
+    if platform.libc_ver()[0] != "glibc":  # macOS, musl, Windows: another allocator, nothing to tune
+        return
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallopt(-4, 0)  # M_MMAP_MAX: serve every block from the heap
+    libc.mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD: never give the heap's free top back
+
+
+def uses_bf16(cfg, device_type):
+    """--precision=auto means bf16 autocast (fp32 master weights) on CUDA and on a CPU with native
+    bf16 matmul, where it is 1.5-2x faster than fp32; fp32 on other CPUs, where bf16 is emulated."""
+    native = device_type == "cuda" or (device_type == "cpu" and native_bf16_cpu())
+    return cfg.precision == "bf16" or (cfg.precision == "auto" and native)
+
+
+def amp_dtype(cfg, device_type):
+    """The autocast dtype (None: fp32 throughout). Master weights and optimizer state stay fp32."""
+    return torch.float16 if cfg.precision == "fp16" else torch.bfloat16 if uses_bf16(cfg, device_type) else None
+
+
+def build_model(cfg, d, with_adapters=True):
+    """(model, tokenizer, hf files to copy into exports). For qlora/qdora each Linear but lm_head is
+    quantized (--quant) as the checkpoint streams in; for every adapter type the base is then frozen
+    and the --lora_target layers get adapters."""
+    quantize = quantizer(cfg)
+    # A frozen base can live in the autocast dtype; what trains (full weights, adapters, new blocks) stays fp32.
+    amp = amp_dtype(cfg, d.device.type)
+    base_dtype = amp if cfg.train_type != "full" and amp is not None else torch.float32
+    if cfg.model in M.MODELS:
+        args = dataclasses.replace(M.MODELS[cfg.model])
+        tok = D.load_tokenizer(cfg.tokenizer or None)
+        if tok.vocab_size > args.vocab_size:  # e.g. a preset with a real tokenizer: grow to a multiple of 64
+            args.vocab_size = (tok.vocab_size + 63) // 64 * 64
+        args.bos_token_id, args.eos_token_id = tok.bos_id, tok.eos_id
+        torch.manual_seed(cfg.seed)
+        with torch.device(d.device):
+            model = M.Llama(args)
+            model.init_weights()
+        if quantize:
+            quantize(model)
+        extra = [os.path.join(cfg.tokenizer, "tokenizer.json")] if cfg.tokenizer else []
+    elif os.path.isdir(cfg.model):
+        if Q.is_prequantized(cfg.model):
+            if not quantize or cfg.quant != "nf4":
+                raise ValueError(f"--model={cfg.model} holds 4-bit bitsandbytes weights: use --train_type=qlora or qdora "
+                                 f"with --quant=nf4")
+            model = Q.load_prequantized(cfg.model, d.device, base_dtype)
+        elif cfg.fsdp and cfg.train_type != "llama_pro":  # meta model now; each unit is read, quantized and sharded in turn (fsdp.Sharded)
+            model = M.empty_from_pretrained(cfg.model, prepare=quantize)
+        else:
+            model = M.from_pretrained(cfg.model, d.device, base_dtype, prepare=quantize)
+        tok_dir = cfg.tokenizer or cfg.model
+        tok = D.load_tokenizer(tok_dir, eos_id=model.args.eos_token_id, bos_id=model.args.bos_token_id)
+        extra = [os.path.join(tok_dir, f) for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
+                 if os.path.isfile(os.path.join(tok_dir, f))]
+    else:
+        raise ValueError(f"--model={cfg.model}: neither a preset ({', '.join(M.MODELS)}) nor a folder")
+    if tok.vocab_size > model.args.vocab_size:
+        raise ValueError(f"--tokenizer: {tok.vocab_size} tokens do not fit the model's vocab_size {model.args.vocab_size}")
+    if cfg.seq_len > model.args.max_seq_len:
+        raise ValueError(f"--seq_len={cfg.seq_len} exceeds the model's context of {model.args.max_seq_len} tokens")
+    if not with_adapters:
+        return model, tok, extra
+    if cfg.train_type == "llama_pro":  # the whole model is loaded (not streamed): the copies need their originals
+        expand_for_llama_pro(model, cfg)
+        return model, tok, extra
+    gen = torch.Generator().manual_seed(cfg.seed)  # adapters start the same on every rank, sharded or not
+    if model.inv_freq.is_meta:  # --fsdp from a folder: adapters are added unit by unit as it loads
+        model.materialize = M.stream_from_pretrained(model, cfg.model, d.device, base_dtype,
+                                                     then=lambda modules: add_adapters(modules, cfg, gen))
+        model.inv_freq = M.rope_frequencies(model.args, d.device)
+    else:
+        add_adapters([model], cfg, gen)
+    return model, tok, extra
+
+
+def expand_for_llama_pro(model, cfg):
+    """Insert --expand_blocks identity-initialised blocks (model.expand_blocks); only they train."""
+    model.requires_grad_(False)
+    for block in M.expand_blocks(model, cfg.expand_blocks):
+        block.requires_grad_(True)
+
+
+def has_adapters(cfg):
+    return cfg.train_type not in ("full", "llama_pro")
+
+
+def quantizer(cfg):
+    """For qlora / qdora, what turns a model's Linears (but lm_head) into --quant Linears; else None."""
+    if cfg.train_type not in ("qlora", "qdora"):
+        return None
+    return lambda model: Q.quantize_model(model, cfg.quant, cfg.quant_bits, cfg.quant_group)
+
+
+def add_adapters(modules, cfg, generator):
+    """Freeze and wrap the --lora_target layers of these modules (nothing for --train_type=full)."""
+    if cfg.train_type in ("full", "llama_pro"):
+        return
+    for module in modules:
+        if L.linear_names(module):
+            L.add_lora(module, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target,
+                       dora=cfg.train_type in ("dora", "qdora"), generator=generator)
+        else:  # embedding, final norm, head: frozen
+            module.requires_grad_(False)
+
+
+def meta_model(cfg):
+    """The model of --model on the meta device (no memory), quantized and with adapters (or
+    expanded) as configured: what --dry_run plans for."""
+    if cfg.model in M.MODELS:
+        with torch.device("meta"):
+            model = M.Llama(dataclasses.replace(M.MODELS[cfg.model]))
+        if quantizer(cfg):
+            quantizer(cfg)(model)
+    else:
+        model = M.empty_from_pretrained(cfg.model, quantizer(cfg))
+    add_adapters([model], cfg, torch.Generator().manual_seed(0))
+    if cfg.train_type == "llama_pro":
+        expand_for_llama_pro(model, cfg)
+    return model
+
+
+def make_engine(model, cfg, d):
+    """Plain data parallelism (ddp.Replicated) or sharding (fsdp.Sharded), behind the same interface."""
+    amp = amp_dtype(cfg, d.device.type)
+    if not cfg.fsdp:
+        return ddp.Replicated(model, d, amp, cfg.loss_chunk)
+    engine = F.Sharded(model, d, cfg.prefetch, amp or torch.float32, torch.bfloat16 if cfg.reduce_dtype == "bf16" else
+                       torch.float32, cfg.offload, cfg.shard, cfg.shard_group, amp, cfg.loss_chunk,
+                       materialize=getattr(model, "materialize", None))
+    if has_adapters(cfg):  # for the adapter's config, once the modules have stopped listing parameters
+        model.lora_config = next(mod.lora_config for mod in model.modules() if hasattr(mod, "lora_config"))
+    return engine
+
+
+def dpo_reference(cfg, d, model):
+    """DPO's reference under full fine-tuning: the starting model (so also after a resume), frozen,
+    behind an engine of its own (sharded like the model under --fsdp, where a folder streams into it
+    a second time). It holds in the autocast dtype what the policy computes with in that dtype, so
+    that at step 0 both give the same numbers: under --fsdp every weight (the policy's are gathered
+    in it), else the Linear weights (autocast casts them; embeddings and norms stay fp32). RoPE's
+    inv_freq stays fp32 in both."""
+    dtype = amp_dtype(cfg, d.device.type) or torch.float32
+    if getattr(model, "materialize", None):  # --fsdp from a folder: the model exists only as it loads
+        ref = M.empty_from_pretrained(cfg.model)
+        ref.materialize = M.stream_from_pretrained(ref, cfg.model, d.device, dtype,
+                                                   then=lambda modules: [m.requires_grad_(False) for m in modules])
+        ref.inv_freq = M.rope_frequencies(ref.args, d.device)
+    else:
+        ref = copy.deepcopy(model)
+        tied_head = ref.lm_head if ref.args.tie_embeddings else None  # it is the embedding: fp32 unless --fsdp
+        for m in ref.modules():
+            if cfg.fsdp or (isinstance(m, torch.nn.Linear) and m is not tied_head):
+                for p in m.parameters(recurse=False):
+                    p.data = p.data.to(dtype)
+    return make_engine(ref.requires_grad_(False).eval(), cfg, d)
