@@ -1,7 +1,8 @@
-"""From train.py's Config to what the loop trains: the precision (and the CPU's allocator), the model (a preset or a Hugging
-Face folder; quantized base, adapters or Llama-Pro blocks), its engine (plain data parallel or
-sharded), and DPO's frozen reference. In its own file because train.py, with them, was past the
-reading length its issue sets (~550 lines); train.py keeps the config, the command line and the loop.
+"""From train.py's Config to what the loop trains: the precision (and the CPU's allocator), the
+model (a preset or a Hugging Face folder; quantized base, adapters or Llama-Pro blocks), its engine
+(plain data parallel or sharded), and DPO's frozen reference. In its own file because train.py,
+with them, was past the reading length its issue sets (~550 lines); train.py keeps the config, the
+command line and the loop.
 
     model, tok, extra_files = build_model(cfg, d)    # d: train.Dist
     engine = make_engine(model, cfg, d)               # ddp.Replicated or fsdp.Sharded
@@ -32,7 +33,7 @@ def native_bf16_cpu():
 def keep_freed_memory():
     """On a CPU, have glibc keep freed memory for reuse. By default every block over 32 MiB (logits,
     gradients, activations) is mmap-ed and returned to the OS when freed, so each step page-faults
-    it in afresh: a SmolLM2 full fine-tuning step on 2 cores ran 1.35x faster without that
+    it in afresh: a SmolLM2 full fine-tuning step on 2 cores ran 1.32x faster without that
     (bench/compare.py). The process's memory then stays at its peak, which a training run reaches
     at every step anyway; train.py sets it once the model and data are loaded."""
     if platform.libc_ver()[0] != "glibc":  # macOS, musl, Windows: another allocator, nothing to tune
