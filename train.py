@@ -70,7 +70,7 @@ class Config:
     seq_len: int = 66  # tokens per row (66: six fixed-width arith sums of 11 tokens fill a row exactly)
     batch_size: int = 16  # rows per micro-batch on each rank
     grad_accum: int = 1  # micro-batches per optimizer step
-    pack: bool = True  # pack documents into full rows (else one padded document per row, length-grouped)
+    pack: bool = True  # pack documents into full rows with document masks (else one padded document per row, length-grouped); DPO: a batch's answers
     eval_frac: float = 0.05  # the last fraction of documents is held out for eval and never trained on
     data_cache: str = ""  # folder for tokenized, memory-mapped data files; '' = <out_dir>/token_cache
     # optimization
