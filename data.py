@@ -537,6 +537,8 @@ class Batches:
         self._plan_epoch = None
         self.stats = {}
 
+    unit, hint = "rows", "--batch_size or --seq_len"  # for the error when ranks outnumber batches
+
     def plan(self, epoch):
         """This rank's batches for `epoch`: lists of rows, each a list of (start, length) pieces."""
         if self._plan_epoch == epoch:
@@ -544,32 +546,35 @@ class Batches:
         order = list(self.docs)
         if self.shuffle:
             random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
-        pieces, cropped = pieces_of(self.data, order, self.seq_len)
-        if self.pack:
-            rows = pack_first_fit(pieces, self.seq_len)
-            batches = [rows[i:i + self.batch_size] for i in range(0, len(rows), self.batch_size)]
-            slots = len(rows) * self.seq_len
-        else:
-            # Sort by length within windows of 64 batches: similar lengths share a batch, order stays random.
-            window = 64 * self.batch_size
-            batches = []
-            for w in range(0, len(pieces), window):
-                chunk = sorted(pieces[w:w + window], key=lambda p: p[1])
-                batches += [[[p] for p in chunk[i:i + self.batch_size]] for i in range(0, len(chunk), self.batch_size)]
-            if self.shuffle:
-                random.Random(self.seed * 1_000_003 + epoch + 1).shuffle(batches)
-            slots = sum(len(b) * max(r[0][1] for r in b) for b in batches)
+        batches, pieces, cropped = self.make_batches(order, epoch)
         real = sum(p[1] for p in pieces)
+        slots = sum(len(b) * (self.seq_len if self.pack else max(r[0][1] for r in b)) for b in batches)
         per_rank = len(batches) // self.world
         if per_rank == 0:
-            raise ValueError(f"data: {len(batches)} batches of {self.batch_size} rows cannot give each of "
-                             f"{self.world} ranks one; use less --batch_size or --seq_len, or more data")
+            raise ValueError(f"data: {len(batches)} batches of {self.batch_size} {self.unit} cannot give each of "
+                             f"{self.world} ranks one; use less {self.hint}, or more data")
         untrainable = sum(1 for start, n in pieces if not self.data.mask[start:start + n].any())  # prompt fills the row
         self.stats = {"docs": len(order), "tokens": real, "cropped_tokens": cropped, "untrainable": untrainable,
                       "efficiency": real / max(slots, 1), "batches_per_rank": per_rank}
         self._plan = batches[self.rank:per_rank * self.world:self.world]
         self._plan_epoch = epoch
         return self._plan
+
+    def make_batches(self, order, epoch):
+        """(batches, pieces, cropped tokens) of the documents in `order`, for every rank."""
+        pieces, cropped = pieces_of(self.data, order, self.seq_len)
+        if self.pack:
+            rows = pack_first_fit(pieces, self.seq_len)
+            return [rows[i:i + self.batch_size] for i in range(0, len(rows), self.batch_size)], pieces, cropped
+        # Sort by length within windows of 64 batches: similar lengths share a batch, order stays random.
+        window = 64 * self.batch_size
+        batches = []
+        for w in range(0, len(pieces), window):
+            chunk = sorted(pieces[w:w + window], key=lambda p: p[1])
+            batches += [[[p] for p in chunk[i:i + self.batch_size]] for i in range(0, len(chunk), self.batch_size)]
+        if self.shuffle:
+            random.Random(self.seed * 1_000_003 + epoch + 1).shuffle(batches)
+        return batches, pieces, cropped
 
     def __iter__(self):
         return self
@@ -620,28 +625,15 @@ class PairBatches(Batches):
     2k + 1 for its rejected one, -1 for padding) and num_pairs. A crop that leaves an answer no token
     gives that pair a zero log-ratio. Sharded and resumable as Batches."""
 
-    def plan(self, epoch):
-        if self._plan_epoch == epoch:
-            return self._plan
-        order = list(self.docs)
-        if self.shuffle:
-            random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
+    unit, hint = "pairs", "--batch_size"
+
+    def make_batches(self, order, epoch):
         pieces, cropped = pieces_of(self.data, [d for p in order for d in (2 * p, 2 * p + 1)], self.seq_len)
         n = 2 * self.batch_size  # pieces per batch: one per document, as instruction documents are cropped, not split
         # Each piece carries its answer's slot in the batch: 2k for pair k's chosen one, 2k + 1 its rejected one.
         groups = [[(*p, j) for j, p in enumerate(pieces[i:i + n])] for i in range(0, len(pieces), n)]
         batches = [pack_first_fit(g, self.seq_len, open_rows=n) if self.pack else [[p] for p in g] for g in groups]
-        per_rank = len(batches) // self.world
-        if per_rank == 0:
-            raise ValueError(f"data: {len(batches)} batches of {self.batch_size} pairs cannot give each of "
-                             f"{self.world} ranks one; use less --batch_size or more data")
-        untrainable = sum(1 for start, n in pieces if not self.data.mask[start:start + n].any())
-        slots = sum(len(b) * (self.seq_len if self.pack else max(r[0][1] for r in b)) for b in batches)
-        self.stats = {"docs": len(order), "tokens": sum(n for _, n in pieces), "cropped_tokens": cropped,
-                      "untrainable": untrainable, "efficiency": sum(n for _, n in pieces) / max(slots, 1),
-                      "batches_per_rank": per_rank}
-        self._plan, self._plan_epoch = batches[self.rank:per_rank * self.world:self.world], epoch
-        return self._plan
+        return batches, pieces, cropped
 
     def __next__(self):
         batch = super().__next__()
