@@ -111,6 +111,10 @@ class Replicated:
     def clip_grad_norm_(self, max_norm):
         return torch.nn.utils.clip_grad_norm_([p for _, p in self.named], max_norm)
 
+    def held_bytes(self):
+        """Bytes of weights this rank keeps: the whole model's parameters (a tied head once)."""
+        return sum(p.numel() * p.element_size() for p in {id(p): p for p in self.model.parameters()}.values())
+
     def counts(self):
         return sum(p.numel() for _, p in self.named), sum(p.numel() for n, p in self.named if ".lora_" in n)
 

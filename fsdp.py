@@ -462,6 +462,10 @@ class Sharded:
             g.mul_(scale.to(g.device))
         return norm
 
+    def held_bytes(self):
+        """Bytes of weights this rank keeps between steps: its shards."""
+        return sum(g.shard.numel() * g.shard.element_size() for u in self.units for g in u.groups)
+
     def counts(self):
         """(trainable parameters, adapter parameters), whole model."""
         numels = {n: g.numels[k] for g in self.trainable_groups() for k, n in enumerate(self.names[id(g)])}

@@ -394,15 +394,12 @@ def setup(cfg: Config, d: Dist, log):
     if cfg.fsdp:
         groups = [g for u in engine.units for g in u.groups]
         frozen = sum(g.numel * g.shard.element_size() for g in groups if not g.trainable)
-        shard_bytes = sum(g.shard.numel() * g.shard.element_size() for g in groups)
         log(f"fsdp: {cfg.shard} sharding over {engine.shard_world} ranks, {len(engine.units)} units; frozen tensors "
-            f"{frozen / 2**20:.1f} MiB in all; {shard_bytes / 2**20:.1f} MiB of shards on this rank; prefetch "
+            f"{frozen / 2**20:.1f} MiB in all; {engine.held_bytes() / 2**20:.1f} MiB of shards on this rank; prefetch "
             f"{cfg.prefetch}, checkpointing {cfg.grad_checkpointing}, reduce in {cfg.reduce_dtype}")
 
     if reference is not None:
-        held = ([g.shard for u in reference.units for g in u.groups] if cfg.fsdp else
-                list({id(p): p for p in reference.model.parameters()}.values()))
-        log(f"dpo: the reference is a frozen copy of the starting model, {sum(t.numel() * t.element_size() for t in held) / 2**20:.1f} "
+        log(f"dpo: the reference is a frozen copy of the starting model, {reference.held_bytes() / 2**20:.1f} "
             f"MiB {'of shards ' if cfg.fsdp else ''}on this rank")
     dataset, eval_docs, loader = D.load_for_training(cfg, tok, d.rank, d.world, log, dist.barrier)
     if cfg.eval_metric == "auto":
