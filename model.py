@@ -462,14 +462,10 @@ def cross_entropy_sum(h, head, labels, chunk=0):
     return total, n
 
 
-def sequence_logprobs(model: Llama, input_ids, labels, position_ids=None, doc_ids=None, seq_ids=None):
-    """The summed log-probability of each sequence's target tokens (labels != -100), as DPO needs:
-    per row, or with seq_ids ([B, T], the sequence each token belongs to, -1 for none) per sequence."""
-    return row_logprobs(model, model.hidden(input_ids, position_ids, doc_ids), labels, seq_ids)
-
-
 def row_logprobs(model: Llama, x, labels, seq_ids=None, n_seqs=None):
-    """sequence_logprobs from the last block's output x. The head runs one row at a time under
+    """The summed log-probability of each sequence's target tokens (labels != -100), from the last
+    block's output x, as DPO needs: per row, or with seq_ids ([B, T], the sequence each token belongs
+    to, -1 for none) per sequence, n_seqs of them. The head runs one row at a time under
     checkpointing, so one row's [T, vocab] fp32 logits exist at a time, in forward and in backward."""
     h = model.model.norm(x)
 

@@ -1,4 +1,4 @@
-"""DPO (dpo.DPO, data.PairBatches, model.sequence_logprobs, lora.adapters_disabled) against
+"""DPO (dpo.DPO, data.PairBatches, model.row_logprobs, lora.adapters_disabled) against
 its formula written out, its starting point, and the trainer's resume and accumulation."""
 import copy
 import json
