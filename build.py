@@ -141,9 +141,9 @@ def add_adapters(modules, cfg, generator):
             module.requires_grad_(False)
 
 
-def meta_model(cfg):
-    """The model of --model on the meta device (no memory), quantized and with adapters (or
-    expanded) as configured: what --dry_run plans for."""
+def meta_model(cfg, amp):
+    """The model of --model on the meta device (no memory), as build_model makes it: quantized, with
+    adapters (or expanded), a frozen base in the autocast dtype `amp`. What --dry_run plans for."""
     if cfg.model in M.MODELS:
         with torch.device("meta"):
             model = M.Llama(dataclasses.replace(M.MODELS[cfg.model]))
@@ -154,6 +154,10 @@ def meta_model(cfg):
     add_adapters([model], cfg, torch.Generator().manual_seed(0))
     if cfg.train_type == "llama_pro":
         expand_for_llama_pro(model, cfg)
+    if amp is not None and cfg.train_type != "full":
+        for p in model.parameters():
+            if not p.requires_grad:
+                p.data = p.data.to(amp)
     return model
 
 
@@ -185,9 +189,21 @@ def dpo_reference(cfg, d, model):
         ref.inv_freq = M.rope_frequencies(ref.args, d.device)
     else:
         ref = copy.deepcopy(model)
-        tied_head = ref.lm_head if ref.args.tie_embeddings else None  # it is the embedding: fp32 unless --fsdp
-        for m in ref.modules():
-            if cfg.fsdp or (isinstance(m, torch.nn.Linear) and m is not tied_head):
-                for p in m.parameters(recurse=False):
-                    p.data = p.data.to(dtype)
+        for p in reference_casts(ref, cfg.fsdp):
+            p.data = p.data.to(dtype)
     return make_engine(ref.requires_grad_(False).eval(), cfg, d)
+
+
+def reference_casts(model, fsdp):
+    """The parameters DPO's frozen copy holds in the autocast dtype (dpo_reference): every one under
+    --fsdp, else those of the Linear layers but a head tied to the embedding (which stays fp32)."""
+    tied_head = model.lm_head if model.args.tie_embeddings else None
+    return [p for m in model.modules() if fsdp or (isinstance(m, torch.nn.Linear) and m is not tied_head)
+            for p in m.parameters(recurse=False)]
+
+
+def reference_bytes(model, cfg, amp):
+    """The bytes of DPO's frozen copy of `model` (whole, before any sharding), for --dry_run."""
+    cast = {id(p) for p in reference_casts(model, cfg.fsdp)} if amp is not None else set()
+    params = {id(p): p for p in model.parameters()}.values()  # a tied head once
+    return sum(p.numel() * (torch.finfo(amp).bits // 8 if id(p) in cast else p.element_size()) for p in params)

@@ -155,13 +155,9 @@ def plan_memory(model, world, batch_size, seq_len, prefetch=1, checkpointing=Tru
     return gpu, cpu
 
 
-def print_plan(model, cfg, world, amp, reference_copy=False):
-    """--dry_run's table: plan_memory for train.py's Config `cfg` on a meta-device `model` (quantized,
-    with adapters); amp: the autocast dtype or None; reference_copy: DPO's frozen copy of the model."""
-    if amp is not None and cfg.train_type != "full":  # a frozen base is loaded in the autocast dtype (build_model)
-        for p in model.parameters():
-            if not p.requires_grad:
-                p.data = p.data.to(amp)
+def print_plan(model, cfg, world, amp, reference_bytes=0):
+    """--dry_run's table: plan_memory for train.py's Config `cfg` on a meta-device `model` as built
+    (build.meta_model); amp: the autocast dtype or None; reference_bytes: DPO's frozen copy, whole."""
     # The Triton kernels that keep less for backward, when they would run (a GPU, --kernels=triton).
     kernels = K.HAS_TRITON and cfg.kernels == "triton" and not {"rmsnorm", "swiglu", "linear_ce"} & set(cfg.kernels_off.split(","))
     gpu, cpu = plan_memory(model, world, cfg.batch_size, cfg.seq_len, cfg.prefetch, cfg.grad_checkpointing,
@@ -171,9 +167,9 @@ def print_plan(model, cfg, world, amp, reference_copy=False):
     print(f"memory plan: {cfg.model} {cfg.train_type}, world {world}, --shard={cfg.shard}, batch {cfg.batch_size} x {cfg.seq_len}, "
           f"checkpointing {cfg.grad_checkpointing}, prefetch {cfg.prefetch}, offload {cfg.offload}, "
           f"loss_chunk {cfg.loss_chunk}, Triton kernels {'on' if kernels else 'off'}; {describe(model)}")
-    if reference_copy:  # DPO's reference under full fine-tuning: a frozen copy in the autocast dtype, sharded
-        shards = (cfg.shard_group if cfg.shard == "hybrid" else world) if cfg.fsdp else 1  # like the model (--fsdp)
-        copy = math.ceil(sum(p.numel() for p in model.parameters()) / shards) * (2 if amp is not None else 4)
+    if reference_bytes:  # DPO's reference under full fine-tuning: a frozen copy, sharded like the model (--fsdp)
+        shards = (cfg.shard_group if cfg.shard == "hybrid" else world) if cfg.fsdp else 1
+        copy = math.ceil(reference_bytes / shards)
         where = cpu if cfg.fsdp and cfg.offload != "none" else gpu  # offloaded as a frozen shard
         total = where.pop("total", None)
         where["reference model"] = copy

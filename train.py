@@ -339,9 +339,10 @@ def generate(engine, cfg, tok, prompts, temperature, top_k=0, generator=None):
 def dry_run(cfg: Config, d: Dist):
     """Print what each rank would hold on the GPU at its peak (and on the CPU with --offload), from the
     model built on the meta device, quantized and with adapters as configured: plan.print_plan."""
-    P.print_plan(B.meta_model(cfg), cfg, cfg.plan_world or d.world,
-                 B.amp_dtype(cfg, "cuda" if torch.cuda.is_available() else "cpu"),
-                 reference_copy=cfg.objective == "dpo" and not B.has_adapters(cfg))
+    amp = B.amp_dtype(cfg, "cuda" if torch.cuda.is_available() else "cpu")
+    model = B.meta_model(cfg, amp)
+    reference = B.reference_bytes(model, cfg, amp) if cfg.objective == "dpo" and not B.has_adapters(cfg) else 0
+    P.print_plan(model, cfg, cfg.plan_world or d.world, amp, reference)
 
 
 def ask(cfg: Config, d: Dist):

@@ -150,10 +150,24 @@ def test_dry_run_counts_the_frozen_reference_of_full_fine_tuning_sharded_under_f
     out = capsys.readouterr().out
     gib = lambda text, key: float(text.split(key)[1].split("GiB")[0])  # noqa: E731
     params = 6738415616  # Llama-2-7B
-    assert gib(out, "reference model") == pytest.approx(params * 2 / 2**30, abs=0.01)  # a bf16 copy
-    assert gib(out, "total") == pytest.approx(gib(plain, "total") + params * 2 / 2**30, abs=0.02)
+    fp32 = 32000 * 4096 + (2 * 32 + 1) * 4096  # its embedding and norms stay fp32 in the plain copy, as in the policy
+    copy = (params - fp32) * 2 + fp32 * 4
+    assert gib(out, "reference model") == pytest.approx(copy / 2**30, abs=0.01)
+    assert gib(out, "total") == pytest.approx(gib(plain, "total") + copy / 2**30, abs=0.02)
     train.main(base + ["--objective=dpo", "--data=pairs.jsonl", "--fsdp", "--plan_world=8"])
     assert gib(capsys.readouterr().out, "reference model") == pytest.approx(params * 2 / 8 / 2**30, abs=0.01)  # sharded
+
+
+def test_the_planned_reference_bytes_are_what_the_built_reference_holds():
+    import build
+    cfg = train.Config(objective="dpo", train_type="full", precision="bf16")
+    d = train.Dist(0, 0, 1, torch.device("cpu"))
+    for fsdp in (False, True):
+        cfg.fsdp = fsdp
+        model, _, _ = build.build_model(cfg, d)
+        held = build.dpo_reference(cfg, d, model).held_bytes()
+        planned = build.reference_bytes(build.meta_model(cfg, torch.bfloat16), cfg, torch.bfloat16)
+        assert planned == held  # world 1: the shards are whole, no padding
 
 
 def hf_folder(tmp_path):
