@@ -4,15 +4,17 @@ model (a preset or a Hugging Face folder; quantized base, adapters or Llama-Pro 
 with them, was past the reading length its issue sets (~550 lines); train.py keeps the config, the
 command line and the loop.
 
-    model, tok, extra_files = build_model(cfg, d)    # d: train.Dist
+    model, tok, files = build_model(cfg, d)    # d: train.Dist; files: what an HF export carries over
     engine = make_engine(model, cfg, d)               # ddp.Replicated or fsdp.Sharded
 """
 
 import copy
 import ctypes
 import dataclasses
+import json
 import os
 import platform
+import re
 
 import torch
 
@@ -25,9 +27,11 @@ import quant as Q
 
 
 def native_bf16_cpu():
-    """Does this CPU multiply bf16 natively (AMX or AVX512-BF16)? From torch's cpuinfo probe."""
+    """Does this CPU multiply bf16 natively (AMX or AVX512-BF16)? From torch's cpuinfo probe, and only
+    while ATen dispatches its AVX-512 kernels: under ATEN_CPU_CAPABILITY=avx2 (how an AVX2-only CPU
+    is reproduced) bf16 is emulated there too."""
     caps = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
-    return bool(caps.get("amx_bf16") or caps.get("avx512_bf16"))
+    return bool(caps.get("amx_bf16") or caps.get("avx512_bf16")) and torch.backends.cpu.get_cpu_capability() == "AVX512"
 
 
 def keep_freed_memory():
@@ -75,7 +79,6 @@ def build_model(cfg, d, with_adapters=True):
             model.init_weights()
         if quantize:
             quantize(model)
-        extra = [os.path.join(cfg.tokenizer, "tokenizer.json")] if cfg.tokenizer else []
     elif os.path.isdir(cfg.model):
         if Q.is_prequantized(cfg.model):
             if not quantize or cfg.quant != "nf4":
@@ -88,10 +91,9 @@ def build_model(cfg, d, with_adapters=True):
             model = M.from_pretrained(cfg.model, d.device, base_dtype, prepare=quantize)
         tok_dir = cfg.tokenizer or cfg.model
         tok = D.load_tokenizer(tok_dir, eos_id=model.args.eos_token_id, bos_id=model.args.bos_token_id)
-        extra = [os.path.join(tok_dir, f) for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
-                 if os.path.isfile(os.path.join(tok_dir, f))]
     else:
         raise ValueError(f"--model={cfg.model}: neither a preset ({', '.join(M.MODELS)}) nor a folder")
+    extra = source_files(cfg.model if os.path.isdir(cfg.model) else "", cfg.tokenizer)
     if tok.vocab_size > model.args.vocab_size:
         raise ValueError(f"--tokenizer: {tok.vocab_size} tokens do not fit the model's vocab_size {model.args.vocab_size}")
     if cfg.seq_len > model.args.max_seq_len:
@@ -109,6 +111,42 @@ def build_model(cfg, d, with_adapters=True):
     else:
         add_adapters([model], cfg, gen)
     return model, tok, extra
+
+
+# What an HF folder holds besides its config.json and weights: tokenizer files, generation config,
+# chat template, README, license. An export carries all of them over.
+NOT_CARRIED = re.compile(r"^config\.json$|\.index\.json$|\.(safetensors|bin|pt|pth|ckpt|h5|msgpack|gguf|onnx)$")
+
+
+def source_files(model_dir, tokenizer_dir=""):
+    """name -> path of the files an export of this run carries from the model folder (and from the
+    --tokenizer folder, whose files take precedence)."""
+    files = {}
+    for folder in (model_dir, tokenizer_dir):
+        for name in sorted(os.listdir(folder)) if folder else ():
+            if os.path.isfile(os.path.join(folder, name)) and not name.startswith(".") and not NOT_CARRIED.search(name):
+                files[name] = os.path.join(folder, name)
+    return files
+
+
+def export_files(files, tok, fmt, chat_data):
+    """name -> bytes for the hf/ export: the source folder's files, and the chat template the run
+    trained in (chat_data: its records were instructions or chats, not plain text), so that
+    transformers' apply_chat_template (vLLM, llama.cpp's converter) gives the tokens it trained on."""
+    out = {name: open(path, "rb").read() for name, path in files.items()}
+    if "tokenizer.json" not in out or not chat_data:  # the byte tokenizer, or no turns to render
+        return out
+    bos = tok.encode("", bos=True)
+    template = tok.chat_template if fmt == "template" else D.format_template(fmt, bool(bos), tok.eos_token)
+    config = json.loads(out.get("tokenizer_config.json", b"{}"))
+    config["chat_template"] = template  # both places: tools read one or the other
+    if bos and fmt != "template":
+        config["bos_token"] = tok.tok.id_to_token(bos[0])
+    if tok.eos_token:
+        config.setdefault("eos_token", tok.eos_token)
+    out["tokenizer_config.json"] = json.dumps(config, indent=2, ensure_ascii=False).encode()
+    out["chat_template.jinja"] = template.encode()
+    return out
 
 
 def expand_for_llama_pro(model, cfg):

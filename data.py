@@ -60,6 +60,11 @@ class ByteTokenizer:
     def encode(self, text, bos=False):
         return ([self.bos_id] if bos else []) + list(text.encode("utf-8"))
 
+    def encode_with_offsets(self, text, bos=False):
+        """(ids, the (start, end) characters of text each id comes from)."""
+        spans = [(k, k + 1) for k, ch in enumerate(text) for _ in ch.encode("utf-8")]
+        return self.encode(text, bos), [(0, 0)] * bos + spans
+
     def decode(self, ids):
         return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
 
@@ -89,6 +94,10 @@ class HFTokenizer:
 
     def encode(self, text, bos=False):
         return self.tok.encode(text, add_special_tokens=bos).ids
+
+    def encode_with_offsets(self, text, bos=False):
+        encoding = self.tok.encode(text, add_special_tokens=bos)
+        return encoding.ids, encoding.offsets
 
     def has_token(self, text):
         return self.tok.token_to_id(text) is not None
@@ -156,6 +165,26 @@ def detect_format(tok):
         return "template"
     has = getattr(tok, "has_token", lambda t: False)
     return "chatml" if has("<|im_start|>") else "llama3" if has("<|start_header_id|>") else "alpaca"
+
+
+def format_template(fmt, bos=False, eos_token=""):
+    """A built-in format as a Hugging Face chat template (Jinja), for the hf/ export: through
+    transformers' apply_chat_template it gives the text (so the tokens) this module trains on. bos:
+    the tokenizer adds a bos token, which a template writes as {{ bos_token }}."""
+    lit = json.dumps  # a Jinja string literal
+    start = "{{ bos_token }}" if bos else ""
+    if fmt == "alpaca":  # one user turn (the instruction) and the answer closed by eos, as --ask writes it
+        before, after = ALPACA_PROMPT_NO_INPUT.split("{instruction}")
+        return (start + "{% for message in messages %}"
+                "{% if message['role'] == 'user' %}{{ " + lit(before) + " + message['content'] + " + lit(after) + " }}"
+                "{% elif message['role'] == 'assistant' %}{{ message['content'] + " + lit(eos_token) + " }}"
+                "{% else %}{{ raise_exception('the Alpaca format has user and assistant turns only') }}{% endif %}"
+                "{% endfor %}")
+    header, body = CHAT_FORMATS[fmt]
+    (h0, h1), (b0, b1) = header.split("{role}"), body.split("{content}")
+    return (start + "{% for message in messages %}{{ " + lit(h0) + " + message['role'] + " + lit(h1 + b0)
+            + " + message['content'] + " + lit(b1) + " }}{% endfor %}"
+            "{% if add_generation_prompt %}{{ " + lit(h0 + "assistant" + h1) + " }}{% endif %}")
 
 
 def has_jinja2():
@@ -322,12 +351,18 @@ def read_records(path):
 
 
 def tokenize_segments(tok, segments, add_eos=True):
-    """Segments -> (ids, mask) with bos at the start and (add_eos) a trainable eos at the end."""
-    ids, mask = [], []
-    for i, (text, trainable) in enumerate(segments):
-        piece = tok.encode(text, bos=(i == 0))
-        ids += piece
-        mask += [trainable] * len(piece)
+    """Segments -> (ids, mask) with bos at the start and (add_eos) a trainable eos at the end. The
+    text is tokenized whole, as a chat template's render is at inference, so the tokens at each
+    boundary are the ones a served model sees (piece by piece, "\n\n" + "What" could become one
+    token where the whole text has two). A token is a target where any of its characters is in a
+    trainable segment."""
+    text = "".join(t for t, _ in segments)
+    ids, spans = tok.encode_with_offsets(text, bos=True)
+    flags = [trainable for t, trainable in segments for _ in t] or [False]
+    in_target = np.concatenate([[0], np.cumsum(flags)])
+    # a token the tokenizer adds (bos: no characters) goes with the segment it stands at
+    mask = [bool(in_target[e] > in_target[s]) if e > s else flags[min(s, len(flags) - 1)] for s, e in spans]
+    ids = list(ids)
     if add_eos and tok.eos_id is not None:
         ids.append(tok.eos_id)
         mask.append(True)  # the model must learn to stop
@@ -403,7 +438,7 @@ def load_documents(source, tok, cache_dir=None, fmt="alpaca"):
 def token_cache_path(source, tok, cache_dir, fmt="alpaca"):
     st = os.stat(source)
     key = (f"{os.path.abspath(source)}|{st.st_size}|{st.st_mtime_ns}|{tok.fingerprint()}|{ALPACA_PROMPT}|{fmt}|"
-           f"{CHAT_FORMATS.get(fmt)}")
+           f"{CHAT_FORMATS.get(fmt)}|whole-text")  # whole-text: tokenize_segments' rule since caches made before it
     name = os.path.basename(source) + "-" + hashlib.sha1(key.encode()).hexdigest()[:12]
     return os.path.join(cache_dir, name)
 

@@ -137,7 +137,7 @@ class Replicated:
                              f"({len(unexpected)} unexpected, {len(lacking)} missing tensors)")
         opt.load_state_dict(state["optimizer"])
 
-    def export_hf(self, path, extra_files=(), dtype=torch.bfloat16):
+    def export_hf(self, path, extra_files=None, dtype=torch.bfloat16):
         if self.d.rank == 0:  # adapters folded into dense weights (dequantized when quantized)
             model = L.merge_and_unload(self.model) if L.lora_layers(self.model) else self.model
             M.save_pretrained(model, path, dtype=dtype, extra_files=extra_files)

@@ -497,7 +497,7 @@ class Sharded:
                     state[name] = getattr(*owners[0]).detach().cpu().clone()
         return state
 
-    def export_hf(self, path, extra_files=(), dtype=torch.bfloat16):
+    def export_hf(self, path, extra_files=None, dtype=torch.bfloat16):
         """The trained model as an HF folder: one safetensors file per unit, so rank 0 holds one unit
         at a time (adapters merged, NF4 dequantized). Every rank joins the gathers."""
         names = {id(mod): name for name, mod in self.model.named_modules()}

@@ -758,8 +758,9 @@ def replace_dir(tmp, final):
     shutil.rmtree(old, ignore_errors=True)
 
 
-def save_pretrained(model: Llama, path, dtype=torch.bfloat16, max_shard_bytes=5 * 2**30, extra_files=()):
-    """Write config.json + model.safetensors (or shards + index), plus `extra_files` (e.g. tokenizer.json)."""
+def save_pretrained(model: Llama, path, dtype=torch.bfloat16, max_shard_bytes=5 * 2**30, extra_files=None):
+    """Write config.json + model.safetensors (or shards + index), plus `extra_files` (name -> bytes,
+    e.g. the tokenizer's files)."""
     state = {k: v.detach().to("cpu", dtype) for k, v in model.state_dict().items()}
     if model.args.tie_embeddings:
         state.pop("lm_head.weight")  # HF stores a tied head once, as the embedding
@@ -775,7 +776,7 @@ def save_pretrained(model: Llama, path, dtype=torch.bfloat16, max_shard_bytes=5 
     write_hf_folder(path, model.args, shards, len(shards), dtype, extra_files)
 
 
-def write_hf_folder(path, args: ModelArgs, shards, n_shards, dtype, extra_files=()):
+def write_hf_folder(path, args: ModelArgs, shards, n_shards, dtype, extra_files=None):
     """config.json and the weights: `shards` yields n_shards name -> tensor dicts, each written as it
     comes (model.safetensors if there is one, else numbered files and an index); everything goes to
     a temp folder that is renamed into place at the end."""
@@ -798,6 +799,7 @@ def write_hf_folder(path, args: ModelArgs, shards, n_shards, dtype, extra_files=
         if n_shards > 1:
             with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
                 json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-        for src in extra_files:
-            shutil.copy(src, tmp)
+        for name, content in (extra_files or {}).items():
+            with open(os.path.join(tmp, name), "wb") as f:
+                f.write(content)
     replace_dir(tmp, path.rstrip("/"))

@@ -381,7 +381,7 @@ def setup(cfg: Config, d: Dist, log):
         os.remove(probe)
     except OSError as e:
         raise ValueError(f"--out_dir={cfg.out_dir}: cannot write there ({e.strerror})") from None
-    model, tok, extra_files = B.build_model(cfg, d)
+    model, tok, source_files = B.build_model(cfg, d)
     reference = B.dpo_reference(cfg, d, model) if cfg.objective == "dpo" and not B.has_adapters(cfg) else None
     model.gradient_checkpointing, model.offload_activations = cfg.grad_checkpointing, cfg.offload_activations
     if cfg.compile:
@@ -405,6 +405,7 @@ def setup(cfg: Config, d: Dist, log):
     dataset, eval_docs, loader = D.load_for_training(cfg, tok, d.rank, d.world, log, dist.barrier)
     if cfg.eval_metric == "auto":
         cfg.eval_metric = "exact" if cfg.data == "arith" else "last_number"
+    hf_files = B.export_files(source_files, tok, D.chat_format(cfg, tok), chat_data=not dataset.split_long)
 
     preference = dpo.DPO(cfg.dpo_beta, reference) if cfg.objective == "dpo" else None
     opt = O.make_optimizer(engine, cfg)
@@ -421,7 +422,7 @@ def setup(cfg: Config, d: Dist, log):
             raise ValueError(f"--max_steps={cfg.max_steps} is below the step of the checkpoint in {ckpt_path} "
                              f"({start}); pass --max_steps above it to train on")
         log(f"resumed from {ckpt_path} at step {start}, data epoch {loader.epoch} batch {loader.index}")
-    return types.SimpleNamespace(model=model, tok=tok, extra_files=extra_files, engine=engine, opt=opt, dataset=dataset,
+    return types.SimpleNamespace(model=model, tok=tok, hf_files=hf_files, engine=engine, opt=opt, dataset=dataset,
                                  eval_docs=eval_docs, loader=loader, ckpt_path=ckpt_path, start=start, step=start,
                                  adapters=adapters, base=base, scaler=scaler, dpo=preference)
 
@@ -542,7 +543,7 @@ def finish(cfg: Config, d: Dist, r, log, record):
         r.engine.export_adapter(os.path.join(cfg.out_dir, "adapter"), base_name)
         log(f"saved the adapter (PEFT layout) to {os.path.join(cfg.out_dir, 'adapter')}")
     if cfg.save_hf:  # adapters merged into dense weights (dequantized when quantized)
-        r.engine.export_hf(os.path.join(cfg.out_dir, "hf"), r.extra_files,
+        r.engine.export_hf(os.path.join(cfg.out_dir, "hf"), r.hf_files,
                            torch.float32 if cfg.hf_dtype == "fp32" else torch.bfloat16)
         log(f"saved {os.path.join(cfg.out_dir, 'hf')}" + (" (merged)" if B.has_adapters(cfg) else ""))
 

@@ -17,6 +17,24 @@ SHARED = os.path.join(os.path.dirname(ROOT), "shared")
 import model as M  # noqa: E402
 
 
+def assert_close(actual, expected, dtype=torch.float32, ulps=64, scale=None, msg=""):
+    """actual equals expected up to rounding in `dtype`: every element within ulps * eps(dtype) *
+    scale, where scale is max|expected| unless the caller knows the size of the terms that were
+    summed to make it (a difference of large log-probabilities). The tolerance follows the scale of the whole compared tensor, not each element:
+    two correct computations that sum in another order (another kernel, another CPU's vector width)
+    differ by a few eps of the terms they add, which for an element that cancels to near 0 is a
+    large relative error. 64 ulps: the deepest computations compared here (a few blocks forward and
+    back) measured up to ~25 on AVX-512 and AVX2 CPUs alike."""
+    actual, expected = torch.as_tensor(actual).double(), torch.as_tensor(expected).double()
+    if scale is None:
+        scale = expected.abs().max().item() if expected.numel() else 0.0
+    tol = ulps * torch.finfo(dtype).eps * scale
+    err = (actual - expected).abs().max().item() if expected.numel() else 0.0
+    assert actual.shape == expected.shape and err <= tol, (
+        f"{msg} max error {err:.3g} is {err / max(torch.finfo(dtype).eps * scale, 1e-300):.1f} ulps of "
+        f"{dtype} at the scale {scale:.3g} (allowed {ulps})")
+
+
 def small_args(**kw):
     """A model small enough for a written-out reference; GQA (4 heads over 2 KV heads)."""
     base = dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=50, ffn_dim=48, max_seq_len=128)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import small_model
+from conftest import assert_close, small_model
 
 import data as D
 
@@ -65,7 +65,7 @@ def test_packed_batch_gives_each_document_the_loss_it_has_alone(tmp_path):
         for start, n in row:
             one = D.collate(data, [[(start, n)]], n, tok.pad_id, packed=False)
             alone = F.cross_entropy(m(one["input_ids"])[0], one["labels"][0], reduction="none")
-            assert torch.allclose(packed[b, col:col + n], alone, atol=1e-5)
+            assert_close(packed[b, col:col + n], alone)
             col, seen = col + n, seen + 1
     assert seen > 4  # several documents per row were really packed
 

@@ -172,7 +172,7 @@ def hf_folder(tmp_path):
     tok.decoder = decoders.Fuse()
     tok.save(str(tmp_path / "tokenizer.json"))
     M.save_pretrained(small_model(seed=0), str(tmp_path / "base"), dtype=torch.float32,
-                      extra_files=[str(tmp_path / "tokenizer.json")])
+                      extra_files={"tokenizer.json": (tmp_path / "tokenizer.json").read_bytes()})
     return tmp_path / "base"
 
 

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, small_model
+from conftest import ROOT, assert_close, small_model
 from fsdp_worker import CONFIGS, STEPS, STRATEGY_CONFIGS, batch, build, n_targets
 
 import fsdp as F
@@ -106,10 +106,10 @@ def test_exports_load_in_one_process_with_the_same_logits(run):
     x = torch.randint(0, 50, (2, 9))
     with torch.no_grad():
         ref = model(x)
-        torch.testing.assert_close(M.from_pretrained(out + ".hf")(x), ref, rtol=1e-5, atol=1e-5)
+        assert_close(M.from_pretrained(out + ".hf")(x), ref)
         fresh = Q.quantize_model(small_model(seed=0))  # the base the worker started from, no adapters
         L.load_adapter(fresh, out + ".adapter")
-        torch.testing.assert_close(fresh(x), ref, rtol=1e-5, atol=1e-5)
+        assert_close(fresh(x), ref)
 
 
 @pytest.fixture(scope="module")
@@ -165,7 +165,7 @@ def test_unsynced_micro_batches_sum_their_gradients_in_fp32():
             ids, labels = batch(0, k, 0)
             sharded.forward_backward({"input_ids": ids, "labels": labels}, loss_scale=1 / 300, sync=every or k == 15)
         grads[every] = torch.cat([g.shard.grad for g in sharded.trainable_groups()])
-    torch.testing.assert_close(grads[False], grads[True], rtol=1e-6, atol=1e-9)
+    assert_close(grads[False], grads[True])
 
 
 def test_streamed_fsdp_run_equals_data_parallel_and_resumes(tmp_path, smollm2_dir):
@@ -181,7 +181,7 @@ def test_streamed_fsdp_run_equals_data_parallel_and_resumes(tmp_path, smollm2_di
     model = small_model(seed=7, vocab_size=cfg["vocab_size"], dim=64, tie_embeddings=True, max_seq_len=256)
     model.args.bos_token_id, model.args.eos_token_id = cfg["bos_token_id"], cfg["eos_token_id"]
     M.save_pretrained(model, str(tmp_path / "base"), dtype=torch.float32,
-                      extra_files=[os.path.join(smollm2_dir, "tokenizer.json")])
+                      extra_files={"tokenizer.json": open(os.path.join(smollm2_dir, "tokenizer.json"), "rb").read()})
     common = ["train.py", f"--model={tmp_path / 'base'}", "--train_type=qlora", "--seq_len=32", "--batch_size=2",
               "--grad_accum=2", "--schedule=constant", "--warmup_steps=2", "--lr=1e-2", "--eval_every=100",
               "--eval_batches=2", "--eval_samples=2", "--max_new_tokens=3", "--samples=1", "--save_hf=false"]
@@ -315,7 +315,7 @@ def test_streamed_loading_holds_one_file_plus_the_shards(tmp_path):
                         max_seq_len=256)
     Tokenizer(models.WordLevel({"<unk>": 0}, unk_token="<unk>")).save(str(tmp_path / "tokenizer.json"))
     M.save_pretrained(model, str(tmp_path / "base"), dtype=torch.bfloat16, max_shard_bytes=24 * 2**20,
-                      extra_files=[str(tmp_path / "tokenizer.json")])
+                      extra_files={"tokenizer.json": (tmp_path / "tokenizer.json").read_bytes()})
     out = tmp_path / "rows.json"
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                         os.path.join(ROOT, "bench", "memory.py"), f"--loading={tmp_path / 'base'}", f"--json={out}"],

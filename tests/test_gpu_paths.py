@@ -28,7 +28,7 @@ def micro(tmp_path_factory):
     tok.save(str(path / "tokenizer.json"))
     model = small_model(seed=0, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=128, ffn_dim=128, max_seq_len=256)
     model.args.bos_token_id, model.args.eos_token_id = 1, 2
-    M.save_pretrained(model, str(path / "base"), dtype=torch.float32, extra_files=[str(path / "tokenizer.json")])
+    M.save_pretrained(model, str(path / "base"), dtype=torch.float32, extra_files={"tokenizer.json": (path / "tokenizer.json").read_bytes()})
     return path / "base"
 
 

@@ -3,7 +3,7 @@ sets TRITON_INTERPRET=1), on a GPU compiled. Odd sizes on purpose: hidden sizes 
 of two, row counts that do not fill a program."""
 import pytest
 import torch
-from conftest import small_model
+from conftest import assert_close, small_model
 
 pytest.importorskip("triton")
 import kernels as K  # noqa: E402
@@ -27,9 +27,9 @@ def test_rmsnorm_forward_and_backward_equal_the_reference(rows, cols):
     g = torch.randn(rows, cols, device=DEVICE)
     y_ref, (dx_ref, dw_ref) = forward_backward(lambda a, b: rms_norm_reference(a, b, 1e-5), [x, w], g)
     y, (dx, dw) = forward_backward(lambda a, b: rms_norm_triton(a, b, 1e-5), [x, w], g)
-    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(dx, dx_ref, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(dw, dw_ref, rtol=1e-4, atol=1e-4)
+    assert_close(y, y_ref)
+    assert_close(dx, dx_ref)
+    assert_close(dw, dw_ref)
 
 
 def test_rmsnorm_in_bf16_with_an_fp32_weight_is_within_bf16_rounding():
@@ -37,7 +37,7 @@ def test_rmsnorm_in_bf16_with_an_fp32_weight_is_within_bf16_rounding():
     x, w = torch.randn(2, 7, 96, device=DEVICE).bfloat16(), torch.rand(96, device=DEVICE) + 0.5
     y_ref, y = rms_norm_reference(x, w, 1e-6), rms_norm_triton(x, w, 1e-6)
     assert y.dtype == y_ref.dtype == torch.float32
-    torch.testing.assert_close(y, y_ref, rtol=2**-7, atol=1e-2)
+    assert_close(y, y_ref, dtype=torch.bfloat16, ulps=1)  # one bf16 rounding apart at most
 
 
 @pytest.mark.parametrize("shape", [(5,), (3, 1000), (2, 7, 688)])
@@ -46,9 +46,9 @@ def test_swiglu_forward_and_backward_equal_the_reference(shape):
     gate, up, g = (torch.randn(shape, device=DEVICE) * 2 for _ in range(3))
     h_ref, (dg_ref, du_ref) = forward_backward(swiglu_reference, [gate, up], g)
     h, (dg, du) = forward_backward(swiglu_triton, [gate, up], g)
-    torch.testing.assert_close(h, h_ref, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(dg, dg_ref, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(du, du_ref, rtol=1e-5, atol=1e-6)
+    assert_close(h, h_ref)
+    assert_close(dg, dg_ref)
+    assert_close(du, du_ref)
 
 
 def test_unknown_kernel_name_is_refused():
@@ -72,9 +72,9 @@ def test_fused_linear_cross_entropy_equals_the_chunked_reference(n, vocab, chunk
     ref, (dh_ref, dw_ref) = forward_backward(reference, [h, w], torch.tensor(1.5, device=DEVICE))
     out, (dh, dw) = forward_backward(lambda a, b: linear_cross_entropy_triton(a, b, labels, chunk), [h, w],
                                      torch.tensor(1.5, device=DEVICE))
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-4)
-    torch.testing.assert_close(dh, dh_ref, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(dw, dw_ref, rtol=1e-4, atol=1e-5)
+    assert_close(out, ref)
+    assert_close(dh, dh_ref)
+    assert_close(dw, dw_ref)
     assert dh[1].abs().sum() == 0  # the ignored row gets no gradient
     all_ignored = torch.full((n,), -100, device=DEVICE)
     assert linear_cross_entropy_triton(h, w, all_ignored, chunk).item() == 0.0
@@ -114,8 +114,8 @@ def test_rope_in_place_forward_and_backward_equal_the_reference():
     q2 = q.detach().clone().requires_grad_(True)
     out = rope_triton(q2.clone(), cos, sin)  # in place on the clone (a leaf cannot be modified in place)
     out.backward(g)
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(q2.grad, dq_ref, rtol=1e-5, atol=1e-5)
+    assert_close(out, ref)
+    assert_close(q2.grad, dq_ref)
 
 
 @pytest.mark.parametrize("rows,n,k,double_quant", [(1, 50, 128, True), (5, 96, 192, False), (16, 33, 64, True)])
@@ -127,7 +127,7 @@ def test_nf4_matmul_from_codes_equals_dequantize_then_matmul(rows, n, k, double_
     nf4, dynamic = Q.codes_on(DEVICE)
     args = (s["weight"], s["absmax"], nf4, 64, torch.Size((n, k)), s["nested_absmax"], dynamic, 256, s["offset"])
     x = torch.randn(rows, k, device=DEVICE)
-    torch.testing.assert_close(nf4_matmul_triton(x, *args, bn=16), nf4_matmul_reference(x, *args), rtol=1e-5, atol=1e-4)
+    assert_close(nf4_matmul_triton(x, *args, bn=16), nf4_matmul_reference(x, *args))
 
 
 def test_linear4bit_uses_the_codes_directly_for_few_rows(monkeypatch):
@@ -138,7 +138,7 @@ def test_linear4bit_uses_the_codes_directly_for_few_rows(monkeypatch):
     layer.bias = torch.nn.Parameter(torch.randn(40, device=DEVICE), requires_grad=False)
     x = torch.randn(2, 3, 128, device=DEVICE)  # 6 rows: the fused path
     dense = x @ layer.dequantize(torch.float32).t() + layer.bias
-    torch.testing.assert_close(layer(x), dense, rtol=1e-5, atol=1e-4)
+    assert_close(layer(x), dense)
 
 
 @pytest.mark.parametrize("m,n,r", [(7, 50, 4), (40, 130, 16), (3, 64, 20)])
@@ -149,9 +149,9 @@ def test_lora_add_forward_and_backward_equal_the_reference(m, n, r):
     g = torch.randn(m, n, device=DEVICE)
     ref, grads_ref = forward_backward(lambda a, c, d: lora_add_reference(a, c, d, 0.5), [y, xa, b], g)
     out, grads = forward_backward(lambda a, c, d: lora_add_triton(a, c, d, 0.5), [y, xa, b], g)
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert_close(out, ref)
     for got, want in zip(grads, grads_ref):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        assert_close(got, want)
 
 
 @pytest.mark.parametrize("variant", ["dense", "lora", "qlora"])
@@ -178,9 +178,9 @@ def test_whole_model_loss_and_gradients_equal_with_and_without_kernels(monkeypat
         s.backward()
         results.append((s.detach(), {k: p.grad for k, p in m.named_parameters() if p.requires_grad}))
     (s0, g0), (s1, g1) = results
-    torch.testing.assert_close(s1, s0, rtol=1e-5, atol=1e-5)
+    assert_close(s1, s0)
     for k in g0:
-        torch.testing.assert_close(g1[k], g0[k], rtol=1e-4, atol=1e-5, msg=k)
+        assert_close(g1[k], g0[k], msg=k)
 
 
 @pytest.mark.slow  # ptxas over 24 kernel variants

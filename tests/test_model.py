@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import small_args, small_model
+from conftest import assert_close, small_args, small_model
 
 import model as M
 
@@ -61,7 +61,7 @@ def test_gqa_and_rope_match_written_out_reference(tie):
     ids = torch.randint(0, 50, (7,))
     got = m(ids[None])[0].double()
     want = reference_logits(m, ids.tolist())
-    assert torch.allclose(got, want, rtol=1e-4, atol=1e-4), (got - want).abs().max()
+    assert_close(got, want)
 
 
 def test_llama3_rope_scaling_matches_meta_formula():
@@ -78,7 +78,7 @@ def test_llama3_rope_scaling_matches_meta_formula():
         else:
             smooth = (8192 / wavelen - 1) / (4 - 1)
             want.append((1 - smooth) * f / 8 + smooth * f)
-    assert torch.allclose(got.double(), torch.tensor(want, dtype=torch.float64), rtol=1e-5)
+    assert_close(got, torch.tensor(want, dtype=torch.float64))
     assert got[0] == base[0] and abs(got[-1] - base[-1] / 8) < 1e-12  # high kept, low divided
 
 
@@ -88,7 +88,8 @@ def test_linear_rope_scaling_divides_positions():
     pos = torch.tensor([[0, 4, 8, 12]])
     c1, s1 = M.rope_cos_sin(M.rope_frequencies(scaled), pos, torch.float32)
     c2, s2 = M.rope_cos_sin(M.rope_frequencies(plain), pos // 4, torch.float32)
-    assert torch.allclose(c1, c2, atol=1e-6) and torch.allclose(s1, s2, atol=1e-6)
+    assert_close(c1, c2)
+    assert_close(s1, s2)
 
 
 def test_packed_row_gives_each_document_its_own_logits():
@@ -99,7 +100,7 @@ def test_packed_row_gives_each_document_its_own_logits():
     doc = torch.cat([torch.full((len(d),), i) for i, d in enumerate(docs)])[None]
     packed = m(ids, position_ids=pos, doc_ids=doc)[0]
     alone = torch.cat([m(d[None])[0] for d in docs])
-    assert torch.allclose(packed, alone, atol=1e-5)
+    assert_close(packed, alone)
 
 
 def test_flex_block_mask_equals_dense_mask():
@@ -109,7 +110,7 @@ def test_flex_block_mask_equals_dense_mask():
     # eager flex_attention (the compiled one is for CUDA) with the very BlockMask model.py builds
     got = flex.flex_attention(q, k, v, block_mask=M.document_mask(doc, use_flex=True), enable_gqa=True)
     want = M.attend(q, k, v, M.document_mask(doc, use_flex=False))
-    assert torch.allclose(got, want, atol=1e-5)
+    assert_close(got, want)
 
 
 def test_attention_falls_back_to_dense_masks_when_flex_attention_fails(monkeypatch):
@@ -124,7 +125,7 @@ def test_attention_falls_back_to_dense_masks_when_flex_attention_fails(monkeypat
     with pytest.warns(UserWarning, match="dense document masks"):
         got = M.attend(q, k, v, M.document_mask(doc, use_flex=True))
     want = M.attend(q, k, v, M.document_mask(doc, use_flex=False))
-    assert torch.allclose(got, want, atol=1e-6) and M.flex_failed is not None
+    assert_close(got, want, ulps=0) and M.flex_failed is not None  # the same dense path
 
 
 @pytest.mark.parametrize("chunk", [1, 7, 64])
@@ -139,7 +140,8 @@ def test_chunked_loss_equals_plain_loss(chunk):
     got, n = m(ids, labels=labels, loss_chunk=chunk)
     g_got = torch.autograd.grad(got, m.lm_head.weight)[0]
     assert n == int((labels != -100).sum())
-    assert torch.allclose(got, want, rtol=1e-5) and torch.allclose(g_got, g_want, atol=1e-5)
+    assert_close(got, want)
+    assert_close(g_got, g_want)
 
 
 def test_chunked_loss_never_holds_all_logits():
@@ -185,7 +187,8 @@ def test_gradient_checkpointing_gives_same_gradients():
         m.zero_grad()
         m(ids, labels=ids)[0].backward()
         grads.append([p.grad.clone() for p in m.parameters()])
-    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))
+    for a, b in zip(*grads):
+        assert_close(a, b, ulps=0)  # recompute runs the same operations: bit for bit
 
 
 @pytest.mark.parametrize("tie,shard_bytes", [(False, 1 << 30), (True, 1 << 30), (False, 20_000)])

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-from conftest import small_model
+from conftest import assert_close, small_model
 
 import model as M
 import quant as Q
@@ -121,8 +121,8 @@ def test_linear4bit_output_and_input_gradient_equal_a_dense_linear():
     (dense(x1) * g).sum().backward()
     y = q(x2)
     (y * g).sum().backward()
-    torch.testing.assert_close(y, dense(x1), rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(x2.grad, x1.grad, rtol=1e-6, atol=1e-6)
+    assert_close(y, dense(x1))
+    assert_close(x2.grad, x1.grad)
     assert all(not t.requires_grad for t in list(q.buffers()) + list(q.parameters()))
 
 
@@ -381,5 +381,5 @@ def test_a_quantized_linear_gives_its_dequantized_weights_output_and_input_gradi
     y = layer(x)
     y.sum().backward()
     w = layer.dequantize(torch.float32)
-    assert torch.allclose(y, x @ w.t() + dense.bias, atol=1e-5)
-    assert torch.allclose(x.grad, torch.ones(3, 24) @ w, atol=1e-5)
+    assert_close(y, x @ w.t() + dense.bias)
+    assert_close(x.grad, torch.ones(3, 24) @ w)

@@ -228,9 +228,6 @@ def test_precision_auto_trains_in_bf16_where_the_cpu_multiplies_bf16_natively(mo
         assert build.uses_bf16(cfg, "cpu") is native
         assert build.uses_bf16(train.Config(precision="fp32"), "cpu") is False
         assert build.uses_bf16(train.Config(precision="bf16"), "cpu") is True
-    caps = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
-    monkeypatch.undo()
-    assert build.native_bf16_cpu() == bool(caps.get("amx_bf16") or caps.get("avx512_bf16"))
 
 
 def test_llama_pro_trains_only_the_new_blocks_and_exports_a_deeper_hf_folder(tmp_path):
@@ -278,3 +275,15 @@ def test_offload_activations_without_checkpointing_or_with_fsdp_is_refused():
         train.parse_args(["--offload_activations"])
     with pytest.raises(ValueError, match="--offload_activations does not save memory under --fsdp yet"):
         train.parse_args(["--offload_activations", "--grad_checkpointing", "--fsdp"])
+
+
+def test_auto_precision_is_fp32_where_aten_runs_avx2_kernels_even_on_a_bf16_cpu(monkeypatch):
+    """ATEN_CPU_CAPABILITY=avx2 (an AVX2-only CPU, reproduced) emulates bf16 in every kernel: auto
+    must train in fp32 there, as it would on that CPU, not in an emulated bf16 5-10x slower."""
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"avx512_bf16": True, "amx_bf16": False})
+    cfg = train.Config(precision="auto")
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    assert build.amp_dtype(cfg, "cpu") == torch.bfloat16
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    assert build.amp_dtype(cfg, "cpu") is None
+    assert build.amp_dtype(train.Config(precision="bf16"), "cpu") == torch.bfloat16  # asked for: given
