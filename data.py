@@ -5,7 +5,7 @@ flat token array with document offsets (in memory, or memory-mapped .bin files f
 -> rows of `seq_len` tokens -> batches, each rank taking a disjoint share.
 
 Sources (`load_documents`):
-- `arith`: built-in two-digit addition ("37+45=" -> "082"), no download; a 0.8M-parameter model learns
+- `arith`: built-in two-digit addition ("37+45=" -> "082"), no download; a 0.5M-parameter model learns
   it on CPU in well under a minute, and exact-match accuracy on held-out sums proves the pipeline.
 - `.txt`: each paragraph (text between blank lines) is a document. `.jsonl`: one record per line. `.json`: a list of records.
   A record is {"text"} (trained on everywhere), Alpaca {"instruction", "input", "output"},

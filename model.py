@@ -66,6 +66,7 @@ class ModelArgs:
     mlp_bias: bool = False
     bos_token_id: Optional[int] = 1
     eos_token_id: Optional[int] = 2
+    initializer_range: float = 0.02  # std of the random init (HF's name); presets train from it
 
     def __post_init__(self):
         if self.head_dim == 0:
@@ -100,6 +101,7 @@ class ModelArgs:
                 mlp_bias=cfg.get("mlp_bias", False),
                 bos_token_id=cfg.get("bos_token_id"),
                 eos_token_id=eos[0] if isinstance(eos, list) else eos,
+                initializer_range=cfg.get("initializer_range", 0.02),
             )
         except KeyError as e:
             raise ValueError(f"{path}: missing field {e.args[0]!r}, expected in a Llama config") from None
@@ -125,6 +127,7 @@ class ModelArgs:
             "mlp_bias": self.mlp_bias,
             "bos_token_id": self.bos_token_id,
             "eos_token_id": self.eos_token_id,
+            "initializer_range": self.initializer_range,
             "torch_dtype": "bfloat16",
         }
 
@@ -139,9 +142,14 @@ _LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                    "original_max_position_embeddings": 8192}
 
 MODELS = {
-    # ~0.8M parameters; vocab fits the byte-level tokenizer of data.py (256 bytes + specials, padded to 64).
-    # Small enough that the default run (two-digit sums) reaches ~99% held-out accuracy in ~40 s on 2 CPU cores.
-    "tiny": ModelArgs(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=320, ffn_dim=344, max_seq_len=1024),
+    # ~0.5M parameters; vocab fits the byte-level tokenizer of data.py (256 bytes + specials, padded to 64).
+    # Tuned for the default run (two-digit sums): 2 layers of 8 heads learn them steadily where 4 layers
+    # of 4 heads stalled on the units digit for some seeds; rope_theta 100 spreads the rotary
+    # frequencies over the 10-token span of a sum (theta 10000 leaves 2 of 8 pairs turning there),
+    # and an init of 0.06 (not 0.02) shortens the first plateau. >= 94% held out in 360 steps for
+    # seeds 0-5, fp32 and bf16 (README).
+    "tiny": ModelArgs(dim=128, n_layers=2, n_heads=8, n_kv_heads=8, vocab_size=320, ffn_dim=344, max_seq_len=1024,
+                      rope_theta=100.0, initializer_range=0.06),
     "tinyllama-1.1b": ModelArgs(dim=2048, n_layers=22, n_heads=32, n_kv_heads=4, ffn_dim=5632, max_seq_len=2048),
     "llama2-7b": ModelArgs(dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, ffn_dim=11008),
     "llama2-13b": ModelArgs(dim=5120, n_layers=40, n_heads=40, n_kv_heads=40, ffn_dim=13824),
@@ -358,7 +366,8 @@ class Llama(nn.Module):
         self.gradient_checkpointing = False  # recompute each block in backward (set by train.py)
         self.offload_activations = False  # with it: keep each block's input on the CPU until then
 
-    def init_weights(self, std=0.02):
+    def init_weights(self, std=None):
+        std = std or self.args.initializer_range
         for name, p in self.named_parameters():
             if name.endswith("norm.weight"):
                 nn.init.ones_(p)
