@@ -1,11 +1,10 @@
-"""From train.py's Config to what the loop trains: the precision (and the CPU's allocator), the
-model (a preset or a Hugging Face folder; quantized base, adapters or Llama-Pro blocks), its engine
-(plain data parallel or sharded), and DPO's frozen reference. In its own file because train.py,
-with them, was past the reading length its issue sets (~550 lines); train.py keeps the config, the
-command line and the loop.
+"""From the Config to what the loop trains: the precision (and the CPU's allocator), the model (a
+preset or a Hugging Face folder; quantized base, adapters or Llama-Pro blocks), its engine (plain
+data parallel or sharded), DPO's frozen reference, and the files an hf/ export carries over (the
+source folder's non-weight files and the chat template the run trained in).
 
-    model, tok, files = build_model(cfg, d)    # d: train.Dist; files: what an HF export carries over
-    engine = make_engine(model, cfg, d)               # ddp.Replicated or fsdp.Sharded
+    model, tok, files = build_model(cfg, d)    # d: distributed.Dist; files: name -> path, for exports
+    engine = make_engine(model, cfg, d)        # ddp.Replicated or fsdp.Sharded
 """
 
 import copy
@@ -20,6 +19,7 @@ import torch
 
 import data as D
 import ddp
+import distributed
 import fsdp as F
 import lora as L
 import model as M
@@ -199,7 +199,7 @@ def meta_model(cfg, amp):
     return model
 
 
-def make_engine(model, cfg, d):
+def make_engine(model, cfg, d) -> distributed.Engine:
     """Plain data parallelism (ddp.Replicated) or sharding (fsdp.Sharded), behind the same interface."""
     amp = amp_dtype(cfg, d.device.type)
     if not cfg.fsdp:

@@ -21,7 +21,7 @@ import shutil
 import torch
 import torch.distributed as dist
 
-import ddp
+import distributed
 import model as M
 
 
@@ -50,7 +50,7 @@ def save_checkpoint(path, engine, opt, step, extra):
         error = None
     except (OSError, RuntimeError) as e:  # disk full, quota: torch.save reports a failed write as RuntimeError
         error = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
-    if ddp.any_rank(d, error is not None):  # every rank's file is complete, or every rank learns that one is not
+    if distributed.any_rank(d, error is not None):  # every rank's file is complete, or every rank learns that one is not
         if d.world > 1:
             dist.barrier(group=dist.group.WORLD)  # all have stopped writing before the folder goes
         if d.rank == 0:

@@ -1,6 +1,6 @@
 """Training curves as plain SVG (no plotting library): loss and held-out accuracy against step, from
-the rows of one or more runs' metrics.jsonl. In its own file because train.py, which writes
-<out_dir>/curves.svg at every eval and at the end, is already past its reading length.
+the rows of one or more runs' metrics.jsonl (train.py writes <out_dir>/curves.svg at every eval
+and at the end), and the --log_to hand-off of those rows to wandb or tensorboard.
 
     python train.py --compare=out/a,out/b     # one SVG of both runs (compare.svg) and a table of final figures
     write_svg(path, {"run": rows, ...})       # rows: metrics.jsonl's dicts

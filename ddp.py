@@ -8,9 +8,6 @@ interface as fsdp.Sharded, so train.py's loop, checkpointing and export have no 
     engine.clip_grad_norm_(1.0); opt.step()      # opt = AdamW(engine.param_groups(weight_decay))
     engine.forward(input_ids, labels=...)         # eval and generation
     engine.export_hf(path) / engine.export_adapter(path)
-
-Also here, as both engines use them: `autocast` and `any_rank` (how ranks agree that a write failed).
-In its own file, apart from fsdp.py, because the two engines together were past a reading length.
 """
 
 import torch
@@ -18,24 +15,14 @@ import torch.distributed as dist
 
 import lora as L
 import model as M
-
-
-def autocast(device, dtype):
-    """A fresh autocast context (an instance must not be entered twice at once): dtype None = off."""
-    return torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
-
-
-def any_rank(d, flag):
-    """True on every rank if `flag` is true on any: how ranks agree that a write failed somewhere."""
-    t = torch.tensor([int(bool(flag))], dtype=torch.int32, device=d.device)
-    if d.world > 1:
-        dist.all_reduce(t, group=dist.group.WORLD)
-    return bool(t.item())
+from distributed import autocast
 
 
 class Replicated:
     """Plain data parallelism behind the same interface: every rank holds the whole model, and the
     gradients are all-reduced in buckets issued as they become ready in backward (overlapping it)."""
+
+    lockstep = False  # each rank's forwards are its own: eval and generation split the work freely
 
     def __init__(self, model, d, amp_dtype=None, loss_chunk=0, bucket_bytes=25 * 2**20):
         self.model, self.d, self.loss_chunk, self.amp_dtype = model, d, loss_chunk, amp_dtype
@@ -93,13 +80,12 @@ class Replicated:
             self.syncing, self.works = False, []  # the grads own the buckets now: zero_grad frees them
         return loss.detach(), n
 
-    def forward(self, *args, head=None, **kw):
-        kw.setdefault("loss_chunk", self.loss_chunk)
+    def forward(self, input_ids, labels=None, position_ids=None, doc_ids=None, cache=None, loss_chunk=0, head=None):
         with torch.no_grad(), self.amp():
             if head is None:
-                return self.model(*args, **kw)
+                return self.model(input_ids, labels, position_ids, doc_ids, cache, loss_chunk or self.loss_chunk)
             # as Sharded.forward: head(model, x) on the last block's output
-            return head(self.model, self.model.hidden(*args, kw.get("position_ids"), kw.get("doc_ids")))
+            return head(self.model, self.model.hidden(input_ids, position_ids, doc_ids))
 
     __call__ = forward
 

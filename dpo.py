@@ -1,6 +1,5 @@
 """Direct preference optimization (Rafailov et al. 2023): the loss the engines take as loss_fn,
-and its held-out evaluation. In its own file because train.py, which drives it, is already past its
-reading length.
+and its held-out evaluation.
 
 Per pair, -log sigmoid(r_chosen - r_rejected), with the reward r = beta * (log pi(answer) -
 log ref(answer)) and log-probabilities summed over the answer's tokens. A batch (data.PairBatches)
@@ -22,6 +21,7 @@ import torch.nn.functional as F
 import data as D
 import lora as L
 import model as M
+from distributed import turns
 
 
 class DPO:
@@ -79,7 +79,7 @@ def evaluate(engine, dpo, cfg, d, data, eval_docs, tok):
                            shuffle=False)
     n_batches = min(len(loader.plan(0)), cfg.eval_batches)
     training_sums, dpo.sums, loss_sum = dpo.sums, [0.0] * 5, 0.0
-    for i in range(d.rank, -(-n_batches // d.world) * d.world if cfg.fsdp else n_batches, d.world):
+    for i in turns(n_batches, d, engine.lockstep):
         loader.index = min(i, n_batches - 1)
         batch = {k: (v.to(d.device) if torch.is_tensor(v) else v) for k, v in next(loader).items()}
         kept = list(dpo.sums)

@@ -48,7 +48,7 @@ import torch.nn as nn
 
 import lora as L
 import model as M
-from ddp import any_rank, autocast
+from distributed import any_rank, autocast
 
 STRATEGIES = ("full", "grad_op", "hybrid")
 OFFLOAD = ("none", "frozen", "all")
@@ -258,6 +258,8 @@ class Unit:
 
 
 class Sharded:
+    lockstep = True  # every forward gathers weights from every rank: all ranks run the same forwards
+
     def __init__(self, model: M.Llama, d, prefetch=1, param_dtype=torch.float32, reduce_dtype=torch.float32,
                  offload="none", strategy="full", shard_group=0, amp_dtype=None, loss_chunk=0, log_events=False,
                  materialize=None):

@@ -3,7 +3,6 @@
 
 GaLore (Zhao et al. 2024, "Memory-Efficient LLM Training by Gradient Low-Rank Projection"):
 full fine-tuning whose AdamW state lives in a low-rank subspace of each weight matrix's gradient.
-In their own file because train.py, which builds the optimizer, is already past its reading length.
 
 For a 2-D weight W (m x n) with gradient G, every `gap` steps the top-`rank` singular vectors of
 the current G are taken as a projection: the right ones Q (rank x n) when m >= n, giving the

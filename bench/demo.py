@@ -47,7 +47,7 @@ def main(argv):
             opts[name] = value
         else:
             extra.append(arg)
-    print(f"| precision | seed | wall | held-out accuracy at each eval | final loss |\n|---|---|---|---|---|")
+    print("| precision | seed | wall | held-out accuracy at each eval | final loss |\n|---|---|---|---|---|")
     for precision in opts["precisions"].split(","):
         for seed in opts["seeds"].split(","):
             r = run(int(seed), precision, opts["avx2"] == "1", extra)

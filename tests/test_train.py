@@ -289,3 +289,16 @@ def test_auto_precision_is_fp32_where_aten_runs_avx2_kernels_even_on_a_bf16_cpu(
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
     assert build.amp_dtype(cfg, "cpu") is None
     assert build.amp_dtype(train.Config(precision="bf16"), "cpu") == torch.bfloat16  # asked for: given
+
+
+def test_both_engines_implement_the_engine_interface_with_its_signatures():
+    import inspect
+    import ddp
+    import distributed
+    methods = [n for n, f in vars(distributed.Engine).items() if inspect.isfunction(f) and not n.startswith("_")]
+    assert len(methods) == 10
+    for engine in (ddp.Replicated, F.Sharded):
+        for name in methods:
+            want = list(inspect.signature(getattr(distributed.Engine, name)).parameters)
+            assert list(inspect.signature(getattr(engine, name)).parameters) == want, (engine.__name__, name)
+        assert isinstance(engine.lockstep, bool)

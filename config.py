@@ -1,0 +1,213 @@
+"""The run's configuration: one Config dataclass in sections (model, adapters, data, optimization,
+system, sharding, logging, asking), each field's trailing comment its --help text; the command line
+(--name=value for every field) and the checks that flags make sense alone and together, all at
+parse time, before anything is loaded.
+
+    cfg = parse_args(["--lr=2e-4", "--train_type=qlora"])
+"""
+
+import dataclasses
+import difflib
+import importlib.util
+import inspect
+import math
+import os
+import re
+import sys
+from dataclasses import dataclass
+
+import torch
+
+import fsdp
+import kernels
+import quant
+
+
+@dataclass
+class Config:
+    # model
+    model: str = "tiny"  # a preset from model.MODELS (random init) or a Hugging Face Llama folder to load
+    tokenizer: str = ""  # folder with tokenizer.json; '' = the model folder's, or bytes for a preset
+    train_type: str = "full"  # full | lora | qlora (LoRA on a quantized base, --quant) | dora | qdora (DoRA on a quantized base) | llama_pro (train only --expand_blocks new blocks)
+    expand_blocks: int = 0  # --train_type=llama_pro: copies of evenly spaced blocks to insert (their o_proj, down_proj zeroed)
+    quant: str = "nf4"  # the base's format for qlora / qdora: nf4 (bitsandbytes-compatible) | hqq | int8 (per channel) | ternary (BitNet b1.58)
+    quant_bits: int = 4  # --quant=hqq: bits per weight, 2 | 3 | 4 | 8
+    quant_group: int = 64  # weights per scale for nf4 (its blocksize), hqq and ternary
+    lora_rank: int = 8  # r of the adapters
+    lora_alpha: float = 16.0  # adapters' output is scaled by lora_alpha / lora_rank
+    lora_dropout: float = 0.0  # dropout on the adapters' input
+    lora_target: str = "all-linear"  # Linear layers to adapt: all-linear (all but lm_head) or e.g. q_proj,v_proj
+    # data
+    objective: str = "sft"  # sft | dpo (preference pairs {"prompt", "chosen", "rejected"}; with adapters the reference is the base with them off, else a frozen copy)
+    dpo_beta: float = 0.1  # DPO: the strength of the pull towards the reference model
+    data: str = "arith"  # 'arith' (built-in sums), or a .txt / .jsonl / .json file (text, Alpaca or chat records)
+    chat_format: str = "auto"  # alpaca | chatml | llama3 | template (the checkpoint's own, with jinja2); auto = template if there is one, else from the tokenizer's special tokens
+    seq_len: int = 66  # tokens per row (66: six fixed-width arith sums of 11 tokens fill a row exactly)
+    batch_size: int = 16  # rows per micro-batch on each rank
+    grad_accum: int = 1  # micro-batches per optimizer step
+    pack: bool = True  # pack documents into full rows with document masks (else one padded document per row, length-grouped); DPO: a batch's answers
+    eval_frac: float = 0.05  # the last fraction of documents is held out for eval and never trained on
+    data_cache: str = ""  # folder for tokenized, memory-mapped data files; '' = <out_dir>/token_cache
+    # optimization
+    max_steps: int = 360  # optimizer steps
+    lr: float = 5e-3  # peak learning rate
+    schedule: str = "cosine"  # cosine | linear | constant, after warmup
+    warmup_steps: int = 30  # linear warmup from 0
+    min_lr_ratio: float = 0.1  # cosine/linear decay ends at lr * min_lr_ratio
+    weight_decay: float = 0.5  # AdamW decay, applied to matrices only (not norms, biases); 0.5 makes the default run generalize sooner
+    beta1: float = 0.9
+    beta2: float = 0.95
+    optimizer: str = "adamw"  # adamw | galore (full fine-tuning with AdamW state in a low-rank projection of each block matrix's gradient; not with --fsdp)
+    galore_rank: int = 128  # GaLore: rank of the gradient projection
+    galore_gap: int = 200  # GaLore: steps between renewals of the projection (an SVD of the gradient)
+    galore_scale: float = 0.25  # GaLore: the projected-back update is multiplied by this
+    grad_clip: float = 1.0  # clip the global gradient norm to this; 0 = no clipping
+    nan_policy: str = "stop"  # stop (at the first step whose loss or gradient norm is not finite, saving nothing) | skip (drop such steps; stop after --nan_skips in a row)
+    nan_skips: int = 5  # with --nan_policy=skip: consecutive non-finite steps before stopping
+    # system
+    seed: int = 0
+    precision: str = "auto"  # auto (bf16 autocast on CUDA and on CPUs with AMX / AVX512-BF16, else fp32) | bf16 | fp32 | fp16 (autocast with dynamic loss scaling: GPUs without bf16)
+    compile: bool = False  # torch.compile each transformer block
+    grad_checkpointing: bool = False  # recompute each block in backward instead of storing activations
+    offload_activations: bool = False  # with grad_checkpointing: the block inputs it keeps wait in (pinned) CPU memory
+    loss_chunk: int = 0  # >0: cross-entropy over this many tokens at a time (never all [tokens, vocab] logits)
+    threads: int = 0  # CPU threads per process; 0 = cores / processes on this machine
+    timeout: int = 600  # seconds a collective waits for the other ranks before the job stops with an error
+    kernels: str = "triton"  # triton (Triton kernels where they can run: CUDA; else the reference) | torch (every reference) | interpret (Triton on CPU too, under TRITON_INTERPRET=1: tests of the GPU path)
+    kernels_off: str = ""  # comma list of Triton kernels to replace by their reference: nf4,nf4_matmul,rmsnorm,swiglu,linear_ce,rope,lora
+    # sharding (fsdp.py)
+    fsdp: bool = False  # shard weights, gradients and optimizer state over ranks (else plain data parallel)
+    shard: str = "full"  # full (ZeRO-3) | grad_op (ZeRO-2: weights gathered for the whole step) | hybrid (HSDP: shard within --shard_group ranks, all-reduce across groups)
+    shard_group: int = 0  # ranks per shard group for --shard=hybrid (e.g. GPUs per node)
+    prefetch: int = 1  # units whose all-gather is issued ahead of the one computing
+    reduce_dtype: str = "fp32"  # fp32 | bf16: dtype gradients are reduce-scattered in
+    reduce_every_micro: bool = True  # reduce-scatter after every micro-batch (false: only the last; keeps full grads)
+    offload: str = "none"  # none | frozen (frozen shards, e.g. the NF4 base, in pinned CPU memory) | all (every shard, gradient and AdamW state; the optimizer steps on the CPU)
+    dry_run: bool = False  # print the per-rank memory plan (meta device, nothing allocated) and exit
+    plan_world: int = 0  # world size for --dry_run; 0 = this launch's
+    # logging, eval, saving
+    out_dir: str = "out"
+    log_every: int = 10  # print a log line every N steps (metrics.jsonl gets every step)
+    eval_every: int = 60  # held-out loss (and accuracy) every N steps, and at the start and end
+    eval_batches: int = 20  # at most this many held-out batches per eval
+    eval_samples: int = 100  # held-out prompts answered greedily for accuracy; 0 = off
+    eval_metric: str = "auto"  # exact | last_number (GSM8K); auto = exact for arith, last_number otherwise
+    max_new_tokens: int = 8  # generation length for accuracy and samples
+    samples: int = 3  # held-out prompts answered (--temperature, --top_k) and printed at the end
+    save_every: int = 0  # write the resumable checkpoint every N steps; 0 = only at the end
+    save_hf: bool = True  # write the trained model to <out_dir>/hf at the end
+    hf_dtype: str = "bf16"  # bf16 | fp32: dtype of the <out_dir>/hf export
+    # asking a model (no training)
+    ask: str = ""  # answer this prompt with --model (+ --adapter; quantized base with --train_type=qlora) and exit
+    adapter: str = ""  # a PEFT LoRA adapter folder to put on --model for --ask
+    temperature: float = 0.0  # for --ask and the end-of-run samples: 0 = greedy
+    top_k: int = 0  # for --ask and the samples: sample from the k most likely tokens; 0 = all
+    overwrite: bool = False  # start afresh in an --out_dir that holds a previous run (else refused; --resume continues it)
+    compare: str = ""  # comma list of --out_dir folders: overlay their metrics.jsonl into compare.svg, print their final figures, exit
+    log_to: str = ""  # wandb | tensorboard: also send every metrics.jsonl row there (the package must be installed)
+    resume: bool = False  # continue from the newest complete <out_dir>/checkpoint/step-N (also at another world size)
+
+
+# -----------------------------------------------------------------------------
+# Command line: --name=value for every Config field
+
+
+def config_help():
+    """Each field's trailing comment in the source above is its help text."""
+    src = inspect.getsource(Config)
+    notes = dict(re.findall(r"^\s+(\w+):[^#\n]*#\s*(.*)$", src, re.M))
+    lines = ["usage: [torchrun --nproc_per_node=N] train.py [--name=value ...]", ""]
+    for f in dataclasses.fields(Config):
+        lines.append(f"  {'--' + f.name + '=' + str(f.default):<32} {notes.get(f.name, '')}")
+    return "\n".join(lines)
+
+
+def parse_value(name, typ, text):
+    if typ is bool:
+        if text.lower() in ("1", "true", "yes", "on"):
+            return True
+        if text.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"flag --{name} expects true or false, got {text!r}")
+    try:
+        return typ(text)
+    except ValueError:
+        raise ValueError(f"flag --{name} expects {typ.__name__}, got {text!r}") from None
+
+
+def parse_args(argv) -> Config:
+    cfg, types = Config(), {f.name: f.type for f in dataclasses.fields(Config)}
+    for arg in argv:
+        if arg in ("-h", "--help"):
+            print(config_help())
+            sys.exit(0)
+        if not arg.startswith("--"):
+            raise ValueError(f"unexpected argument {arg!r}; flags look like --name=value (see --help)")
+        name, eq, text = arg[2:].partition("=")
+        if name not in types:
+            close = difflib.get_close_matches(name, types, n=1)
+            raise ValueError(f"unknown flag --{name}" + (f"; did you mean --{close[0]}?" if close else " (see --help)"))
+        if not eq and types[name] is not bool:
+            raise ValueError(f"flag --{name} needs a value: --{name}=...")
+        setattr(cfg, name, parse_value(name, types[name], text) if eq else True)
+    for name, allowed in (("schedule", ("cosine", "linear", "constant")), ("precision", ("auto", "bf16", "fp32", "fp16")),
+                          ("eval_metric", ("auto", "exact", "last_number")),
+                          ("train_type", ("full", "lora", "qlora", "dora", "qdora", "llama_pro")), ("reduce_dtype", ("fp32", "bf16")),
+                          ("chat_format", ("auto", "alpaca", "chatml", "llama3", "template")), ("hf_dtype", ("bf16", "fp32")),
+                          ("kernels", ("triton", "torch", "interpret")), ("nan_policy", ("stop", "skip")), ("offload", fsdp.OFFLOAD), ("shard", fsdp.STRATEGIES),
+                          ("quant", quant.FORMATS), ("optimizer", ("adamw", "galore")), ("objective", ("sft", "dpo"))):
+        if getattr(cfg, name) not in allowed:
+            raise ValueError(f"flag --{name}={getattr(cfg, name)} is not one of {', '.join(allowed)}")
+    if cfg.offload != "none" and not (cfg.fsdp or cfg.dry_run):
+        raise ValueError(f"flag --offload={cfg.offload} needs --fsdp (it offloads the shards)")
+    if cfg.quant == "hqq" and cfg.quant_bits not in (2, 3, 4, 8):
+        raise ValueError(f"flag --quant_bits={cfg.quant_bits}: hqq takes 2, 3, 4 or 8 bits")
+    if cfg.quant == "nf4" and cfg.quant_group not in [2**k for k in range(5, 13)]:
+        raise ValueError(f"flag --quant_group={cfg.quant_group}: nf4 blocks are a power of 2 from 32 to 4096 (bitsandbytes' sizes)")
+    if cfg.log_to not in ("", "wandb", "tensorboard"):
+        raise ValueError(f"flag --log_to={cfg.log_to} is not one of wandb, tensorboard")
+    if cfg.log_to and importlib.util.find_spec(cfg.log_to) is None:
+        raise ValueError(f"flag --log_to={cfg.log_to}: the {cfg.log_to} package is not installed (pip install {cfg.log_to})")
+    if cfg.objective == "dpo" and cfg.data == "arith":
+        raise ValueError("flag --objective=dpo needs --data=<file of preference pairs> ({\"prompt\", \"chosen\", \"rejected\"})")
+    if cfg.offload_activations and not cfg.grad_checkpointing:
+        raise ValueError("flag --offload_activations moves the block inputs that --grad_checkpointing keeps: pass both")
+    if cfg.offload_activations and cfg.fsdp:  # fsdp.Sharded keeps every block's input itself, for its backward
+        raise ValueError("flag --offload_activations does not save memory under --fsdp yet (the sharded schedule "
+                         "keeps each block's input on the GPU for its backward); drop one of them")
+    if cfg.optimizer == "galore" and (cfg.fsdp or cfg.train_type not in ("full", "llama_pro")):
+        raise ValueError("flag --optimizer=galore projects whole weight matrices: it needs --train_type=full (or "
+                         "llama_pro) and no --fsdp (which hands the optimizer flat shards)")
+    if (cfg.train_type == "llama_pro") != (cfg.expand_blocks > 0):
+        raise ValueError("flags --train_type=llama_pro and --expand_blocks=N (N >= 1) go together")
+    if cfg.shard == "hybrid" and cfg.shard_group < 1:
+        raise ValueError("flag --shard=hybrid needs --shard_group=N (ranks per shard group, e.g. GPUs per node)")
+    if cfg.kernels == "interpret" and os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
+        raise ValueError("flag --kernels=interpret needs TRITON_INTERPRET=1 in the environment (set before Python starts)")
+    off = [k for k in cfg.kernels_off.split(",") if k]
+    if any(k not in kernels.NAMES for k in off):
+        raise ValueError(f"flag --kernels_off: unknown kernel {next(k for k in off if k not in kernels.NAMES)!r}; "
+                         f"kernels are {', '.join(kernels.NAMES)}")
+    for name, (ok, expected) in RANGES.items():  # at parse time, before anything is loaded
+        if not ok(getattr(cfg, name)):
+            raise ValueError(f"flag --{name} must be {expected}, got {getattr(cfg, name)}")
+    return cfg
+
+
+def at_least(n):
+    return (lambda v: v >= n), f"at least {n}"
+
+
+def within(lo, hi, closed=False):
+    return (lambda v: lo <= v <= hi if closed else lo <= v < hi), f"in [{lo}, {hi}{']' if closed else ')'}"
+
+
+RANGES = {**{k: at_least(1) for k in ("seq_len", "batch_size", "grad_accum", "max_steps", "log_every", "eval_every",
+                                      "eval_batches", "lora_rank", "nan_skips", "max_new_tokens", "timeout", "quant_group",
+                                      "galore_rank", "galore_gap")},
+          **{k: at_least(0) for k in ("warmup_steps", "save_every", "eval_samples", "samples", "prefetch", "threads",
+                                      "plan_world", "shard_group", "loss_chunk", "top_k", "expand_blocks")},
+          **{k: ((lambda v: 0 < v < math.inf), "a positive finite number") for k in ("lr", "lora_alpha", "galore_scale", "dpo_beta")},
+          **{k: ((lambda v: 0 <= v < math.inf), "a finite number >= 0") for k in ("weight_decay", "grad_clip", "temperature")},
+          "eval_frac": within(0, 1), "lora_dropout": within(0, 1), "beta1": within(0, 1), "beta2": within(0, 1),
+          "min_lr_ratio": within(0, 1, closed=True)}

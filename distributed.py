@@ -1,0 +1,115 @@
+"""The distributed state, made once at startup and passed down: Dist (rank, world size, device), the
+process group (gloo on CPU, NCCL on GPU; a plain `python train.py` is world 1), the small
+all-reduces by which ranks agree (float sums, "did any rank fail"), autocast, and `Engine`: the
+interface both engines (ddp.Replicated, fsdp.Sharded) give the loop, so that it has no branch on
+which one it drives.
+
+Named distributed.py, not dist.py: every engine already calls torch.distributed `dist`.
+"""
+
+import datetime
+import os
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int
+    local_rank: int
+    world: int
+    device: torch.device
+
+    @property
+    def main(self):
+        return self.rank == 0
+
+
+def init_distributed(threads=0, timeout=600) -> Dist:
+    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; a plain `python train.py` is world size 1."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+        # Processes sharing a CPU would oversubscribe it with one thread per core each.
+        torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // local_world))
+    if world > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None,
+                                timeout=datetime.timedelta(seconds=timeout))  # a stuck rank ends the job
+    return Dist(rank, local_rank, world, device)
+
+
+def all_reduce_sum(values, d: Dist):
+    """Sum a list of floats across ranks (float64, so token counts stay exact)."""
+    t = torch.tensor(values, dtype=torch.float64, device=d.device)
+    if d.world > 1:
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+class Engine(Protocol):
+    """What train.py, dpo.py and checkpoint.py call on an engine; ddp.Replicated and fsdp.Sharded
+    implement it (build.make_engine picks one)."""
+
+    model: torch.nn.Module  # the Llama (under --fsdp its Linear weights are views into gathered units)
+    d: Dist
+    amp_dtype: object  # the autocast dtype, or None
+    lockstep: bool  # every forward involves every rank (Sharded): ranks must run the same forwards
+
+    def forward_backward(self, batch, loss_scale=1.0, sync=True, loss_fn=None):
+        """(summed loss, target count) of one micro-batch, backward done; sync: reduce gradients now."""
+
+    def forward(self, input_ids, labels=None, position_ids=None, doc_ids=None, cache=None, loss_chunk=0, head=None):
+        """Llama.forward without gradients (eval, generation); head(model, x) replaces lm_head."""
+
+    def param_groups(self, weight_decay):
+        """The optimizer's parameter groups: decay on matrices only."""
+
+    def clip_grad_norm_(self, max_norm):
+        """Clip the global gradient norm; returns it (before clipping)."""
+
+    def held_bytes(self):
+        """Bytes of weights this rank keeps."""
+
+    def counts(self):
+        """(trainable parameters, of them in adapters)."""
+
+    def checkpoint_state(self, opt):
+        """This rank's part of a resumable checkpoint."""
+
+    def load_checkpoint_state(self, old, opt, path):
+        """Load the parts `old` (every saved rank's, in order), at this run's world size."""
+
+    def export_hf(self, path, extra_files=None, dtype=torch.bfloat16):
+        """The trained model as an HF folder (adapters merged, quantized weights dequantized)."""
+
+    def export_adapter(self, path, base_model_name_or_path=""):
+        """The adapters in the PEFT layout."""
+
+
+def turns(n, d: Dist, lockstep):
+    """The indices of n items (eval batches, prompts) this rank takes: rank, rank + world, ...
+    lockstep (an engine whose forwards gather weights from every rank, fsdp.Sharded): every rank
+    takes as many turns as the busiest, a rank past the end taking min(i, n - 1) again and
+    ignoring what it gets (i >= n)."""
+    return range(d.rank, -(-n // d.world) * d.world if lockstep else n, d.world)
+
+
+def autocast(device, dtype):
+    """A fresh autocast context (an instance must not be entered twice at once): dtype None = off."""
+    return torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
+
+
+def any_rank(d, flag):
+    """True on every rank if `flag` is true on any: how ranks agree that a write failed somewhere."""
+    t = torch.tensor([int(bool(flag))], dtype=torch.int32, device=d.device)
+    if d.world > 1:
+        dist.all_reduce(t, group=dist.group.WORLD)
+    return bool(t.item())
