@@ -70,11 +70,23 @@ def save_checkpoint(path, engine, opt, step, extra):
         dist.barrier(group=dist.group.WORLD)
 
 
+RANK_FILE_KEYS = ("step", "world", "engine", "data", "rng", "config")  # what every rank file holds
+
+
 def read_rank_file(file):
+    """A rank file as data: torch's weights_only unpickler admits tensors, numbers, strings and
+    containers and refuses anything else (a crafted file's code never runs), and the file must
+    hold what a save writes."""
     try:
-        return torch.load(file, map_location="cpu", weights_only=False, mmap=True)
-    except Exception as e:  # zip, EOF and unpickling errors alike: the file is not a whole checkpoint
-        raise ValueError(f"{file}: not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:100]})") from None
+        state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # zip, EOF and unpickling errors alike, and weights_only's refusal of a global
+        reason = "it holds code or objects other than tensors and plain data" if "weights_only" in str(e) else \
+            f"{type(e).__name__}: {str(e).splitlines()[0][:100]}"
+        raise ValueError(f"{file}: not a readable checkpoint ({reason}); refused") from None
+    missing = [k for k in RANK_FILE_KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise ValueError(f"{file}: not a checkpoint this trainer wrote (no {', '.join(missing)})")
+    return state
 
 
 def load_checkpoint(path, engine, opt, check=None):

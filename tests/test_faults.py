@@ -396,3 +396,29 @@ if os.environ["RANK"] == "0":
     assert r.returncode != 0 and r.stderr.count("error: ") == 2, r.stderr[-2000:]
     assert "No space left on device" in r.stderr and "rank 0 could not write the export" in r.stderr
     assert not (tmp_path / "out" / "hf.tmp").exists() and not (tmp_path / "out" / "hf").exists()
+
+
+class Payload:
+    """What a crafted checkpoint carries: unpickling it would run code (here: create a file)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_crafted_checkpoint_is_refused_in_one_line_and_its_code_never_runs(tmp_path):
+    args = FAST + ["--max_steps=2", f"--out_dir={tmp_path}"]
+    train.main(args)
+    rank0 = os.path.join(C.latest_checkpoint(str(tmp_path / "checkpoint")), "rank0.pt")
+    state = torch.load(rank0, weights_only=True)
+    marker = tmp_path / "pwned"
+    torch.save({**state, "data": Payload(str(marker))}, rank0)
+    with pytest.raises(ValueError, match=r"rank0.pt: not a readable checkpoint \(it holds code or objects other than "
+                                         r"tensors and plain data\); refused"):
+        train.main(args + ["--max_steps=3", "--resume"])
+    assert not marker.exists()
+    torch.save({k: v for k, v in state.items() if k != "rng"}, rank0)  # data, but not a whole rank file
+    with pytest.raises(ValueError, match=r"rank0.pt: not a checkpoint this trainer wrote \(no rng\)"):
+        train.main(args + ["--max_steps=3", "--resume"])
