@@ -23,6 +23,7 @@ import distributed
 import fsdp as F
 import lora as L
 import model as M
+import plan as P
 import quant as Q
 
 
@@ -204,12 +205,32 @@ def make_engine(model, cfg, d) -> distributed.Engine:
     amp = amp_dtype(cfg, d.device.type)
     if not cfg.fsdp:
         return ddp.Replicated(model, d, amp, cfg.loss_chunk)
-    engine = F.Sharded(model, d, cfg.prefetch, amp or torch.float32, torch.bfloat16 if cfg.reduce_dtype == "bf16" else
-                       torch.float32, cfg.offload, cfg.shard, cfg.shard_group, amp, cfg.loss_chunk,
-                       materialize=getattr(model, "materialize", None))
+    engine = F.Sharded(model, d, prefetch=cfg.prefetch, param_dtype=amp or torch.float32,
+                       reduce_dtype=torch.bfloat16 if cfg.reduce_dtype == "bf16" else torch.float32, offload=cfg.offload,
+                       strategy=cfg.shard, shard_group=cfg.shard_group, amp_dtype=amp, loss_chunk=cfg.loss_chunk,
+                       materialize=getattr(model, "materialize", None), reduce_every_micro=cfg.reduce_every_micro)
     if has_adapters(cfg):  # for the adapter's config, once the modules have stopped listing parameters
         model.lora_config = next(mod.lora_config for mod in model.modules() if hasattr(mod, "lora_config"))
     return engine
+
+
+def describe(cfg, d, engine, reference=None):
+    """Log lines: the model and what trains; under --fsdp, the sharding and what this rank holds;
+    DPO's frozen reference."""
+    model, (trainable, adapters) = engine.model, engine.counts()
+    lines = [f"model {cfg.model} ({cfg.train_type}): " + (f"{trainable / 1e6:.3f}M trainable" if cfg.fsdp else P.describe(model))
+             + (f", {adapters / 1e6:.3f}M of them in adapters" if adapters else "")
+             + f"; {model.args.n_layers} layers, dim {model.args.dim}, world {d.world} on {d.device.type}"]
+    if cfg.fsdp:
+        groups = [g for u in engine.units for g in u.groups]
+        frozen = sum(g.numel * g.shard.element_size() for g in groups if not g.trainable)
+        lines.append(f"fsdp: {cfg.shard} sharding over {engine.shard_world} ranks, {len(engine.units)} units; frozen "
+                     f"tensors {frozen / 2**20:.1f} MiB in all; {engine.held_bytes() / 2**20:.1f} MiB of shards on this "
+                     f"rank; prefetch {cfg.prefetch}, checkpointing {cfg.grad_checkpointing}, reduce in {cfg.reduce_dtype}")
+    if reference is not None:
+        lines.append(f"dpo: the reference is a frozen copy of the starting model, {reference.held_bytes() / 2**20:.1f} "
+                     f"MiB {'of shards ' if cfg.fsdp else ''}on this rank")
+    return lines
 
 
 def dpo_reference(cfg, d, model):

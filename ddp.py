@@ -23,6 +23,7 @@ class Replicated:
     gradients are all-reduced in buckets issued as they become ready in backward (overlapping it)."""
 
     lockstep = False  # each rank's forwards are its own: eval and generation split the work freely
+    reduce_every_micro = False  # gradients accumulate locally; one all-reduce on the last micro-batch
 
     def __init__(self, model, d, amp_dtype=None, loss_chunk=0, bucket_bytes=25 * 2**20):
         self.model, self.d, self.loss_chunk, self.amp_dtype = model, d, loss_chunk, amp_dtype

@@ -62,6 +62,7 @@ class Engine(Protocol):
     d: Dist
     amp_dtype: object  # the autocast dtype, or None
     lockstep: bool  # every forward involves every rank (Sharded): ranks must run the same forwards
+    reduce_every_micro: bool  # the loop passes sync=True for every micro-batch, not only the last
 
     def forward_backward(self, batch, loss_scale=1.0, sync=True, loss_fn=None):
         """(summed loss, target count) of one micro-batch, backward done; sync: reduce gradients now."""

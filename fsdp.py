@@ -260,12 +260,13 @@ class Unit:
 class Sharded:
     lockstep = True  # every forward gathers weights from every rank: all ranks run the same forwards
 
-    def __init__(self, model: M.Llama, d, prefetch=1, param_dtype=torch.float32, reduce_dtype=torch.float32,
+    def __init__(self, model: M.Llama, d, *, prefetch=1, param_dtype=torch.float32, reduce_dtype=torch.float32,
                  offload="none", strategy="full", shard_group=0, amp_dtype=None, loss_chunk=0, log_events=False,
-                 materialize=None):
+                 materialize=None, reduce_every_micro=True):
         """d: train.Dist (rank, world, device). Shards `model` in place. The model is either on
         d.device already, or on the meta device with materialize(modules) loading one unit's
         modules at a time (model.stream_from_pretrained), so the whole model never exists on any rank."""
+        self.reduce_every_micro = reduce_every_micro  # the loop syncs every micro-batch (frees full gradients)
         self.model, self.d, self.prefetch, self.strategy = model, d, prefetch, strategy
         self.reduce_dtype, self.loss_chunk, self.amp_dtype = reduce_dtype, loss_chunk, amp_dtype
         groups = shard_groups(d, strategy, shard_group)

@@ -126,8 +126,9 @@ def ask(cfg: Config, d: Dist):
     return answer
 
 
-def setup(cfg: Config, d: Dist, log):
-    """The model, its engine and optimizer, the data, and the resumed state: what the loop needs."""
+def claim_out_dir(cfg: Config, d: Dist):
+    """Refuse an --out_dir that is a file, holds a run (without --resume or --overwrite) or cannot be
+    written, before the model loads: a run that cannot save its results should not start."""
     if os.path.exists(cfg.out_dir) and not os.path.isdir(cfg.out_dir):
         raise ValueError(f"--out_dir={cfg.out_dir} is a file, expected a folder (or a path to create one at)")
     used = [f for f in ("checkpoint", "metrics.jsonl") if os.path.exists(os.path.join(cfg.out_dir, f))]
@@ -136,13 +137,18 @@ def setup(cfg: Config, d: Dist, log):
                          f"it or --overwrite to replace it")
     if cfg.overwrite and d.main:
         shutil.rmtree(os.path.join(cfg.out_dir, "checkpoint"), ignore_errors=True)
-    try:  # before the model loads: a run that cannot save its results should not start
+    try:
         os.makedirs(cfg.out_dir, exist_ok=True)
         probe = os.path.join(cfg.out_dir, f".write-test-{d.rank}")
         open(probe, "w").close()
         os.remove(probe)
     except OSError as e:
         raise ValueError(f"--out_dir={cfg.out_dir}: cannot write there ({e.strerror})") from None
+
+
+def setup(cfg: Config, d: Dist, log):
+    """The model, its engine and optimizer, the data, and the resumed state: what the loop needs."""
+    claim_out_dir(cfg, d)
     model, tok, source_files = B.build_model(cfg, d)
     reference = B.dpo_reference(cfg, d, model) if cfg.objective == "dpo" and not B.has_adapters(cfg) else None
     model.gradient_checkpointing, model.offload_activations = cfg.grad_checkpointing, cfg.offload_activations
@@ -150,20 +156,8 @@ def setup(cfg: Config, d: Dist, log):
         for layer in model.model.layers:
             layer.compile()
     engine = B.make_engine(model, cfg, d)
-    trainable, adapters = engine.counts()
-    log(f"model {cfg.model} ({cfg.train_type}): " + (f"{trainable / 1e6:.3f}M trainable" if cfg.fsdp else P.describe(model))
-        + (f", {adapters / 1e6:.3f}M of them in adapters" if adapters else "")
-        + f"; {model.args.n_layers} layers, dim {model.args.dim}, world {d.world} on {d.device.type}")
-    if cfg.fsdp:
-        groups = [g for u in engine.units for g in u.groups]
-        frozen = sum(g.numel * g.shard.element_size() for g in groups if not g.trainable)
-        log(f"fsdp: {cfg.shard} sharding over {engine.shard_world} ranks, {len(engine.units)} units; frozen tensors "
-            f"{frozen / 2**20:.1f} MiB in all; {engine.held_bytes() / 2**20:.1f} MiB of shards on this rank; prefetch "
-            f"{cfg.prefetch}, checkpointing {cfg.grad_checkpointing}, reduce in {cfg.reduce_dtype}")
-
-    if reference is not None:
-        log(f"dpo: the reference is a frozen copy of the starting model, {reference.held_bytes() / 2**20:.1f} "
-            f"MiB {'of shards ' if cfg.fsdp else ''}on this rank")
+    for line in B.describe(cfg, d, engine, reference):
+        log(line)
     dataset, eval_docs, loader = D.load_for_training(cfg, tok, d.rank, d.world, log, dist.barrier)
     if cfg.eval_metric == "auto":
         cfg.eval_metric = "exact" if cfg.data == "arith" else "last_number"
@@ -186,12 +180,42 @@ def setup(cfg: Config, d: Dist, log):
         log(f"resumed from {ckpt_path} at step {start}, data epoch {loader.epoch} batch {loader.index}")
     return types.SimpleNamespace(model=model, tok=tok, hf_files=hf_files, engine=engine, opt=opt, dataset=dataset,
                                  eval_docs=eval_docs, loader=loader, ckpt_path=ckpt_path, start=start, step=start,
-                                 adapters=adapters, base=base, scaler=scaler, dpo=preference)
+                                 adapters=engine.counts()[1], base=base, scaler=scaler, dpo=preference)
+
+
+def gradients(cfg: Config, d: Dist, r, micro, step):
+    """Forward and backward over one step's micro-batches, then clip: (loss, gradient norm, real
+    tokens), the same on every rank. The loss averages over target tokens (SFT) or pairs (DPO)
+    across micro-batches and ranks, so each weighs the same wherever it lands."""
+    n_real = sum(b.pop("num_tokens") for b in micro)
+    targets = sum(b["num_pairs"] if r.dpo else int((b["labels"] != D.IGNORE).sum()) for b in micro)
+    n_target, n_real = all_reduce_sum([targets, n_real], d)
+    if n_target == 0:  # the same on every rank: all stop
+        stats = r.loader.stats
+        raise ValueError(f"step {step + 1}: no trainable token in this step's batches ({stats['untrainable']:,} "
+                         f"of {stats['docs']:,} documents have none within --seq_len={cfg.seq_len}: their "
+                         f"prompts fill the row); raise --seq_len or shorten the prompts")
+    loss_sum = 0.0
+    for k, b in enumerate(micro):
+        sync = k == len(micro) - 1 or r.engine.reduce_every_micro
+        s_, _ = r.engine.forward_backward(to_device(b, d.device), loss_scale=r.scaler.scale / max(n_target, 1), sync=sync,
+                                          loss_fn=r.dpo)
+        loss_sum += s_.item()
+    # On scaled gradients: clipping at grad_clip * scale is clipping at grad_clip once unscaled.
+    gnorm = r.engine.clip_grad_norm_(cfg.grad_clip * r.scaler.scale if cfg.grad_clip > 0 else float("inf")).item()
+    return all_reduce_sum([loss_sum], d)[0] / max(n_target, 1), gnorm / r.scaler.scale, n_real
+
+
+def drop_step(d: Dist, r):
+    """A skipped step leaves nothing behind: not its gradients, nor its DPO pairs in the next row's means."""
+    r.opt.zero_grad(set_to_none=True)
+    if r.dpo:
+        r.dpo.metrics(d)
 
 
 def train_loop(cfg: Config, d: Dist, r, log, record):
     """Steps r.start .. max_steps: micro-batches, clip, AdamW, log; eval and save now and then."""
-    engine, opt, loader = r.engine, r.opt, r.loader
+    opt, loader = r.opt, r.loader
     # llama_pro: the new blocks' weight gradients are not counted (MFU errs low, by 2 FLOPs per new weight)
     flops_tok = P.flops_per_token(r.model.args, cfg.seq_len, cfg.train_type != "full", r.adapters)
     peak = P.peak_flops(d.device)
@@ -201,31 +225,11 @@ def train_loop(cfg: Config, d: Dist, r, log, record):
         lr = O.lr_at(step, cfg)
         for g in opt.param_groups:
             g["lr"] = lr
-        micro = [next(loader) for _ in range(cfg.grad_accum)]
-        n_real = sum(b.pop("num_tokens") for b in micro)
-        # What the loss averages over: target tokens (SFT) or pairs (DPO), across micro-batches and ranks
-        targets = sum(b["num_pairs"] if r.dpo else int((b["labels"] != D.IGNORE).sum()) for b in micro)
-        n_target, n_real = all_reduce_sum([targets, n_real], d)
-        if n_target == 0:  # the same on every rank: all stop
-            raise ValueError(f"step {step + 1}: no trainable token in this step's batches ({loader.stats['untrainable']:,} "
-                             f"of {loader.stats['docs']:,} documents have none within --seq_len={cfg.seq_len}: their "
-                             f"prompts fill the row); raise --seq_len or shorten the prompts")
-        loss_sum = 0.0
-        for k, b in enumerate(micro):
-            sync = k == len(micro) - 1 or (cfg.fsdp and cfg.reduce_every_micro)
-            s_, _ = engine.forward_backward(to_device(b, d.device), loss_scale=r.scaler.scale / max(n_target, 1), sync=sync,
-                                            loss_fn=r.dpo)
-            loss_sum += s_.item()
-        # On scaled gradients: clipping at grad_clip * scale is clipping at grad_clip once unscaled.
-        gnorm = engine.clip_grad_norm_(cfg.grad_clip * r.scaler.scale if cfg.grad_clip > 0 else float("inf")).item()
-        gnorm /= r.scaler.scale
-        loss = all_reduce_sum([loss_sum], d)[0] / max(n_target, 1)
+        loss, gnorm, n_real = gradients(cfg, d, r, [next(loader) for _ in range(cfg.grad_accum)], step)
         if r.scaler.overflowed(gnorm):
             log(f"step {step + 1}: fp16 gradients overflowed; step skipped, loss scale now {r.scaler.scale:g}")
             record({"step": step + 1, "skipped": "fp16 overflow", "loss_scale": r.scaler.scale})
-            opt.zero_grad(set_to_none=True)
-            if r.dpo:
-                r.dpo.metrics(d)  # drop the skipped step's pairs from the next row's means
+            drop_step(d, r)
             continue
         r.scaler.unscale_(opt)
         bad = next(((name, v) for name, v in (("loss", loss), ("gradient norm", gnorm)) if not math.isfinite(v)), None)
@@ -238,9 +242,7 @@ def train_loop(cfg: Config, d: Dist, r, log, record):
         if bad:
             log(f"step {step + 1}: the {bad[0]} is {bad[1]}; step skipped ({skipped} in a row, --nan_policy=skip)")
             record({"step": step + 1, "skipped": bad[0]})
-            opt.zero_grad(set_to_none=True)
-            if r.dpo:
-                r.dpo.metrics(d)
+            drop_step(d, r)
             continue
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -124,7 +124,7 @@ def main(argv):
         if replicated:
             engine = ddp.Replicated(model, d, amp_dtype=dtype if cuda else None, loss_chunk=1024)
         else:
-            engine = F.Sharded(model, d, prefetch, dtype, strategy=strategy, shard_group=d.world // 2,
+            engine = F.Sharded(model, d, prefetch=prefetch, param_dtype=dtype, strategy=strategy, shard_group=d.world // 2,
                                amp_dtype=dtype if cuda else None, loss_chunk=1024)
         opt = torch.optim.AdamW(engine.param_groups(0.0), lr=1e-5)
 

@@ -109,7 +109,7 @@ def compare(args, kind, ckpt, d, batch_size, seq_len, bf16, kernels, offload="no
     def build():
         model = build_model(args, kind, d.device, dtype)
         model.gradient_checkpointing = ckpt
-        sharded = F.Sharded(model, d, prefetch, dtype, offload=offload, amp_dtype=dtype if bf16 else None)
+        sharded = F.Sharded(model, d, prefetch=prefetch, param_dtype=dtype, offload=offload, amp_dtype=dtype if bf16 else None)
         opt = torch.optim.AdamW(sharded.param_groups(0.0), lr=1e-5, fused=True)  # as train.py on CUDA
         g = torch.Generator().manual_seed(d.rank)
         ids = torch.randint(0, args.vocab_size, (batch_size, seq_len), generator=g).to(d.device)
