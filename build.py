@@ -174,7 +174,7 @@ def add_adapters(modules, cfg, generator):
         return
     for module in modules:
         if L.linear_names(module):
-            L.add_lora(module, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target,
+            L.add_lora(module, rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, targets=cfg.lora_target,
                        dora=cfg.train_type in ("dora", "qdora"), generator=generator)
         else:  # embedding, final norm, head: frozen
             module.requires_grad_(False)

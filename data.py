@@ -564,7 +564,7 @@ class Batches:
     batch_size rows of seq_len tokens (packing) or batch_size documents (padding) per batch.
     """
 
-    def __init__(self, data: TokenData, docs, seq_len, batch_size, pad_id, rank=0, world=1, seed=0,
+    def __init__(self, data: TokenData, docs, seq_len, batch_size, pad_id, *, rank=0, world=1, seed=0,
                  pack=True, shuffle=True):
         self.data, self.docs, self.seq_len, self.batch_size, self.pad_id = data, list(docs), seq_len, batch_size, pad_id
         self.rank, self.world, self.seed, self.pack, self.shuffle = rank, world, seed, pack, shuffle
@@ -710,8 +710,8 @@ def load_for_training(cfg, tok, rank, world, log, barrier):
     if cfg.objective == "dpo":
         dataset = in_memory(pair_records(read_records(cfg.data)), tok, fmt)
         train_pairs, eval_pairs = split_documents(len(dataset) // 2, cfg.eval_frac)
-        loader = PairBatches(dataset, train_pairs, cfg.seq_len, cfg.batch_size, tok.pad_id, rank, world, cfg.seed,
-                             cfg.pack)
+        loader = PairBatches(dataset, train_pairs, cfg.seq_len, cfg.batch_size, tok.pad_id, rank=rank, world=world,
+                             seed=cfg.seed, pack=cfg.pack)
         eval_docs = [2 * p for p in eval_pairs]
     else:
         dataset = load_documents(cfg.data, tok, cache, fmt)
@@ -719,7 +719,8 @@ def load_for_training(cfg, tok, rank, world, log, barrier):
         barrier()  # the cache is written: let the others in
     if cfg.objective == "sft":
         train_docs, eval_docs = split_documents(len(dataset), cfg.eval_frac)
-        loader = Batches(dataset, train_docs, cfg.seq_len, cfg.batch_size, tok.pad_id, rank, world, cfg.seed, cfg.pack)
+        loader = Batches(dataset, train_docs, cfg.seq_len, cfg.batch_size, tok.pad_id, rank=rank, world=world, seed=cfg.seed,
+                         pack=cfg.pack)
     loader.plan(0)
     s = loader.stats
     log(f"data {cfg.data} ({fmt}): {s['docs']} train docs, {len(eval_docs)} held out, {s['tokens']:,} tokens/epoch, "

@@ -81,7 +81,7 @@ class Replicated:
             self.syncing, self.works = False, []  # the grads own the buckets now: zero_grad frees them
         return loss.detach(), n
 
-    def forward(self, input_ids, labels=None, position_ids=None, doc_ids=None, cache=None, loss_chunk=0, head=None):
+    def forward(self, input_ids, labels=None, position_ids=None, doc_ids=None, cache=None, loss_chunk=0, *, head=None):
         with torch.no_grad(), self.amp():
             if head is None:
                 return self.model(input_ids, labels, position_ids, doc_ids, cache, loss_chunk or self.loss_chunk)

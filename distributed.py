@@ -67,7 +67,7 @@ class Engine(Protocol):
     def forward_backward(self, batch, loss_scale=1.0, sync=True, loss_fn=None):
         """(summed loss, target count) of one micro-batch, backward done; sync: reduce gradients now."""
 
-    def forward(self, input_ids, labels=None, position_ids=None, doc_ids=None, cache=None, loss_chunk=0, head=None):
+    def forward(self, input_ids, labels=None, position_ids=None, doc_ids=None, cache=None, loss_chunk=0, *, head=None):
         """Llama.forward without gradients (eval, generation); head(model, x) replaces lm_head."""
 
     def param_groups(self, weight_decay):

@@ -69,7 +69,7 @@ class DPO:
 
 
 @torch.no_grad()
-def evaluate(engine, dpo, cfg, d, data, eval_docs, tok):
+def evaluate(engine, dpo, cfg, d, *, data, eval_docs, tok):
     """Held-out pairs (eval_docs: their chosen documents): DPO's loss, reward accuracy, margin and
     rewards over up to --eval_batches batches, every forward through the engine. Ranks take turns
     over one plan; under --fsdp every rank must run the same forwards, so a rank with no batch left

@@ -91,7 +91,7 @@ def shard_groups(d, strategy, group_size=0):
 class FlatGroup:
     """Tensors of one unit sharing a dtype and a role, flattened into one sharded buffer."""
 
-    def __init__(self, tensors, trainable, decay, param_dtype, groups, device, offload):
+    def __init__(self, tensors, trainable, decay, *, param_dtype, groups, device, offload):
         # tensors: list of (tensor, [(module, attribute name), ...]); a tied tensor has two owners
         self.owners = [owners for _, owners in tensors]
         self.shapes = [t.shape for t, _ in tensors]
@@ -237,12 +237,13 @@ def schedule(n_blocks, train=True):
 class Unit:
     """The tensors of some modules (a block, the embedding, norm + head), in FlatGroups."""
 
-    def __init__(self, name, modules, param_dtype, groups, device, offload, materialize=None):
+    def __init__(self, name, modules, *, param_dtype, groups, device, offload, materialize=None):
         self.name, self.modules, self.state, self.works, self.pending = name, modules, "free", [], []
         if materialize is not None:  # load this unit's weights now (the model was built on the meta device)
             materialize(modules)
         tensors = group_tensors(modules)
-        self.groups = [FlatGroup(ts, trainable, decay, param_dtype, groups, device, offloaded(offload, trainable))
+        self.groups = [FlatGroup(ts, trainable, decay, param_dtype=param_dtype, groups=groups, device=device,
+                                 offload=offloaded(offload, trainable))
                        for (_, trainable, decay), ts in tensors.items()]
         for _, owners in [entry for ts in tensors.values() for entry in ts]:
             for sub, k in owners:  # the modules now compute with plain attributes: views of the buffers
@@ -271,7 +272,8 @@ class Sharded:
         self.reduce_dtype, self.loss_chunk, self.amp_dtype = reduce_dtype, loss_chunk, amp_dtype
         groups = shard_groups(d, strategy, shard_group)
         self.pg, self.shard_world = groups[0], groups[1]
-        self.units = [Unit(name, mods, param_dtype, groups, d.device, offload, materialize)
+        self.units = [Unit(name, mods, param_dtype=param_dtype, groups=groups, device=d.device, offload=offload,
+                           materialize=materialize)
                       for name, mods in unit_module_lists(model)]
         self.at = self.units + ([self.units[0]] if model.args.tie_embeddings else [])  # schedule position -> unit
         self.stream = torch.cuda.Stream(d.device) if d.device.type == "cuda" else None
@@ -426,7 +428,7 @@ class Sharded:
             self.free(unit)
 
     @torch.no_grad()
-    def forward(self, input_ids, labels=None, position_ids=None, doc_ids=None, cache=None, loss_chunk=0, head=None):
+    def forward(self, input_ids, labels=None, position_ids=None, doc_ids=None, cache=None, loss_chunk=0, *, head=None):
         """Llama.forward under sharding (eval, generation): one gather per unit, with prefetching.
         head(model, x): what to compute from the last block's output instead of model.head."""
         m, n_blocks = self.model, len(self.model.model.layers)

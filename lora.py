@@ -126,7 +126,7 @@ def linear_names(model):
                    if isinstance(m, (nn.Linear, QuantLinear)) and n and not n.endswith("lm_head") and ".lora_" not in n})
 
 
-def add_lora(model, rank=8, alpha=16.0, dropout=0.0, targets="all-linear", dora=False, generator=None):
+def add_lora(model, *, rank=8, alpha=16.0, dropout=0.0, targets="all-linear", dora=False, generator=None):
     """Freeze every parameter, then wrap the target Linear layers in LoRALinear. Returns the wrapped names.
     generator: draws the A matrices (the global RNG if None)."""
     if rank < 1:
@@ -220,8 +220,9 @@ def load_adapter(model, path, dropout=None):
     if cfg.get("rank_pattern") or cfg.get("alpha_pattern") or cfg.get("modules_to_save") or cfg.get("bias", "none") != "none":
         raise ValueError(f"{cfg_path}: per-layer rank/alpha patterns, modules_to_save and trained biases are not supported")
     if not lora_layers(model):
-        add_lora(model, cfg["r"], cfg["lora_alpha"], cfg.get("lora_dropout", 0.0) if dropout is None else dropout,
-                 cfg["target_modules"], cfg.get("use_dora", False))
+        add_lora(model, rank=cfg["r"], alpha=cfg["lora_alpha"],
+                 dropout=cfg.get("lora_dropout", 0.0) if dropout is None else dropout, targets=cfg["target_modules"],
+                 dora=cfg.get("use_dora", False))
     file = os.path.join(path, "adapter_model.safetensors")
     state = load_file(file)
     mine = dict(model.named_parameters())

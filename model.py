@@ -548,7 +548,7 @@ def sample(logits, temperature, top_k, generator=None):
 
 
 @torch.no_grad()
-def generate(model: Llama, prompts, max_new_tokens, temperature=0.0, top_k=0, eos_id=None,
+def generate(model: Llama, prompts, max_new_tokens, *, temperature=0.0, top_k=0, eos_id=None,
              use_cache=True, generator=None, stop_early=True, forward=None):
     """Continue each prompt (a list of token ids); returns the new tokens of each, cut after eos.
 

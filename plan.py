@@ -72,7 +72,7 @@ def unit_bytes(model, world, offload, param_bytes):
     return rows, gpu, cpu
 
 
-def plan_memory(model, world, batch_size, seq_len, prefetch=1, checkpointing=True, param_bytes=2, reduce_every_micro=True,
+def plan_memory(model, world, batch_size, seq_len, *, prefetch=1, checkpointing=True, param_bytes=2, reduce_every_micro=True,
                 offload="none", loss_chunk=0, kernels=False, strategy="full", shard_group=0, galore_rank=0,
                 offload_activations=False):
     """Predicted peak bytes per rank, by category, without allocating (the model may be on the
@@ -160,10 +160,12 @@ def print_plan(model, cfg, world, amp, reference_bytes=0):
     (build.meta_model); amp: the autocast dtype or None; reference_bytes: DPO's frozen copy, whole."""
     # The Triton kernels that keep less for backward, when they would run (a GPU, --kernels=triton).
     kernels = K.HAS_TRITON and cfg.kernels == "triton" and not {"rmsnorm", "swiglu", "linear_ce"} & set(cfg.kernels_off.split(","))
-    gpu, cpu = plan_memory(model, world, cfg.batch_size, cfg.seq_len, cfg.prefetch, cfg.grad_checkpointing,
-                           2 if amp is not None else 4, cfg.reduce_every_micro, cfg.offload, cfg.loss_chunk, kernels,
-                           cfg.shard, cfg.shard_group, cfg.galore_rank if cfg.optimizer == "galore" else 0,
-                           cfg.offload_activations)
+    gpu, cpu = plan_memory(model, world, cfg.batch_size, cfg.seq_len, prefetch=cfg.prefetch,
+                           checkpointing=cfg.grad_checkpointing, param_bytes=2 if amp is not None else 4,
+                           reduce_every_micro=cfg.reduce_every_micro, offload=cfg.offload, loss_chunk=cfg.loss_chunk,
+                           kernels=kernels, strategy=cfg.shard, shard_group=cfg.shard_group,
+                           galore_rank=cfg.galore_rank if cfg.optimizer == "galore" else 0,
+                           offload_activations=cfg.offload_activations)
     print(f"memory plan: {cfg.model} {cfg.train_type}, world {world}, --shard={cfg.shard}, batch {cfg.batch_size} x {cfg.seq_len}, "
           f"checkpointing {cfg.grad_checkpointing}, prefetch {cfg.prefetch}, offload {cfg.offload}, "
           f"loss_chunk {cfg.loss_chunk}, Triton kernels {'on' if kernels else 'off'}; {describe(model)}")

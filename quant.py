@@ -231,7 +231,7 @@ class Linear4bit(QuantLinear):
 
     format = "nf4"
 
-    def __init__(self, in_features, out_features, bias=False, blocksize=64, double_quant=True,
+    def __init__(self, in_features, out_features, bias=False, *, blocksize=64, double_quant=True,
                  nested_blocksize=256, device=None):
         super().__init__(in_features, out_features, bias, device)
         self.blocksize, self.nested_blocksize, self.double_quant = blocksize, nested_blocksize, double_quant
@@ -338,7 +338,7 @@ class LinearInt8(QuantLinear):
         return (self.weight.float() * self.scale[:, None]).to(dtype)
 
 
-def hqq_zero(w, scale, zero, max_code, lp_norm=0.7, beta=10.0, kappa=1.01, iters=20):
+def hqq_zero(w, scale, zero, max_code, *, lp_norm=0.7, beta=10.0, kappa=1.01, iters=20):
     """Half-quadratic quantization's zero-point solver (Badri & Shaji 2023; mobiusml/hqq's
     optimize_weights_proximal_legacy): with the scale fixed, alternate between the quantization
     error made sparse by the l_p shrinkage operator (p < 1: a heavy-tailed error is cheap), and the
@@ -431,7 +431,7 @@ class LinearTernary(QuantLinear):
 FORMATS = ("nf4", "hqq", "int8", "ternary")
 
 
-def make_quant_linear(fmt, in_features, out_features, bias=False, bits=4, group=64, device=None):
+def make_quant_linear(fmt, in_features, out_features, bias=False, *, bits=4, group=64, device=None):
     """An empty quantized Linear of format `fmt` (--quant), with --quant_bits / --quant_group where they apply."""
     if fmt == "nf4":
         return Linear4bit(in_features, out_features, bias, blocksize=group, device=device)
@@ -451,8 +451,8 @@ def quantize_model(model, fmt="nf4", bits=4, group=64, skip=("lm_head",)):
     """
     for name, module in list(model.named_modules()):
         if isinstance(module, nn.Linear) and not name.endswith(tuple(skip)):
-            q = make_quant_linear(fmt, module.in_features, module.out_features, module.bias is not None, bits, group,
-                                  device=module.weight.device)
+            q = make_quant_linear(fmt, module.in_features, module.out_features, module.bias is not None, bits=bits,
+                                  group=group, device=module.weight.device)
             if module.weight.device.type != "meta":
                 q.set_weight(module.weight.detach())
                 if module.bias is not None:

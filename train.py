@@ -86,12 +86,13 @@ def evaluate(engine, cfg, d, eval_data, eval_docs, tok):
     return result
 
 
-def generate(engine, cfg, tok, prompts, temperature, top_k=0, generator=None):
+def generate(engine, cfg, tok, prompts, *, temperature, top_k=0, generator=None):
     """New tokens for each text prompt, through engine.forward (sharded: every rank takes the same
     steps). Autocast here too: the KV cache takes the autocast dtype."""
     with autocast(engine.d.device, engine.amp_dtype):
-        return M.generate(engine.model, [tok.encode(p, bos=True) for p in prompts], cfg.max_new_tokens, temperature,
-                          top_k, eos_id=tok.eos_id, generator=generator, stop_early=not engine.lockstep, forward=engine.forward)
+        return M.generate(engine.model, [tok.encode(p, bos=True) for p in prompts], cfg.max_new_tokens,
+                          temperature=temperature, top_k=top_k, eos_id=tok.eos_id, generator=generator,
+                          stop_early=not engine.lockstep, forward=engine.forward)
 
 
 # -----------------------------------------------------------------------------
@@ -120,7 +121,8 @@ def ask(cfg: Config, d: Dist):
         raise ValueError(f"--ask: a prompt of {len(ids)} tokens plus --max_new_tokens={cfg.max_new_tokens} exceeds "
                          f"the context of {cfg.model} ({model.args.max_seq_len} tokens)")
     gen = torch.Generator(device=d.device).manual_seed(cfg.seed)
-    out = generate(B.make_engine(model, cfg, d), cfg, tok, [text], cfg.temperature, cfg.top_k, gen)
+    out = generate(B.make_engine(model, cfg, d), cfg, tok, [text], temperature=cfg.temperature, top_k=cfg.top_k,
+                   generator=gen)
     answer = tok.decode(out[0])
     print(answer)
     return answer
@@ -275,7 +277,7 @@ def run_eval(cfg: Config, d: Dist, r, log, record, step):
     if cfg.eval_frac <= 0:
         return
     if r.dpo:
-        result = dpo.evaluate(r.engine, r.dpo, cfg, d, r.dataset, r.eval_docs, r.tok)
+        result = dpo.evaluate(r.engine, r.dpo, cfg, d, data=r.dataset, eval_docs=r.eval_docs, tok=r.tok)
     else:
         result = evaluate(r.engine, cfg, d, r.dataset, r.eval_docs, r.tok)
     log(f"eval step {step}: loss {result['eval_loss']:.4f}"
@@ -298,7 +300,8 @@ def finish(cfg: Config, d: Dist, r, log, record):
     prompts = [r.dataset.prompts[j] for j in r.eval_docs if r.dataset.prompts[j] is not None][:cfg.samples]
     if prompts and (d.main or r.engine.lockstep):  # sharded: every rank takes part in the gathers
         gen = torch.Generator(device=d.device).manual_seed(cfg.seed)
-        for p, out in zip(prompts, generate(r.engine, cfg, r.tok, prompts, cfg.temperature, cfg.top_k, gen)):
+        outs = generate(r.engine, cfg, r.tok, prompts, temperature=cfg.temperature, top_k=cfg.top_k, generator=gen)
+        for p, out in zip(prompts, outs):
             log(f"sample: {p!r} -> {r.tok.decode(out)!r}")
     save(cfg, d, r, cfg.max_steps)
     log(f"saved {r.ckpt_path}")

@@ -103,7 +103,8 @@ def compare(args, kind, ckpt, d, batch_size, seq_len, bf16, kernels, offload="no
     """(planned GPU bytes by category, measured peak bytes) for one configuration on this rank."""
     dtype = torch.bfloat16 if bf16 else torch.float32
     plan, _ = P.plan_memory(build_model(args, kind, torch.device("meta"), dtype), d.world, batch_size, seq_len,
-                            prefetch, ckpt, 2 if bf16 else 4, offload=offload, kernels=kernels)
+                            prefetch=prefetch, checkpointing=ckpt, param_bytes=2 if bf16 else 4, offload=offload,
+                            kernels=kernels)
     tokens = batch_size * seq_len * d.world
 
     def build():

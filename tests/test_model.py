@@ -256,12 +256,12 @@ def test_llama_pro_expansion_computes_exactly_what_the_original_did():
     m = small_model(n_layers=4)
     ids = torch.randint(0, 50, (2, 9))
     before = m(ids)
-    greedy = M.generate(m, [[1, 5, 7]], 4, 0.0)
+    greedy = M.generate(m, [[1, 5, 7]], 4, temperature=0.0)
     added = M.expand_blocks(m, 2)
     assert m.args.n_layers == 6 and [list(m.model.layers).index(b) for b in added] == [2, 5]  # after blocks 1 and 3
     assert [layer.self_attn.layer_idx for layer in m.model.layers] == list(range(6))
     assert torch.equal(m(ids), before)  # the copies add exact zeros to the residual stream
-    assert M.generate(m, [[1, 5, 7]], 4, 0.0) == greedy  # through the KV cache, one slot per block
+    assert M.generate(m, [[1, 5, 7]], 4, temperature=0.0) == greedy  # through the KV cache, one slot per block
     assert all(b.self_attn.o_proj.weight.abs().sum() == 0 and b.mlp.down_proj.weight.abs().sum() == 0 for b in added)
     assert torch.equal(added[0].self_attn.q_proj.weight, m.model.layers[1].self_attn.q_proj.weight)
     with pytest.raises(ValueError, match=r"--expand_blocks=7: expected 1 to the model.s 6 blocks"):
