@@ -116,16 +116,22 @@ def build_model(cfg, d, with_adapters=True):
 
 # What an HF folder holds besides its config.json and weights: tokenizer files, generation config,
 # chat template, README, license. An export carries all of them over.
-NOT_CARRIED = re.compile(r"^config\.json$|\.index\.json$|\.(safetensors|bin|pt|pth|ckpt|h5|msgpack|gguf|onnx)$")
+NOT_CARRIED = re.compile(r"^config\.json$|\.index\.json$|\.ckpt\.(index|data-.*)$|"
+                         r"\.(safetensors|bin|pt|pth|ckpt|h5|msgpack|gguf|onnx|onnx_data|ot|tflite|pb|npz)$")
+TOKENIZER_FILES = re.compile(r"^(tokenizer.*|special_tokens_map\.json|added_tokens\.json|vocab\..*|merges\.txt|"
+                             r"chat_template.*|.*\.tiktoken|.*\.model)$")
 
 
 def source_files(model_dir, tokenizer_dir=""):
-    """name -> path of the files an export of this run carries from the model folder (and from the
-    --tokenizer folder, whose files take precedence)."""
+    """name -> path of the files an export of this run carries: the model folder's, but with a
+    --tokenizer folder every tokenizer file (vocabulary, merges, special tokens, chat template)
+    comes from there alone, so that no file of the other tokenizer travels with it."""
     files = {}
-    for folder in (model_dir, tokenizer_dir):
+    for folder, keep in ((model_dir, lambda n: not (tokenizer_dir and TOKENIZER_FILES.match(n))),
+                         (tokenizer_dir, lambda n: TOKENIZER_FILES.match(n))):
         for name in sorted(os.listdir(folder)) if folder else ():
-            if os.path.isfile(os.path.join(folder, name)) and not name.startswith(".") and not NOT_CARRIED.search(name):
+            if (os.path.isfile(os.path.join(folder, name)) and not name.startswith(".") and not NOT_CARRIED.search(name)
+                    and keep(name)):
                 files[name] = os.path.join(folder, name)
     return files
 
@@ -137,12 +143,12 @@ def export_files(files, tok, fmt, chat_data):
     out = {name: open(path, "rb").read() for name, path in files.items()}
     if "tokenizer.json" not in out or not chat_data:  # the byte tokenizer, or no turns to render
         return out
-    bos = tok.encode("", bos=True)
-    template = tok.chat_template if fmt == "template" else D.format_template(fmt, bool(bos), tok.eos_token)
+    bos = tok.bos_id is not None and tok.bos_id in tok.encode("", bos=True)  # the tokenizer adds it itself
+    template = tok.chat_template if fmt == "template" else D.format_template(fmt, bos, tok.eos_token)
     config = json.loads(out.get("tokenizer_config.json", b"{}"))
     config["chat_template"] = template  # both places: tools read one or the other
     if bos and fmt != "template":
-        config["bos_token"] = tok.tok.id_to_token(bos[0])
+        config["bos_token"] = tok.tok.id_to_token(tok.bos_id)
     if tok.eos_token:
         config.setdefault("eos_token", tok.eos_token)
     out["tokenizer_config.json"] = json.dumps(config, indent=2, ensure_ascii=False).encode()

@@ -170,7 +170,9 @@ def detect_format(tok):
 def format_template(fmt, bos=False, eos_token=""):
     """A built-in format as a Hugging Face chat template (Jinja), for the hf/ export: through
     transformers' apply_chat_template it gives the text (so the tokens) this module trains on. bos:
-    the tokenizer adds a bos token, which a template writes as {{ bos_token }}."""
+    the tokenizer adds a bos token, which a template writes as {{ bos_token }}. Alpaca's template
+    writes a user turn as an instruction without input (as --ask does); the records it cannot
+    express, with an input or prompt/completion verbatim, train text of their own."""
     lit = json.dumps  # a Jinja string literal
     start = "{{ bos_token }}" if bos else ""
     if fmt == "alpaca":  # one user turn (the instruction) and the answer closed by eos, as --ask writes it
@@ -360,8 +362,9 @@ def tokenize_segments(tok, segments, add_eos=True):
     ids, spans = tok.encode_with_offsets(text, bos=True)
     flags = [trainable for t, trainable in segments for _ in t] or [False]
     in_target = np.concatenate([[0], np.cumsum(flags)])
-    # a token the tokenizer adds (bos: no characters) goes with the segment it stands at
-    mask = [bool(in_target[e] > in_target[s]) if e > s else flags[min(s, len(flags) - 1)] for s, e in spans]
+    mask = []
+    for s, e in spans:  # a token without characters (one the post-processor adds) goes with the token before it
+        mask.append(bool(in_target[e] > in_target[s]) if e > s else (mask[-1] if mask else flags[0]))
     ids = list(ids)
     if add_eos and tok.eos_id is not None:
         ids.append(tok.eos_id)

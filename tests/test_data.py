@@ -246,3 +246,14 @@ def test_an_empty_document_takes_no_slot_packed_padded_or_paired():
     ids, seq = pairs["input_ids"].flatten().tolist(), pairs["seq_ids"].flatten().tolist()
     assert pairs["num_pairs"] == 2 and 1 not in seq  # pair 0's rejected answer is empty
     assert {t: s for t, s in zip(ids, seq) if s >= 0} == {1: 0, 2: 0, 3: 0, 4: 2, 5: 2, 6: 3, 7: 3, 8: 3}
+
+
+def test_tokens_the_post_processor_adds_take_the_flag_of_their_neighbour():
+    class Wrapping:  # a tokenizer whose post-processor adds bos and eos (no characters: offsets (0, 0))
+        eos_id = None
+
+        def encode_with_offsets(self, text, bos=False):
+            return [1] + [ord(c) for c in text] + [2], [(0, 0)] + [(k, k + 1) for k in range(len(text))] + [(0, 0)]
+    ids, mask = D.tokenize_segments(Wrapping(), [("Q: ", False), ("A", True)])
+    assert ids == [1, ord("Q"), ord(":"), ord(" "), ord("A"), 2]
+    assert mask == [False, False, False, False, True, True]  # the closing token goes with the answer

@@ -93,7 +93,7 @@ def test_packed_pairs_give_the_loss_and_gradients_of_one_padded_answer_per_row(t
     (a, sums_a, grads_a), (b, sums_b, grads_b) = results
     assert_close(a, b)
     terms = 0.5 * written_out_logps(model, padded).abs().sum().item()  # rewards: beta x differences of these
-    for x, y, name in zip(sums_a, sums_b, ("loss", "correct", "margin", "chosen", "rejected")):
+    for x, y, name in zip(sums_a, sums_b, ("pairs", "correct", "margin", "chosen", "rejected")):
         assert_close(x, y, scale=terms if name in ("margin", "chosen", "rejected") else None, msg=name)
     for x, y in zip(grads_a, grads_b):
         assert_close(x, y)

@@ -84,3 +84,20 @@ def test_a_lora_run_exports_its_template_and_the_merged_model_answers_as_base_pl
     with_adapter = train.main([f"--model={base}", f"--adapter={out}/adapter", "--chat_format=chatml", *ask])
     assert merged == with_adapter
     shutil.rmtree(out)
+
+
+def test_with_a_tokenizer_folder_every_tokenizer_file_comes_from_it_alone(tmp_path):
+    model, tokenizer = tmp_path / "model", tmp_path / "tokenizer"
+    for folder, names in ((model, ["config.json", "model.safetensors", "generation_config.json", "README.md",
+                                   "tokenizer.json", "tokenizer.model", "special_tokens_map.json", "chat_template.jinja",
+                                   "rust_model.ot", "tf_model.h5"]),
+                          (tokenizer, ["config.json", "tokenizer.json", "tokenizer_config.json", "LICENSE"])):
+        folder.mkdir()
+        for name in names:
+            (folder / name).write_text(name)
+    files = build.source_files(str(model), str(tokenizer))
+    assert files == {"generation_config.json": str(model / "generation_config.json"), "README.md": str(model / "README.md"),
+                     "tokenizer.json": str(tokenizer / "tokenizer.json"),
+                     "tokenizer_config.json": str(tokenizer / "tokenizer_config.json")}
+    assert set(build.source_files(str(model))) == {"generation_config.json", "README.md", "tokenizer.json",
+                                                   "tokenizer.model", "special_tokens_map.json", "chat_template.jinja"}
