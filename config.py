@@ -102,7 +102,7 @@ class Config:
     adapter: str = ""  # a PEFT LoRA adapter folder to put on --model for --ask
     temperature: float = 0.0  # for --ask and the end-of-run samples: 0 = greedy
     top_k: int = 0  # for --ask and the samples: sample from the k most likely tokens; 0 = all
-    overwrite: bool = False  # start afresh in an --out_dir that holds a previous run (else refused; --resume continues it)
+    overwrite: bool = False  # start afresh in an --out_dir that holds a previous run (else refused; --resume continues it); its files go only once this run has finished
     compare: str = ""  # comma list of --out_dir folders: overlay their metrics.jsonl into compare.svg, print their final figures, exit
     log_to: str = ""  # wandb | tensorboard: also send every metrics.jsonl row there (the package must be installed)
     resume: bool = False  # continue from the newest complete <out_dir>/checkpoint/step-N (also at another world size)
@@ -158,6 +158,9 @@ def parse_args(argv) -> Config:
                           ("quant", quant.FORMATS), ("optimizer", ("adamw", "galore")), ("objective", ("sft", "dpo"))):
         if getattr(cfg, name) not in allowed:
             raise ValueError(f"flag --{name}={getattr(cfg, name)} is not one of {', '.join(allowed)}")
+    if cfg.resume and cfg.overwrite:
+        raise ValueError("flags --resume and --overwrite contradict each other: --resume continues the run in --out_dir, "
+                         "--overwrite replaces it; pass one")
     if cfg.offload != "none" and not (cfg.fsdp or cfg.dry_run):
         raise ValueError(f"flag --offload={cfg.offload} needs --fsdp (it offloads the shards)")
     if cfg.quant == "hqq" and cfg.quant_bits not in (2, 3, 4, 8):

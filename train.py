@@ -137,8 +137,6 @@ def claim_out_dir(cfg: Config, d: Dist):
     if used and not (cfg.resume or cfg.overwrite):
         raise ValueError(f"--out_dir={cfg.out_dir} holds a previous run ({', '.join(used)}): pass --resume to continue "
                          f"it or --overwrite to replace it")
-    if cfg.overwrite and d.main:
-        shutil.rmtree(os.path.join(cfg.out_dir, "checkpoint"), ignore_errors=True)
     try:
         os.makedirs(cfg.out_dir, exist_ok=True)
         probe = os.path.join(cfg.out_dir, f".write-test-{d.rank}")
@@ -146,6 +144,24 @@ def claim_out_dir(cfg: Config, d: Dist):
         os.remove(probe)
     except OSError as e:
         raise ValueError(f"--out_dir={cfg.out_dir}: cannot write there ({e.strerror})") from None
+
+
+# What a run writes in --out_dir. --overwrite moves the previous run's into OVERWRITTEN once every
+# check has passed and the new run is loaded, and removes them when the new run has finished: a
+# run that stops before then has lost nothing (a symlink is moved as a link, its target untouched).
+RUN_FILES = ("checkpoint", "metrics.jsonl", "curves.svg", "hf", "adapter")
+OVERWRITTEN = ".overwritten"
+
+
+def set_previous_run_aside(cfg: Config, d: Dist, log):
+    aside = os.path.join(cfg.out_dir, OVERWRITTEN)
+    moved = [f for f in RUN_FILES if os.path.lexists(os.path.join(cfg.out_dir, f))]
+    if d.main and moved:
+        shutil.rmtree(aside, ignore_errors=True)
+        os.makedirs(aside)
+        for f in moved:
+            os.replace(os.path.join(cfg.out_dir, f), os.path.join(aside, f))
+        log(f"--overwrite: the previous run's {', '.join(moved)} wait in {aside} until this run finishes")
 
 
 def setup(cfg: Config, d: Dist, log):
@@ -180,6 +196,8 @@ def setup(cfg: Config, d: Dist, log):
             raise ValueError(f"--max_steps={cfg.max_steps} is below the step of the checkpoint in {ckpt_path} "
                              f"({start}); pass --max_steps above it to train on")
         log(f"resumed from {ckpt_path} at step {start}, data epoch {loader.epoch} batch {loader.index}")
+    if cfg.overwrite:  # every check has passed and the run is loaded: only now does the old one step aside
+        set_previous_run_aside(cfg, d, log)
     return types.SimpleNamespace(model=model, tok=tok, hf_files=hf_files, engine=engine, opt=opt, dataset=dataset,
                                  eval_docs=eval_docs, loader=loader, ckpt_path=ckpt_path, start=start, step=start,
                                  adapters=engine.counts()[1], base=base, scaler=scaler, dpo=preference)
@@ -313,6 +331,8 @@ def finish(cfg: Config, d: Dist, r, log, record):
         r.engine.export_hf(os.path.join(cfg.out_dir, "hf"), r.hf_files,
                            torch.float32 if cfg.hf_dtype == "fp32" else torch.bfloat16)
         log(f"saved {os.path.join(cfg.out_dir, 'hf')}" + (" (merged)" if B.has_adapters(cfg) else ""))
+    if d.main:  # this run has written its own: an overwritten run's files can go (rmtree unlinks a symlink)
+        shutil.rmtree(os.path.join(cfg.out_dir, OVERWRITTEN), ignore_errors=True)
 
 
 def main(argv):

@@ -300,8 +300,7 @@ def test_a_full_disk_during_an_export_leaves_no_half_folder(tmp_path, monkeypatc
     full_disk(monkeypatch, safetensors.torch, "save_file")
     with pytest.raises(ValueError, match=rf"{folder}: could not write it \(OSError: .*No space left on device\); "
                                          rf"removed .*{folder}\.tmp, nothing was replaced"):
-        train.main(FAST + ["--max_steps=1", "--save_hf=true", f"--train_type={train_type}", "--overwrite",
-                           f"--out_dir={tmp_path}"])
+        train.main(FAST + ["--max_steps=1", "--save_hf=true", f"--train_type={train_type}", f"--out_dir={tmp_path}"])
     assert not (tmp_path / f"{folder}.tmp").exists() and (tmp_path / folder / "earlier.txt").exists()
 
 
@@ -422,3 +421,26 @@ def test_a_crafted_checkpoint_is_refused_in_one_line_and_its_code_never_runs(tmp
     torch.save({k: v for k, v in state.items() if k != "rng"}, rank0)  # data, but not a whole rank file
     with pytest.raises(ValueError, match=r"rank0.pt: not a checkpoint this trainer wrote \(no rng\)"):
         train.main(args + ["--max_steps=3", "--resume"])
+
+
+def test_overwrite_removes_the_previous_run_only_once_the_new_one_has_finished(tmp_path):
+    out = tmp_path / "run"
+    train.main(FAST + ["--max_steps=2", "--save_hf=true", f"--out_dir={out}"])
+    with pytest.raises(FileNotFoundError, match="nonexistent.json: data file not found"):  # a check fails: nothing lost
+        train.main(FAST + ["--max_steps=1", "--overwrite", f"--data={tmp_path / 'nonexistent.json'}", f"--out_dir={out}"])
+    assert C.latest_checkpoint(str(out / "checkpoint")).endswith("step-00000002") and (out / "hf").is_dir()
+    with pytest.raises(ValueError, match=r"^flags --resume and --overwrite contradict each other"):
+        train.parse_args(["--resume", "--overwrite"])
+    train.main(FAST + ["--max_steps=1", "--overwrite", f"--out_dir={out}"])  # --save_hf=false: the old hf/ goes too
+    assert sorted(p.name for p in out.iterdir() if p.name != "token_cache") == ["checkpoint", "curves.svg", "metrics.jsonl"]
+    assert C.latest_checkpoint(str(out / "checkpoint")).endswith("step-00000001")
+
+
+def test_overwrite_moves_a_symlinked_checkpoint_without_touching_its_target(tmp_path):
+    out, elsewhere = tmp_path / "run", tmp_path / "kept"
+    train.main(FAST + ["--max_steps=2", f"--out_dir={out}"])
+    os.replace(out / "checkpoint", elsewhere)
+    os.symlink(elsewhere, out / "checkpoint")
+    train.main(FAST + ["--max_steps=1", "--overwrite", f"--out_dir={out}"])
+    assert C.latest_checkpoint(str(elsewhere)).endswith("step-00000002")  # the link's target is intact
+    assert not (out / "checkpoint").is_symlink() and C.latest_checkpoint(str(out / "checkpoint")).endswith("step-00000001")
