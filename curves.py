@@ -10,6 +10,7 @@ with points). Right panel: held-out accuracy (SFT, by generation) or reward accu
 """
 
 import dataclasses
+import html
 import json
 import math
 import os
@@ -89,7 +90,7 @@ def write_svg(path, runs):
         loss_lines += [(color, train, 0.6, False, False), (color, smoothed(train), 2, False, False),
                        (color, evals, 1.5, True, True)]
         acc_lines.append((color, acc, 2, False, True))
-        legend.append(f'<text x="{PAD + 140 * k}" y="{H + 16}" fill="{color}">&#9632; {name}</text>')
+        legend.append(f'<text x="{PAD + 140 * k}" y="{H + 16}" fill="{color}">&#9632; {html.escape(name)}</text>')
     parts += panel(0, "loss (thin: train, thick: smoothed, dashed: held out)", "loss", loss_lines, xmax)
     parts += panel(W, acc_name.replace(" (%)", ""), acc_name, acc_lines, xmax)
     svg = (f'<svg xmlns="http://www.w3.org/2000/svg" width="{2 * W}" height="{H + 24}" font-family="sans-serif" '

@@ -79,3 +79,10 @@ def test_log_to_tensorboard_writes_every_metrics_row_as_scalars(tmp_path):
         got = [(e.step, e.value) for e in events.Scalars(key)]
         assert len(got) == len(want) > 0 and all(s == ws and v == pytest.approx(wv, rel=1e-6)
                                                  for (s, v), (ws, wv) in zip(got, want))
+
+
+def test_a_run_name_with_xml_characters_leaves_the_svg_well_formed(tmp_path):
+    rows = [{"step": 1, "loss": 2.0}, {"step": 1, "eval_loss": 2.5}, {"step": 2, "loss": 1.5}]
+    curves.write_svg(str(tmp_path / "c.svg"), {"runs/a&b<c>": rows})
+    texts = [t.text for t in ET.parse(tmp_path / "c.svg").getroot().iter(SVG + "text")]
+    assert any(t and t.endswith("runs/a&b<c>") for t in texts)
