@@ -80,6 +80,9 @@ def evaluate(engine, cfg, d, eval_data, eval_docs, tok):
             asked += 1
     loss_sum, n_tok, correct, asked = all_reduce_sum([loss_sum, n_tok, correct, asked], d)
     model.train()
+    if n_batches and n_tok == 0:  # every rank sees the same count: all stop, before a loss of 0 is logged
+        raise ValueError(f"eval: the {len(eval_docs):,} held-out documents have no trainable token within "
+                         f"--seq_len={cfg.seq_len} (their prompts fill the row); raise --seq_len or --eval_frac")
     result = {"eval_loss": loss_sum / max(n_tok, 1)}
     if asked:
         result["accuracy"] = correct / asked

@@ -130,10 +130,11 @@ def test_exported_weights_are_readable_by_everyone_like_the_rest_of_the_folder(t
 def test_data_whose_prompts_fill_seq_len_stops_with_the_reason(tmp_path, capsys):
     path = tmp_path / "long.jsonl"
     path.write_text("".join(json.dumps({"prompt": "p" * 60 + str(i), "completion": "ok"}) + "\n" for i in range(200)))
-    with pytest.raises(ValueError, match=r"^step 1: no trainable token in this step's batches \(190 of 190 documents have "
+    # (with a held-out set the step-0 eval refuses first: test_a_held_out_set_without_a_trainable_token_...)
+    with pytest.raises(ValueError, match=r"^step 1: no trainable token in this step's batches \(200 of 200 documents have "
                                          r"none within --seq_len=32: their prompts fill the row\)"):
-        train.main(FAST + ["--max_steps=2", f"--data={path}", f"--out_dir={tmp_path / 'out'}"])
-    assert "190 documents with no trainable token within --seq_len" in capsys.readouterr().out
+        train.main(FAST + ["--max_steps=2", "--eval_frac=0", f"--data={path}", f"--out_dir={tmp_path / 'out'}"])
+    assert "200 documents with no trainable token within --seq_len" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("change, message", [
@@ -444,3 +445,12 @@ def test_overwrite_moves_a_symlinked_checkpoint_without_touching_its_target(tmp_
     train.main(FAST + ["--max_steps=1", "--overwrite", f"--out_dir={out}"])
     assert C.latest_checkpoint(str(elsewhere)).endswith("step-00000002")  # the link's target is intact
     assert not (out / "checkpoint").is_symlink() and C.latest_checkpoint(str(out / "checkpoint")).endswith("step-00000001")
+
+
+def test_a_held_out_set_without_a_trainable_token_is_refused_not_logged_as_loss_0(tmp_path):
+    records = [{"prompt": "1+1=", "completion": "2"}] * 18 + [{"prompt": "x" * 64, "completion": "y"}] * 2
+    data = tmp_path / "d.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in records))
+    with pytest.raises(ValueError, match=r"^eval: the 2 held-out documents have no trainable token within --seq_len=32"):
+        train.main(FAST + ["--max_steps=2", f"--data={data}", "--eval_frac=0.1", f"--out_dir={tmp_path / 'out'}"])
+    assert not (tmp_path / "out" / "metrics.jsonl").exists() or "eval_loss" not in (tmp_path / "out" / "metrics.jsonl").read_text()
