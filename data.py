@@ -701,15 +701,15 @@ def chat_format(cfg, tok, log=lambda *a: None):
     return detect_format(tok) if cfg.chat_format == "auto" else cfg.chat_format
 
 
-def load_for_training(cfg, tok, rank, world, log, barrier):
-    """train.py's data, from its Config: (dataset, held-out documents, this rank's training batches).
+def load_for_training(cfg, tok, rank, world, log, barrier, *, fmt):
+    """train.py's data, from its Config, in chat format `fmt` (chat_format): (dataset, held-out
+    documents, this rank's training batches).
     Rank 0 tokenizes files into the cache first, the others then open the same files (barrier():
     every rank waits there). DPO: documents 2i and 2i + 1 are pair i's
     chosen and rejected answers, and pairs are held out whole."""
     cache = cfg.data_cache or os.path.join(cfg.out_dir, "token_cache")
     if world > 1 and rank != 0:
         barrier()  # wait for rank 0's cache
-    fmt = chat_format(cfg, tok, log)
     if cfg.objective == "dpo":
         dataset = in_memory(pair_records(read_records(cfg.data)), tok, fmt)
         train_pairs, eval_pairs = split_documents(len(dataset) // 2, cfg.eval_frac)

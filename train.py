@@ -158,8 +158,8 @@ OVERWRITTEN = ".overwritten"
 
 def set_previous_run_aside(cfg: Config, d: Dist, log):
     aside = os.path.join(cfg.out_dir, OVERWRITTEN)
-    moved = [f for f in RUN_FILES if os.path.lexists(os.path.join(cfg.out_dir, f))]
-    if d.main and moved:
+    moved = [f for f in RUN_FILES if os.path.lexists(os.path.join(cfg.out_dir, f))] if d.main else []
+    if moved:
         shutil.rmtree(aside, ignore_errors=True)
         os.makedirs(aside)
         for f in moved:
@@ -179,10 +179,10 @@ def setup(cfg: Config, d: Dist, log):
     engine = B.make_engine(model, cfg, d)
     for line in B.describe(cfg, d, engine, reference):
         log(line)
-    dataset, eval_docs, loader = D.load_for_training(cfg, tok, d.rank, d.world, log, dist.barrier)
+    fmt = D.chat_format(cfg, tok, log)
+    dataset, eval_docs, loader = D.load_for_training(cfg, tok, d.rank, d.world, log, dist.barrier, fmt=fmt)
     if cfg.eval_metric == "auto":
         cfg.eval_metric = "exact" if cfg.data == "arith" else "last_number"
-    hf_files = B.export_files(source_files, tok, D.chat_format(cfg, tok), chat_data=not dataset.split_long)
 
     preference = dpo.DPO(cfg.dpo_beta, reference) if cfg.objective == "dpo" else None
     opt = O.make_optimizer(engine, cfg)
@@ -201,8 +201,8 @@ def setup(cfg: Config, d: Dist, log):
         log(f"resumed from {ckpt_path} at step {start}, data epoch {loader.epoch} batch {loader.index}")
     if cfg.overwrite:  # every check has passed and the run is loaded: only now does the old one step aside
         set_previous_run_aside(cfg, d, log)
-    return types.SimpleNamespace(model=model, tok=tok, hf_files=hf_files, engine=engine, opt=opt, dataset=dataset,
-                                 eval_docs=eval_docs, loader=loader, ckpt_path=ckpt_path, start=start, step=start,
+    return types.SimpleNamespace(model=model, tok=tok, source_files=source_files, fmt=fmt, engine=engine, opt=opt,
+                                 dataset=dataset, eval_docs=eval_docs, loader=loader, ckpt_path=ckpt_path, start=start, step=start,
                                  adapters=engine.counts()[1], base=base, scaler=scaler, dpo=preference)
 
 
@@ -331,8 +331,9 @@ def finish(cfg: Config, d: Dist, r, log, record):
         r.engine.export_adapter(os.path.join(cfg.out_dir, "adapter"), base_name)
         log(f"saved the adapter (PEFT layout) to {os.path.join(cfg.out_dir, 'adapter')}")
     if cfg.save_hf:  # adapters merged into dense weights (dequantized when quantized)
-        r.engine.export_hf(os.path.join(cfg.out_dir, "hf"), r.hf_files,
-                           torch.float32 if cfg.hf_dtype == "fp32" else torch.bfloat16)
+        # the source folder's files and the chat template trained in: read now, by the rank that writes
+        files = B.export_files(r.source_files, r.tok, r.fmt, chat_data=not r.dataset.split_long) if d.main else None
+        r.engine.export_hf(os.path.join(cfg.out_dir, "hf"), files, torch.float32 if cfg.hf_dtype == "fp32" else torch.bfloat16)
         log(f"saved {os.path.join(cfg.out_dir, 'hf')}" + (" (merged)" if B.has_adapters(cfg) else ""))
     if d.main:  # this run has written its own: an overwritten run's files can go (rmtree unlinks a symlink)
         shutil.rmtree(os.path.join(cfg.out_dir, OVERWRITTEN), ignore_errors=True)
