@@ -61,13 +61,13 @@ def amp_dtype(cfg, device_type):
 
 
 def build_model(cfg, d, with_adapters=True):
-    """(model, tokenizer, hf files to copy into exports). For qlora/qdora each Linear but lm_head is
-    quantized (--quant) as the checkpoint streams in; for every adapter type the base is then frozen
-    and the --lora_target layers get adapters."""
+    """(model, tokenizer, hf files to copy into exports). With --quant each Linear but lm_head is
+    quantized as the checkpoint streams in; with --adapter the base is then frozen and the
+    --lora_target layers get adapters; --expand_blocks inserts Llama-Pro's new blocks."""
     quantize = quantizer(cfg)
     # A frozen base can live in the autocast dtype; what trains (full weights, adapters, new blocks) stays fp32.
     amp = amp_dtype(cfg, d.device.type)
-    base_dtype = amp if cfg.train_type != "full" and amp is not None else torch.float32
+    base_dtype = amp if frozen_base(cfg) and amp is not None else torch.float32
     if cfg.model in M.MODELS:
         args = dataclasses.replace(M.MODELS[cfg.model])
         tok = D.load_tokenizer(cfg.tokenizer or None)
@@ -82,11 +82,11 @@ def build_model(cfg, d, with_adapters=True):
             quantize(model)
     elif os.path.isdir(cfg.model):
         if Q.is_prequantized(cfg.model):
-            if not quantize or cfg.quant != "nf4":
-                raise ValueError(f"--model={cfg.model} holds 4-bit bitsandbytes weights: use --train_type=qlora or qdora "
-                                 f"with --quant=nf4")
+            if cfg.quant != "nf4":
+                raise ValueError(f"--model={cfg.model} holds 4-bit bitsandbytes weights: pass --quant=nf4 (with "
+                                 f"--adapter=lora or dora)")
             model = Q.load_prequantized(cfg.model, d.device, base_dtype)
-        elif cfg.fsdp and cfg.train_type != "llama_pro":  # meta model now; each unit is read, quantized and sharded in turn (fsdp.Sharded)
+        elif cfg.fsdp and not cfg.expand_blocks:  # meta model now; each unit is read, quantized and sharded in turn (fsdp.Sharded)
             model = M.empty_from_pretrained(cfg.model, prepare=quantize)
         else:
             model = M.from_pretrained(cfg.model, d.device, base_dtype, prepare=quantize)
@@ -101,7 +101,7 @@ def build_model(cfg, d, with_adapters=True):
         raise ValueError(f"--seq_len={cfg.seq_len} exceeds the model's context of {model.args.max_seq_len} tokens")
     if not with_adapters:
         return model, tok, extra
-    if cfg.train_type == "llama_pro":  # the whole model is loaded (not streamed): the copies need their originals
+    if cfg.expand_blocks:  # the whole model is loaded (not streamed): the copies need their originals
         expand_for_llama_pro(model, cfg)
         return model, tok, extra
     gen = torch.Generator().manual_seed(cfg.seed)  # adapters start the same on every rank, sharded or not
@@ -164,24 +164,36 @@ def expand_for_llama_pro(model, cfg):
 
 
 def has_adapters(cfg):
-    return cfg.train_type not in ("full", "llama_pro")
+    return cfg.adapter != "none"
+
+
+def frozen_base(cfg):
+    """Does the base stay frozen (adapters, or Llama-Pro's new blocks train instead)?"""
+    return cfg.adapter != "none" or cfg.expand_blocks > 0
+
+
+def kind(cfg):
+    """What trains, for the log: full, lora, lora on nf4, dora on hqq4, llama_pro +2 blocks."""
+    base = f" on {cfg.quant}{cfg.quant_bits if cfg.quant == 'hqq' else ''}" if cfg.quant != "none" else ""
+    return f"llama_pro +{cfg.expand_blocks} blocks" if cfg.expand_blocks else \
+        ("full" if cfg.adapter == "none" else cfg.adapter) + base
 
 
 def quantizer(cfg):
-    """For qlora / qdora, what turns a model's Linears (but lm_head) into --quant Linears; else None."""
-    if cfg.train_type not in ("qlora", "qdora"):
+    """With --quant, what turns a model's Linears (but lm_head) into --quant Linears; else None."""
+    if cfg.quant == "none":
         return None
     return lambda model: Q.quantize_model(model, cfg.quant, cfg.quant_bits, cfg.quant_group)
 
 
 def add_adapters(modules, cfg, generator):
-    """Freeze and wrap the --lora_target layers of these modules (nothing for --train_type=full)."""
-    if cfg.train_type in ("full", "llama_pro"):
+    """Freeze and wrap the --lora_target layers of these modules (nothing without --adapter)."""
+    if not has_adapters(cfg):
         return
     for module in modules:
         if L.linear_names(module):
             L.add_lora(module, rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, targets=cfg.lora_target,
-                       dora=cfg.train_type in ("dora", "qdora"), generator=generator)
+                       dora=cfg.adapter == "dora", generator=generator)
         else:  # embedding, final norm, head: frozen
             module.requires_grad_(False)
 
@@ -197,9 +209,9 @@ def meta_model(cfg, amp):
     else:
         model = M.empty_from_pretrained(cfg.model, quantizer(cfg))
     add_adapters([model], cfg, torch.Generator().manual_seed(0))
-    if cfg.train_type == "llama_pro":
+    if cfg.expand_blocks:
         expand_for_llama_pro(model, cfg)
-    if amp is not None and cfg.train_type != "full":
+    if amp is not None and frozen_base(cfg):
         for p in model.parameters():
             if not p.requires_grad:
                 p.data = p.data.to(amp)
@@ -224,7 +236,7 @@ def describe(cfg, d, engine, reference=None):
     """Log lines: the model and what trains; under --fsdp, the sharding and what this rank holds;
     DPO's frozen reference."""
     model, (trainable, adapters) = engine.model, engine.counts()
-    lines = [f"model {cfg.model} ({cfg.train_type}): " + (f"{trainable / 1e6:.3f}M trainable" if cfg.fsdp else P.describe(model))
+    lines = [f"model {cfg.model} ({kind(cfg)}): " + (f"{trainable / 1e6:.3f}M trainable" if cfg.fsdp else P.describe(model))
              + (f", {adapters / 1e6:.3f}M of them in adapters" if adapters else "")
              + f"; {model.args.n_layers} layers, dim {model.args.dim}, world {d.world} on {d.device.type}"]
     if cfg.fsdp:

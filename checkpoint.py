@@ -7,8 +7,8 @@ A save is a folder: every rank writes rank<r>.pt into <path>/step-N.tmp, and onc
 finished rank 0 renames it to step-N. That rename is the commit, so a kill at any moment leaves
 the previous step folder loadable; a write that fails (disk full) removes the .tmp folder on every
 rank. A load may be at another world size: the engine re-shards from the memory-mapped rank files.
-Before any tensor is loaded, `same_run` refuses a resume whose settings (MUST_MATCH, the global
-batch, the base model's fingerprint) differ from the run that saved.
+Before any tensor is loaded, `same_run` refuses a resume whose settings (the Config's fixed()
+fields, the global batch, the base model's fingerprint) differ from the run that saved.
 """
 
 import glob
@@ -21,6 +21,7 @@ import shutil
 import torch
 import torch.distributed as dist
 
+import config
 import distributed
 import model as M
 
@@ -129,10 +130,6 @@ def set_rng(rng):
     random.setstate(rng["python"])
 
 
-# What a resumed run must share with the run that saved: the model and adapters (the tensors), the
-# data and how it is cut into batches (the saved position indexes that plan). The rest may change.
-MUST_MATCH = ("train_type", "expand_blocks", "optimizer", "quant", "quant_bits", "quant_group", "lora_rank", "lora_alpha", "lora_target", "data",
-              "chat_format", "seq_len", "pack", "eval_frac", "seed")
 
 
 def base_fingerprint(model):
@@ -149,9 +146,13 @@ def base_fingerprint(model):
 
 
 def same_run(saved, where, cfg, world, base):
-    """Refuse, in one line, a resume whose settings differ where the checkpoint depends on them."""
-    old, defaults = saved["config"], type(cfg)()  # a setting added since that save had its default then
-    for name in MUST_MATCH:
+    """Refuse, in one line, a resume whose settings differ where the checkpoint depends on them: the
+    Config's fixed() fields (the model's tensors, the data and how it is cut into batches)."""
+    old, defaults = dict(saved["config"]), type(cfg)()  # a setting added since that save had its default then
+    if "adapter_path" not in old and old.get("train_type"):  # saved before --adapter and --quant: its --train_type
+        adapter, quantized = config.TRAIN_TYPES[old["train_type"]]
+        old.update(adapter=adapter, quant=old.get("quant", "nf4") if quantized else "none")
+    for name in config.fixed_names():
         if old.setdefault(name, getattr(defaults, name)) != getattr(cfg, name):
             raise ValueError(f"{where}: saved with --{name}={old[name]}, resuming with --{name}={getattr(cfg, name)}; "
                              f"it must match (max_steps, lr, schedule, eval and logging flags may change)")

@@ -3,7 +3,7 @@ system, sharding, logging, asking), each field's trailing comment its --help tex
 (--name=value for every field) and the checks that flags make sense alone and together, all at
 parse time, before anything is loaded.
 
-    cfg = parse_args(["--lr=2e-4", "--train_type=qlora"])
+    cfg = parse_args(["--lr=2e-4", "--adapter=lora", "--quant=nf4"])   # QLoRA; --train_type=qlora says the same
 """
 
 import dataclasses
@@ -14,7 +14,7 @@ import math
 import os
 import re
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -23,30 +23,41 @@ import kernels
 import quant
 
 
+def fixed(default):
+    """A setting the saved state depends on (the model's tensors, the data plan): a --resume must
+    give it the value the run that saved had (checkpoint.same_run)."""
+    return field(default=default, metadata={"fixed": True})
+
+
+def fixed_names():
+    return [f.name for f in dataclasses.fields(Config) if f.metadata.get("fixed")]
+
+
 @dataclass
 class Config:
-    # model
+    # model: the base, and what trains on it
     model: str = "tiny"  # a preset from model.MODELS (random init) or a Hugging Face Llama folder to load
     tokenizer: str = ""  # folder with tokenizer.json; '' = the model folder's, or bytes for a preset
-    train_type: str = "full"  # full | lora | qlora (LoRA on a quantized base, --quant) | dora | qdora (DoRA on a quantized base) | llama_pro (train only --expand_blocks new blocks)
-    expand_blocks: int = 0  # --train_type=llama_pro: copies of evenly spaced blocks to insert (their o_proj, down_proj zeroed)
-    quant: str = "nf4"  # the base's format for qlora / qdora: nf4 (bitsandbytes-compatible) | hqq | int8 (per channel) | ternary (BitNet b1.58)
-    quant_bits: int = 4  # --quant=hqq: bits per weight, 2 | 3 | 4 | 8
-    quant_group: int = 64  # weights per scale for nf4 (its blocksize), hqq and ternary
-    lora_rank: int = 8  # r of the adapters
-    lora_alpha: float = 16.0  # adapters' output is scaled by lora_alpha / lora_rank
+    adapter: str = fixed("none")  # none (train every weight) | lora | dora: adapters on the frozen base's --lora_target layers
+    quant: str = fixed("none")  # the frozen base's format under an adapter: none | nf4 (bitsandbytes-compatible; QLoRA) | hqq | int8 (per channel) | ternary (BitNet b1.58)
+    expand_blocks: int = fixed(0)  # Llama-Pro: insert N copies of evenly spaced blocks (o_proj, down_proj zeroed) and train only them
+    train_type: str = ""  # shorthand for the three above: full | lora | qlora (lora, nf4 unless --quant) | dora | qdora | llama_pro (with --expand_blocks)
+    quant_bits: int = fixed(4)  # --quant=hqq: bits per weight, 2 | 3 | 4 | 8
+    quant_group: int = fixed(64)  # weights per scale for nf4 (its blocksize), hqq and ternary
+    lora_rank: int = fixed(8)  # r of the adapters
+    lora_alpha: float = fixed(16.0)  # adapters' output is scaled by lora_alpha / lora_rank
     lora_dropout: float = 0.0  # dropout on the adapters' input
-    lora_target: str = "all-linear"  # Linear layers to adapt: all-linear (all but lm_head) or e.g. q_proj,v_proj
+    lora_target: str = fixed("all-linear")  # Linear layers to adapt: all-linear (all but lm_head) or e.g. q_proj,v_proj
     # data
-    objective: str = "sft"  # sft | dpo (preference pairs {"prompt", "chosen", "rejected"}; with adapters the reference is the base with them off, else a frozen copy)
+    objective: str = fixed("sft")  # sft | dpo (preference pairs {"prompt", "chosen", "rejected"}; with adapters the reference is the base with them off, else a frozen copy)
     dpo_beta: float = 0.1  # DPO: the strength of the pull towards the reference model
-    data: str = "arith"  # 'arith' (built-in sums), or a .txt / .jsonl / .json file (text, Alpaca or chat records)
-    chat_format: str = "auto"  # alpaca | chatml | llama3 | template (the checkpoint's own, with jinja2); auto = template if there is one, else from the tokenizer's special tokens
-    seq_len: int = 66  # tokens per row (66: six fixed-width arith sums of 11 tokens fill a row exactly)
+    data: str = fixed("arith")  # 'arith' (built-in sums), or a .txt / .jsonl / .json file (text, Alpaca or chat records)
+    chat_format: str = fixed("auto")  # alpaca | chatml | llama3 | template (the checkpoint's own, with jinja2); auto = template if there is one, else from the tokenizer's special tokens
+    seq_len: int = fixed(66)  # tokens per row (66: six fixed-width arith sums of 11 tokens fill a row exactly)
     batch_size: int = 16  # rows per micro-batch on each rank
     grad_accum: int = 1  # micro-batches per optimizer step
-    pack: bool = True  # pack documents into full rows with document masks (else one padded document per row, length-grouped); DPO: a batch's answers
-    eval_frac: float = 0.05  # the last fraction of documents is held out for eval and never trained on
+    pack: bool = fixed(True)  # pack documents into full rows with document masks (else one padded document per row, length-grouped); DPO: a batch's answers
+    eval_frac: float = fixed(0.05)  # the last fraction of documents is held out for eval and never trained on
     data_cache: str = ""  # folder for tokenized, memory-mapped data files; '' = <out_dir>/token_cache
     # optimization
     max_steps: int = 360  # optimizer steps
@@ -57,7 +68,7 @@ class Config:
     weight_decay: float = 0.5  # AdamW decay, applied to matrices only (not norms, biases); 0.5 makes the default run generalize sooner
     beta1: float = 0.9
     beta2: float = 0.95
-    optimizer: str = "adamw"  # adamw | galore (full fine-tuning with AdamW state in a low-rank projection of each block matrix's gradient; not with --fsdp)
+    optimizer: str = fixed("adamw")  # adamw | galore (full fine-tuning with AdamW state in a low-rank projection of each block matrix's gradient; not with --fsdp)
     galore_rank: int = 128  # GaLore: rank of the gradient projection
     galore_gap: int = 200  # GaLore: steps between renewals of the projection (an SVD of the gradient)
     galore_scale: float = 0.25  # GaLore: the projected-back update is multiplied by this
@@ -65,7 +76,7 @@ class Config:
     nan_policy: str = "stop"  # stop (at the first step whose loss or gradient norm is not finite, saving nothing) | skip (drop such steps; stop after --nan_skips in a row)
     nan_skips: int = 5  # with --nan_policy=skip: consecutive non-finite steps before stopping
     # system
-    seed: int = 0
+    seed: int = fixed(0)  # model init, adapters, data order and split
     precision: str = "auto"  # auto (bf16 autocast on CUDA and on CPUs with AMX / AVX512-BF16, else fp32) | bf16 | fp32 | fp16 (autocast with dynamic loss scaling: GPUs without bf16)
     compile: bool = False  # torch.compile each transformer block
     grad_checkpointing: bool = False  # recompute each block in backward instead of storing activations
@@ -98,8 +109,8 @@ class Config:
     save_hf: bool = True  # write the trained model to <out_dir>/hf at the end
     hf_dtype: str = "bf16"  # bf16 | fp32: dtype of the <out_dir>/hf export
     # asking a model (no training)
-    ask: str = ""  # answer this prompt with --model (+ --adapter; quantized base with --train_type=qlora) and exit
-    adapter: str = ""  # a PEFT LoRA adapter folder to put on --model for --ask
+    ask: str = ""  # answer this prompt with --model (+ --adapter_path; a quantized base with --quant) and exit
+    adapter_path: str = ""  # a PEFT LoRA adapter folder to put on --model for --ask
     temperature: float = 0.0  # for --ask and the end-of-run samples: 0 = greedy
     top_k: int = 0  # for --ask and the samples: sample from the k most likely tokens; 0 = all
     overwrite: bool = False  # start afresh in an --out_dir that holds a previous run (else refused; --resume continues it); its files go only once this run has finished
@@ -136,7 +147,7 @@ def parse_value(name, typ, text):
 
 
 def parse_args(argv) -> Config:
-    cfg, types = Config(), {f.name: f.type for f in dataclasses.fields(Config)}
+    cfg, types, given = Config(), {f.name: f.type for f in dataclasses.fields(Config)}, set()
     for arg in argv:
         if arg in ("-h", "--help"):
             print(config_help())
@@ -150,12 +161,18 @@ def parse_args(argv) -> Config:
         if not eq and types[name] is not bool:
             raise ValueError(f"flag --{name} needs a value: --{name}=...")
         setattr(cfg, name, parse_value(name, types[name], text) if eq else True)
+        given.add(name)
+    if cfg.adapter not in ADAPTERS and os.path.isdir(cfg.adapter):
+        raise ValueError(f"flag --adapter={cfg.adapter} is a folder: --adapter is one of {', '.join(ADAPTERS)}; "
+                         f"pass an adapter folder to --ask as --adapter_path")
+    if cfg.train_type:
+        expand_train_type(cfg, given)
     for name, allowed in (("schedule", ("cosine", "linear", "constant")), ("precision", ("auto", "bf16", "fp32", "fp16")),
                           ("eval_metric", ("auto", "exact", "last_number")),
-                          ("train_type", ("full", "lora", "qlora", "dora", "qdora", "llama_pro")), ("reduce_dtype", ("fp32", "bf16")),
+                          ("adapter", ADAPTERS), ("quant", ("none",) + quant.FORMATS), ("reduce_dtype", ("fp32", "bf16")),
                           ("chat_format", ("auto", "alpaca", "chatml", "llama3", "template")), ("hf_dtype", ("bf16", "fp32")),
                           ("kernels", ("triton", "torch", "interpret")), ("nan_policy", ("stop", "skip")), ("offload", fsdp.OFFLOAD), ("shard", fsdp.STRATEGIES),
-                          ("quant", quant.FORMATS), ("optimizer", ("adamw", "galore")), ("objective", ("sft", "dpo"))):
+                          ("optimizer", ("adamw", "galore")), ("objective", ("sft", "dpo"))):
         if getattr(cfg, name) not in allowed:
             raise ValueError(f"flag --{name}={getattr(cfg, name)} is not one of {', '.join(allowed)}")
     if cfg.resume and cfg.overwrite:
@@ -178,11 +195,15 @@ def parse_args(argv) -> Config:
     if cfg.offload_activations and cfg.fsdp:  # fsdp.Sharded keeps every block's input itself, for its backward
         raise ValueError("flag --offload_activations does not save memory under --fsdp yet (the sharded schedule "
                          "keeps each block's input on the GPU for its backward); drop one of them")
-    if cfg.optimizer == "galore" and (cfg.fsdp or cfg.train_type not in ("full", "llama_pro")):
-        raise ValueError("flag --optimizer=galore projects whole weight matrices: it needs --train_type=full (or "
-                         "llama_pro) and no --fsdp (which hands the optimizer flat shards)")
-    if (cfg.train_type == "llama_pro") != (cfg.expand_blocks > 0):
-        raise ValueError("flags --train_type=llama_pro and --expand_blocks=N (N >= 1) go together")
+    if cfg.optimizer == "galore" and (cfg.fsdp or cfg.adapter != "none"):
+        raise ValueError("flag --optimizer=galore projects whole weight matrices: it needs --adapter=none and no "
+                         "--fsdp (which hands the optimizer flat shards)")
+    if cfg.quant != "none" and cfg.adapter == "none" and not cfg.ask:
+        raise ValueError(f"flag --quant={cfg.quant} makes the base frozen: pass --adapter=lora or dora to train "
+                         f"adapters on it (QLoRA: --adapter=lora --quant=nf4)")
+    if cfg.expand_blocks and cfg.adapter != "none":
+        raise ValueError(f"flag --expand_blocks={cfg.expand_blocks} (Llama-Pro) trains the new blocks, not adapters: "
+                         f"pass --adapter=none")
     if cfg.shard == "hybrid" and cfg.shard_group < 1:
         raise ValueError("flag --shard=hybrid needs --shard_group=N (ranks per shard group, e.g. GPUs per node)")
     if cfg.kernels == "interpret" and os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
@@ -195,6 +216,32 @@ def parse_args(argv) -> Config:
         if not ok(getattr(cfg, name)):
             raise ValueError(f"flag --{name} must be {expected}, got {getattr(cfg, name)}")
     return cfg
+
+
+ADAPTERS = ("none", "lora", "dora")
+# --train_type=X: (adapter, quantized base); llama_pro also needs --expand_blocks.
+TRAIN_TYPES = {"full": ("none", False), "lora": ("lora", False), "qlora": ("lora", True), "dora": ("dora", False),
+               "qdora": ("dora", True), "llama_pro": ("none", False)}
+
+
+def expand_train_type(cfg, given):
+    """--train_type, the shorthand, into --adapter and --quant; refused where a flag given with it
+    says otherwise (--train_type=dora --quant=hqq would silently drop one of the two)."""
+    if cfg.train_type not in TRAIN_TYPES:
+        raise ValueError(f"flag --train_type={cfg.train_type} is not one of {', '.join(TRAIN_TYPES)}")
+    adapter, quantized = TRAIN_TYPES[cfg.train_type]
+    if "adapter" in given and cfg.adapter != adapter:
+        raise ValueError(f"flags --train_type={cfg.train_type} and --adapter={cfg.adapter} contradict each other; pass one")
+    if quantized and cfg.quant == "none":
+        if "quant" in given:
+            raise ValueError(f"flag --train_type={cfg.train_type} quantizes the base: --quant=none contradicts it")
+        cfg.quant = "nf4"
+    if not quantized and cfg.quant != "none":
+        raise ValueError(f"flag --quant={cfg.quant} would be ignored by --train_type={cfg.train_type} (a base in full "
+                         f"precision): pass --adapter=lora or dora with --quant={cfg.quant}")
+    if (cfg.train_type == "llama_pro") != (cfg.expand_blocks > 0):
+        raise ValueError("flags --train_type=llama_pro and --expand_blocks=N (N >= 1) go together")
+    cfg.adapter = adapter
 
 
 def at_least(n):

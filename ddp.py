@@ -120,7 +120,7 @@ class Replicated:
         missing, unexpected = self.model.load_state_dict(state["model"], strict=not L.lora_layers(self.model))
         lacking = {n for n, _ in self.named} - set(state["model"])
         if unexpected or lacking:
-            raise ValueError(f"{path}: saved with a different --train_type or --lora_target "
+            raise ValueError(f"{path}: saved with a different --adapter, --expand_blocks or --lora_target "
                              f"({len(unexpected)} unexpected, {len(lacking)} missing tensors)")
         opt.load_state_dict(state["optimizer"])
 

@@ -545,7 +545,7 @@ class Sharded:
         """old: every saved rank's checkpoint_state. Saved at another shard-group size, each buffer
         and each AdamW state tensor is re-assembled from the first group's files and re-sliced."""
         if [tuple(x) for x in old[0]["layout"]] != self.layout():
-            raise ValueError(f"{path}: saved for a different model, --train_type or --lora_target")
+            raise ValueError(f"{path}: saved for a different model, --adapter, --expand_blocks or --lora_target")
         S_old, groups = old[0]["shard_world"], [g for u in self.units for g in u.groups]
 
         def reshard(pieces, g):

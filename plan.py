@@ -155,7 +155,7 @@ def plan_memory(model, world, batch_size, seq_len, *, prefetch=1, checkpointing=
     return gpu, cpu
 
 
-def print_plan(model, cfg, world, amp, reference_bytes=0):
+def print_plan(model, cfg, world, amp, reference_bytes=0, kind=""):
     """--dry_run's table: plan_memory for train.py's Config `cfg` on a meta-device `model` as built
     (build.meta_model); amp: the autocast dtype or None; reference_bytes: DPO's frozen copy, whole."""
     # The Triton kernels that keep less for backward, when they would run (a GPU, --kernels=triton).
@@ -166,7 +166,7 @@ def print_plan(model, cfg, world, amp, reference_bytes=0):
                            kernels=kernels, strategy=cfg.shard, shard_group=cfg.shard_group,
                            galore_rank=cfg.galore_rank if cfg.optimizer == "galore" else 0,
                            offload_activations=cfg.offload_activations)
-    print(f"memory plan: {cfg.model} {cfg.train_type}, world {world}, --shard={cfg.shard}, batch {cfg.batch_size} x {cfg.seq_len}, "
+    print(f"memory plan: {cfg.model} {kind}, world {world}, --shard={cfg.shard}, batch {cfg.batch_size} x {cfg.seq_len}, "
           f"checkpointing {cfg.grad_checkpointing}, prefetch {cfg.prefetch}, offload {cfg.offload}, "
           f"loss_chunk {cfg.loss_chunk}, Triton kernels {'on' if kernels else 'off'}; {describe(model)}")
     if reference_bytes:  # DPO's reference under full fine-tuning: a frozen copy, sharded like the model (--fsdp)

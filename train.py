@@ -108,15 +108,15 @@ def dry_run(cfg: Config, d: Dist):
     amp = B.amp_dtype(cfg, "cuda" if torch.cuda.is_available() else "cpu")
     model = B.meta_model(cfg, amp)
     reference = B.reference_bytes(model, cfg, amp) if cfg.objective == "dpo" and not B.has_adapters(cfg) else 0
-    P.print_plan(model, cfg, cfg.plan_world or d.world, amp, reference)
+    P.print_plan(model, cfg, cfg.plan_world or d.world, amp, reference, kind=B.kind(cfg))
 
 
 def ask(cfg: Config, d: Dist):
     """Print --model's answer to --ask, formatted as training formats a user turn."""
     cfg = dataclasses.replace(cfg, fsdp=False)
     model, tok, _ = B.build_model(cfg, d, with_adapters=False)
-    if cfg.adapter:
-        L.load_adapter(model, cfg.adapter)
+    if cfg.adapter_path:
+        L.load_adapter(model, cfg.adapter_path)
     fmt = D.chat_format(cfg, tok)
     text = D.chat_prompt([("user", cfg.ask)], fmt, tok) if fmt != "alpaca" else D.alpaca_prompt(cfg.ask)
     ids = tok.encode(text, bos=True)
@@ -239,8 +239,8 @@ def drop_step(d: Dist, r):
 def train_loop(cfg: Config, d: Dist, r, log, record):
     """Steps r.start .. max_steps: micro-batches, clip, AdamW, log; eval and save now and then."""
     opt, loader = r.opt, r.loader
-    # llama_pro: the new blocks' weight gradients are not counted (MFU errs low, by 2 FLOPs per new weight)
-    flops_tok = P.flops_per_token(r.model.args, cfg.seq_len, cfg.train_type != "full", r.adapters)
+    # Llama-Pro: the new blocks' weight gradients are not counted (MFU errs low, by 2 FLOPs per new weight)
+    flops_tok = P.flops_per_token(r.model.args, cfg.seq_len, B.frozen_base(cfg), r.adapters)
     peak = P.peak_flops(d.device)
     t_start, t_last, tokens_since, skipped = time.time(), time.time(), 0, 0
     for step in range(r.start, cfg.max_steps):

@@ -87,7 +87,8 @@ def measure(build, device, steps, tokens):
 
 def ours(path, kind, device, batch, rank):
     """train.py's own pieces at --precision=auto."""
-    cfg = train.Config(model=path, train_type=kind, lora_rank=rank, lora_alpha=2 * rank, lr=1e-5, beta2=0.999)
+    cfg = train.parse_args([f"--model={path}", f"--train_type={kind}", f"--lora_rank={rank}", f"--lora_alpha={2 * rank}",
+                            "--lr=1e-5", "--beta2=0.999"])
     d = train.Dist(0, 0, 1, device)
 
     def build():

@@ -147,7 +147,7 @@ def loading(path, d, opts):
     largest = max(os.path.getsize(f) for f in files)
     rows = []
     for kind in opts.get("kinds", "full,qlora").split(","):
-        cfg = train.Config(model=path, train_type=kind, fsdp=True)
+        cfg = train.parse_args([f"--model={path}", f"--train_type={kind}", "--fsdp"])
         keep = {}
 
         def streamed():

@@ -165,7 +165,7 @@ def test_dry_run_counts_the_frozen_reference_of_full_fine_tuning_sharded_under_f
 
 def test_the_planned_reference_bytes_are_what_the_built_reference_holds():
     import build
-    cfg = train.Config(objective="dpo", train_type="full", precision="bf16")
+    cfg = train.Config(objective="dpo", precision="bf16")
     d = train.Dist(0, 0, 1, torch.device("cpu"))
     for fsdp in (False, True):
         cfg.fsdp = fsdp

@@ -81,7 +81,7 @@ def test_a_lora_run_exports_its_template_and_the_merged_model_answers_as_base_pl
     assert open(os.path.join(hf, "chat_template.jinja")).read() == D.format_template("chatml")
     ask = ["--ask=Say 3.", "--max_new_tokens=6", "--precision=fp32"]  # the export's template; the base has none
     merged = train.main([f"--model={hf}", *ask])
-    with_adapter = train.main([f"--model={base}", f"--adapter={out}/adapter", "--chat_format=chatml", *ask])
+    with_adapter = train.main([f"--model={base}", f"--adapter_path={out}/adapter", "--chat_format=chatml", *ask])
     assert merged == with_adapter
     shutil.rmtree(out)
 

@@ -236,7 +236,7 @@ def test_llama_pro_trains_only_the_new_blocks_and_exports_a_deeper_hf_folder(tmp
     train.main(FAST + ["--train_type=llama_pro", "--expand_blocks=2", "--max_steps=3", "--lr=1e-2", "--save_hf=true",
                        "--hf_dtype=fp32", f"--out_dir={tmp_path}"])
     cfg = train.parse_args(FAST + ["--train_type=llama_pro", "--expand_blocks=2"])
-    original, _, _ = build.build_model(dataclasses.replace(cfg, train_type="full", expand_blocks=0),
+    original, _, _ = build.build_model(dataclasses.replace(cfg, expand_blocks=0),
                                        train.Dist(0, 0, 1, torch.device("cpu")))
     exported = M.from_pretrained(str(tmp_path / "hf"))
     assert exported.args.n_layers == 4
