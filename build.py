@@ -17,6 +17,7 @@ import re
 
 import torch
 
+import hf
 import data as D
 import ddp
 import distributed
@@ -87,9 +88,9 @@ def build_model(cfg, d, with_adapters=True):
                                  f"--adapter=lora or dora)")
             model = Q.load_prequantized(cfg.model, d.device, base_dtype)
         elif cfg.fsdp and not cfg.expand_blocks:  # meta model now; each unit is read, quantized and sharded in turn (fsdp.Sharded)
-            model = M.empty_from_pretrained(cfg.model, prepare=quantize)
+            model = hf.empty_from_pretrained(cfg.model, prepare=quantize)
         else:
-            model = M.from_pretrained(cfg.model, d.device, base_dtype, prepare=quantize)
+            model = hf.from_pretrained(cfg.model, d.device, base_dtype, prepare=quantize)
         tok_dir = cfg.tokenizer or cfg.model
         tok = D.load_tokenizer(tok_dir, eos_id=model.args.eos_token_id, bos_id=model.args.bos_token_id)
     else:
@@ -106,7 +107,7 @@ def build_model(cfg, d, with_adapters=True):
         return model, tok, extra
     gen = torch.Generator().manual_seed(cfg.seed)  # adapters start the same on every rank, sharded or not
     if model.inv_freq.is_meta:  # --fsdp from a folder: adapters are added unit by unit as it loads
-        model.materialize = M.stream_from_pretrained(model, cfg.model, d.device, base_dtype,
+        model.materialize = hf.stream_from_pretrained(model, cfg.model, d.device, base_dtype,
                                                      then=lambda modules: add_adapters(modules, cfg, gen))
         model.inv_freq = M.rope_frequencies(model.args, d.device)
     else:
@@ -207,7 +208,7 @@ def meta_model(cfg, amp):
         if quantizer(cfg):
             quantizer(cfg)(model)
     else:
-        model = M.empty_from_pretrained(cfg.model, quantizer(cfg))
+        model = hf.empty_from_pretrained(cfg.model, quantizer(cfg))
     add_adapters([model], cfg, torch.Generator().manual_seed(0))
     if cfg.expand_blocks:
         expand_for_llama_pro(model, cfg)
@@ -260,8 +261,8 @@ def dpo_reference(cfg, d, model):
     inv_freq stays fp32 in both."""
     dtype = amp_dtype(cfg, d.device.type) or torch.float32
     if getattr(model, "materialize", None):  # --fsdp from a folder: the model exists only as it loads
-        ref = M.empty_from_pretrained(cfg.model)
-        ref.materialize = M.stream_from_pretrained(ref, cfg.model, d.device, dtype,
+        ref = hf.empty_from_pretrained(cfg.model)
+        ref.materialize = hf.stream_from_pretrained(ref, cfg.model, d.device, dtype,
                                                    then=lambda modules: [m.requires_grad_(False) for m in modules])
         ref.inv_freq = M.rope_frequencies(ref.args, d.device)
     else:

@@ -21,9 +21,9 @@ import shutil
 import torch
 import torch.distributed as dist
 
+import hf
 import config
 import distributed
-import model as M
 
 
 def latest_checkpoint(path):
@@ -138,7 +138,7 @@ def base_fingerprint(model):
     if not os.path.isdir(model):
         return model
     digest = hashlib.sha1()
-    for file in sorted(set(M.safetensors_files(model).values())):
+    for file in sorted(set(hf.safetensors_files(model).values())):
         with open(file, "rb") as f:
             n = int.from_bytes(f.read(8), "little")
             digest.update(f.read(n + 2**20))

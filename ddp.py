@@ -13,8 +13,8 @@ interface as fsdp.Sharded, so train.py's loop, checkpointing and export have no 
 import torch
 import torch.distributed as dist
 
+import hf
 import lora as L
-import model as M
 from distributed import autocast
 
 
@@ -127,7 +127,7 @@ class Replicated:
     def export_hf(self, path, extra_files=None, dtype=torch.bfloat16):
         if self.d.rank == 0:  # adapters folded into dense weights (dequantized when quantized)
             model = L.merge_and_unload(self.model) if L.lora_layers(self.model) else self.model
-            M.save_pretrained(model, path, dtype=dtype, extra_files=extra_files)
+            hf.save_pretrained(model, path, dtype=dtype, extra_files=extra_files)
 
     def export_adapter(self, path, base_model_name_or_path=""):
         if self.d.rank == 0:

@@ -33,7 +33,7 @@ blocks' inputs are kept; without it each block's autograd graph keeps views of i
 again once the unit is re-gathered for its backward. On CUDA gathers run on a side stream, and at
 most prefetch + 1 units' buffers are in flight (events); on CPU (gloo) async work handles.
 
-model.stream_from_pretrained loads an HF folder one unit at a time straight into shards.
+hf.stream_from_pretrained loads an HF folder one unit at a time straight into shards.
 checkpoint.py saves and loads the engines' state (re-sharded on load at another world size);
 plan.py predicts what a rank will hold at its peak.
 """
@@ -46,6 +46,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+import hf
 import lora as L
 import model as M
 from distributed import any_rank, autocast
@@ -266,7 +267,7 @@ class Sharded:
                  materialize=None, reduce_every_micro=True):
         """d: train.Dist (rank, world, device). Shards `model` in place. The model is either on
         d.device already, or on the meta device with materialize(modules) loading one unit's
-        modules at a time (model.stream_from_pretrained), so the whole model never exists on any rank."""
+        modules at a time (hf.stream_from_pretrained), so the whole model never exists on any rank."""
         self.reduce_every_micro = reduce_every_micro  # the loop syncs every micro-batch (frees full gradients)
         self.model, self.d, self.prefetch, self.strategy = model, d, prefetch, strategy
         self.reduce_dtype, self.loss_chunk, self.amp_dtype = reduce_dtype, loss_chunk, amp_dtype
@@ -518,7 +519,7 @@ class Sharded:
         states, error = unit_states(), None
         if self.d.rank == 0:
             try:
-                M.write_hf_folder(path, self.model.args, states, len(self.units), dtype, extra_files)
+                hf.write_hf_folder(path, self.model.args, states, len(self.units), dtype, extra_files)
             except ValueError as e:  # a failed write (disk full): the temp folder is already gone
                 error = e
         for _ in states:  # the gathers left, which the other ranks are in (all of them, on ranks > 0)

@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import model as M
+import hf
 from kernels.lora import lora_add
 from quant import QuantLinear, dequantize_model
 
@@ -194,14 +194,14 @@ def save_adapter(model, path, base_model_name_or_path="", state=None):
     from safetensors.torch import save_file
     tmp = path.rstrip("/") + ".tmp"
     state = {k: v.to("cpu").contiguous() for k, v in (state or adapter_state_dict(model)).items()}
-    with M.writing(tmp, path):
+    with hf.writing(tmp, path):
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
         with open(os.path.join(tmp, "adapter_config.json"), "w") as f:
             json.dump(adapter_config(model, base_model_name_or_path), f, indent=2)
         save_file(state, os.path.join(tmp, "adapter_model.safetensors"), metadata={"format": "pt"})
         os.chmod(os.path.join(tmp, "adapter_model.safetensors"), 0o644)  # as the rest of the folder
-    M.replace_dir(tmp, path.rstrip("/"))
+    hf.replace_dir(tmp, path.rstrip("/"))
 
 
 def load_adapter(model, path, dropout=None):

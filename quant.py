@@ -38,7 +38,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import model as M
+import hf
 from kernels import use_triton
 from kernels.nf4 import dequantize_nf4, nf4_matmul_triton
 
@@ -207,7 +207,7 @@ class QuantLinear(nn.Module):
     def extra_repr(self):
         return f"in_features={self.in_features}, out_features={self.out_features}, {self.format}"
 
-    # Loading, called by model.from_pretrained for each of this module's checkpoint tensors: a float
+    # Loading, called by hf.from_pretrained for each of this module's checkpoint tensors: a float
     # weight is quantized as it arrives and then dropped (a layer-by-layer peak).
 
     def checkpoint_shapes(self, prefix):
@@ -478,7 +478,7 @@ def dequantize_model(model, dtype=torch.float32):
 
 def quantization_config(path):
     """config.json's quantization_config (transformers writes it for a pre-quantized folder), or {}."""
-    return M.read_json(os.path.join(path, "config.json")).get("quantization_config") or {}
+    return hf.read_json(os.path.join(path, "config.json")).get("quantization_config") or {}
 
 
 def is_prequantized(path):
@@ -491,7 +491,7 @@ def load_prequantized(path, device="cpu", dtype=torch.float32):
     qc = quantization_config(path)
     if qc.get("quant_method") != "bitsandbytes" or not qc.get("load_in_4bit") or qc.get("bnb_4bit_quant_type", "fp4") != "nf4":
         raise ValueError(f"{path}/config.json: quantization_config is not bitsandbytes 4-bit nf4")
-    quantized = {name.removesuffix(".weight.quant_state.bitsandbytes__nf4") for name in M.safetensors_files(path)
+    quantized = {name.removesuffix(".weight.quant_state.bitsandbytes__nf4") for name in hf.safetensors_files(path)
                  if name.endswith(".weight.quant_state.bitsandbytes__nf4")}
 
     def prepare(model):
@@ -502,7 +502,7 @@ def load_prequantized(path, device="cpu", dtype=torch.float32):
             q.prequantized = True
             model.set_submodule(name, q)
 
-    model = M.from_pretrained(path, device, dtype, prepare=prepare)
+    model = hf.from_pretrained(path, device, dtype, prepare=prepare)
     for name, module in model.named_modules():
         if isinstance(module, Linear4bit):
             n_blocks = math.ceil(module.in_features * module.out_features / module.blocksize)

@@ -36,6 +36,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import hf  # noqa: E402
 import optim  # noqa: E402
 import build as B  # noqa: E402
 import train  # noqa: E402
@@ -153,7 +154,7 @@ def one(opts, side, kind, device):
     """Measure one side of one kind in this process: {"tok_s", "peak", "setting"}."""
     B, T, steps = int(opts.get("batch_size", 2)), int(opts.get("seq_len", 512)), int(opts.get("steps", 3))
     rank = int(opts.get("lora_rank", 16))
-    vocab = B.M.read_hf_config(opts["model"]).vocab_size
+    vocab = hf.read_hf_config(opts["model"]).vocab_size
     ids = torch.randint(0, vocab, (B, T), generator=torch.Generator().manual_seed(0)).to(device)
     batch = {"input_ids": ids, "labels": torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -100)], 1)}
     build, setting = ours(opts["model"], kind, device, batch, rank)

@@ -9,7 +9,7 @@
 
 --loading checks the promise of streamed loading (train.py --fsdp from an HF folder): a rank's
 peak resident memory while it builds its shards grows by less than one checkpoint file plus the
-shards it keeps, for full and qlora; an unsharded load (model.from_pretrained, what runs without
+shards it keeps, for full and qlora; an unsharded load (hf.from_pretrained, what runs without
 --fsdp) is measured after it for contrast. Peak RSS is the kernel's VmHWM, reset before each load
 (/proc/self/clear_refs), so the figures are real resident bytes, not allocator records. At small
 sizes run it with MALLOC_MMAP_THRESHOLD_=131072: glibc then returns each freed tensor to the OS,
@@ -35,6 +35,7 @@ import torch.distributed as dist
 from torch.profiler import ProfilerActivity, profile, record_function
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import hf  # noqa: E402
 import fsdp as F  # noqa: E402
 import lora as L  # noqa: E402
 import model as M  # noqa: E402
@@ -143,7 +144,7 @@ def rss_growth(fn):
 
 def loading(path, d, opts):
     """Per rank: peak RSS growth of a streamed sharded load vs one checkpoint file + this rank's shards."""
-    files = sorted({f for f in M.safetensors_files(path).values()})
+    files = sorted({f for f in hf.safetensors_files(path).values()})
     largest = max(os.path.getsize(f) for f in files)
     rows = []
     for kind in opts.get("kinds", "full,qlora").split(","):
@@ -158,7 +159,7 @@ def loading(path, d, opts):
         keep.clear()
 
         def dense():
-            keep["model"] = M.from_pretrained(path, d.device, torch.float32, prepare=Q.quantize_model if kind == "qlora" else None)
+            keep["model"] = hf.from_pretrained(path, d.device, torch.float32, prepare=Q.quantize_model if kind == "qlora" else None)
         dense_grown = rss_growth(dense)
         keep.clear()
         rows.append({"kind": kind, "rank": d.rank, "streamed": grown, "file": largest, "shards": shards, "dense": dense_grown})
@@ -182,7 +183,7 @@ def plan_vs_measured(d, opts):
     """The table of plan against measured peak for full / lora / qlora, checkpointing off and on."""
     cuda = d.device.type == "cuda"
     preset = opts.get("model", "tinyllama-1.1b" if cuda else "tiny")
-    args = dataclasses.replace(M.MODELS[preset]) if preset in M.MODELS else M.read_hf_config(preset)  # shapes only
+    args = dataclasses.replace(M.MODELS[preset]) if preset in M.MODELS else hf.read_hf_config(preset)  # shapes only
     B, T = int(opts.get("batch_size", 2 if cuda else 4)), int(opts.get("seq_len", 2048 if cuda else 256))
     bf16 = opts.get("precision", "bf16" if cuda else "fp32") == "bf16"
     kernels = cuda and opts.get("kernels", "triton") == "triton"

@@ -27,9 +27,9 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import hf  # noqa: E402
 import data as D  # noqa: E402
 import lora as L  # noqa: E402
-import model as M  # noqa: E402
 import quant as Q  # noqa: E402
 
 GSM8K = os.path.join(os.path.dirname(ROOT), "shared", "data", "gsm8k_train_alpaca.json")
@@ -56,7 +56,7 @@ def step_row(path, kind, device):
     tok = D.load_tokenizer(path, eos_id=2)
     cuda = device.type == "cuda"
     dtype = torch.bfloat16 if cuda and kind != "full" else torch.float32
-    model = M.from_pretrained(path, device, dtype, prepare=Q.quantize_model if kind == "qlora" else None)
+    model = hf.from_pretrained(path, device, dtype, prepare=Q.quantize_model if kind == "qlora" else None)
     if kind != "full":
         L.add_lora(model, rank=16, alpha=32, targets="all-linear", generator=torch.Generator().manual_seed(0))
     data = D.load_documents(GSM8K, tok, fmt="chatml")
@@ -96,7 +96,7 @@ def main(argv):
           f"{torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}")
     tok = D.load_tokenizer(path, eos_id=2)
     records = json.load(open(GSM8K))[-64:]
-    p32 = answer_perplexity(M.from_pretrained(path, device), tok, records)
+    p32 = answer_perplexity(hf.from_pretrained(path, device), tok, records)
     print("\n1. Answer perplexity, last 64 GSM8K records, ChatML, every Linear but lm_head quantized "
           "(reference: bitsandbytes NF4 3.89 -> 4.78, x1.23)")
     print(f"   {'base':<34}{'bits/weight':>12}{'perplexity':>12}{'ratio':>10}")
@@ -105,7 +105,7 @@ def main(argv):
         ("hqq", 4, 64, "HQQ 4-bit, group 64"), ("hqq", 3, 64, "HQQ 3-bit, group 64"), ("hqq", 2, 16, "HQQ 2-bit, group 16"),
         ("int8", 8, 0, "int8 per output channel"), ("ternary", 2, 64, "ternary (b1.58), group 64")])
     for fmt, bits, group, name in formats:
-        model = M.from_pretrained(path, device, prepare=lambda m: Q.quantize_model(m, fmt, bits, group or 64))
+        model = hf.from_pretrained(path, device, prepare=lambda m: Q.quantize_model(m, fmt, bits, group or 64))
         q_bytes, q_params, _ = Q.base_bytes(model)
         p = answer_perplexity(model, tok, records)
         print(f"   {name:<34}{8 * q_bytes / q_params:>12.3f}{p:>12.3f}{p / p32:>10.3f}", flush=True)

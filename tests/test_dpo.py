@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from conftest import assert_close, small_model
 
+import hf
 import data as D
 import ddp
 import dpo
@@ -178,7 +179,6 @@ def test_the_planned_reference_bytes_are_what_the_built_reference_holds():
 def hf_folder(tmp_path):
     """A tiny HF folder with a character tokenizer (ids 3.. for printable characters)."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    import model as M
     chars = {chr(i): i - 29 for i in range(32, 127)}
     tok = Tokenizer(models.WordLevel({"<unk>": 0, "<s>": 1, "</s>": 2, **chars}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
@@ -186,7 +186,7 @@ def hf_folder(tmp_path):
     tok.save(str(tmp_path / "tokenizer.json"))
     model = small_model(seed=0, vocab_size=100, tie_embeddings=True)  # as SmolLM2
     model.args.bos_token_id, model.args.eos_token_id = 1, 2
-    M.save_pretrained(model, str(tmp_path / "base"), dtype=torch.float32, extra_files={"tokenizer.json": (tmp_path / "tokenizer.json").read_bytes()})
+    hf.save_pretrained(model, str(tmp_path / "base"), dtype=torch.float32, extra_files={"tokenizer.json": (tmp_path / "tokenizer.json").read_bytes()})
     return tmp_path / "base"
 
 

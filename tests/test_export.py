@@ -7,9 +7,9 @@ import pytest
 import torch
 from conftest import small_model
 
+import hf
 import build
 import data as D
-import model as M
 import train
 
 CHAT = [{"role": "user", "content": "What is 6 times 7?"}, {"role": "assistant", "content": "It is 42."}]
@@ -27,7 +27,7 @@ def base_folder(tmp_path, smollm2_dir, template, special=()):
     tok = Tokenizer.from_file(os.path.join(smollm2_dir, "tokenizer.json"))
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special])
     files["tokenizer.json"] = tok.to_str().encode()
-    M.save_pretrained(model, str(folder), dtype=torch.float32, extra_files={**files, "README.md": b"# a model card\n"})
+    hf.save_pretrained(model, str(folder), dtype=torch.float32, extra_files={**files, "README.md": b"# a model card\n"})
     return str(folder)
 
 
@@ -57,7 +57,7 @@ def test_exported_tokenizer_applies_the_chat_template_the_run_trained_in(tmp_pat
     files = build.export_files(build.source_files(base), tok, fmt, chat_data=True)
     assert {"tokenizer.json", "generation_config.json", "README.md", "chat_template.jinja"} <= set(files)
     assert "config.json" not in files and "model.safetensors" not in files  # written afresh, not copied
-    M.save_pretrained(small_model(vocab_size=49216), str(tmp_path / "hf"), extra_files=files)
+    hf.save_pretrained(small_model(vocab_size=49216), str(tmp_path / "hf"), extra_files=files)
     hf_tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
     record = ALPACA if fmt == "alpaca" else {"messages": CHAT}
     (ids, _, _, _, _), = D.tokenize_records([(record, "record")], tok, fmt)

@@ -8,6 +8,7 @@ import os
 import pytest
 import torch
 
+import hf
 import checkpoint as C
 import ddp
 import fsdp as F
@@ -151,9 +152,8 @@ def test_resume_with_settings_the_checkpoint_depends_on_changed_is_refused(tmp_p
 
 def test_resume_onto_another_base_model_is_refused(tmp_path):
     from conftest import small_model
-    import model as M
     for seed in (0, 1):
-        M.save_pretrained(small_model(seed=seed), str(tmp_path / f"m{seed}"), dtype=torch.float32)
+        hf.save_pretrained(small_model(seed=seed), str(tmp_path / f"m{seed}"), dtype=torch.float32)
     a, b = C.base_fingerprint(str(tmp_path / "m0")), C.base_fingerprint(str(tmp_path / "m1"))
     assert a != b and a == C.base_fingerprint(str(tmp_path / "m0"))
     cfg = train.Config(model=str(tmp_path / "m1"))
@@ -167,12 +167,11 @@ def hf_folder(tmp_path):
     """A small HF folder with a character tokenizer, to break in different ways."""
     from conftest import small_model
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    import model as M
     tok = Tokenizer(models.WordLevel({"<unk>": 0, **{chr(i): i - 30 for i in range(32, 79)}}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     tok.decoder = decoders.Fuse()
     tok.save(str(tmp_path / "tokenizer.json"))
-    M.save_pretrained(small_model(seed=0), str(tmp_path / "base"), dtype=torch.float32,
+    hf.save_pretrained(small_model(seed=0), str(tmp_path / "base"), dtype=torch.float32,
                       extra_files={"tokenizer.json": (tmp_path / "tokenizer.json").read_bytes()})
     return tmp_path / "base"
 

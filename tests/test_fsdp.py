@@ -8,6 +8,7 @@ import torch
 from conftest import ROOT, assert_close, small_model
 from fsdp_worker import CONFIGS, STEPS, STRATEGY_CONFIGS, batch, build, n_targets
 
+import hf
 import fsdp as F
 import lora as L
 import model as M
@@ -106,7 +107,7 @@ def test_exports_load_in_one_process_with_the_same_logits(run):
     x = torch.randint(0, 50, (2, 9))
     with torch.no_grad():
         ref = model(x)
-        assert_close(M.from_pretrained(out + ".hf")(x), ref)
+        assert_close(hf.from_pretrained(out + ".hf")(x), ref)
         fresh = Q.quantize_model(small_model(seed=0))  # the base the worker started from, no adapters
         L.load_adapter(fresh, out + ".adapter")
         assert_close(fresh(x), ref)
@@ -180,7 +181,7 @@ def test_streamed_fsdp_run_equals_data_parallel_and_resumes(tmp_path, smollm2_di
     cfg = json.load(open(os.path.join(smollm2_dir, "config.json")))
     model = small_model(seed=7, vocab_size=cfg["vocab_size"], dim=64, tie_embeddings=True, max_seq_len=256)
     model.args.bos_token_id, model.args.eos_token_id = cfg["bos_token_id"], cfg["eos_token_id"]
-    M.save_pretrained(model, str(tmp_path / "base"), dtype=torch.float32,
+    hf.save_pretrained(model, str(tmp_path / "base"), dtype=torch.float32,
                       extra_files={"tokenizer.json": open(os.path.join(smollm2_dir, "tokenizer.json"), "rb").read()})
     common = ["train.py", f"--model={tmp_path / 'base'}", "--train_type=qlora", "--seq_len=32", "--batch_size=2",
               "--grad_accum=2", "--schedule=constant", "--warmup_steps=2", "--lr=1e-2", "--eval_every=100",
@@ -205,7 +206,7 @@ def test_streamed_fsdp_run_equals_data_parallel_and_resumes(tmp_path, smollm2_di
     a = load_file(str(tmp_path / "dp" / "adapter" / "adapter_model.safetensors"))
     b = load_file(str(tmp_path / "fsdp" / "adapter" / "adapter_model.safetensors"))
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=2e-4) for k in a)
-    merged = M.from_pretrained(str(tmp_path / "one" / "hf"))  # gathered unit by unit, adapters merged
+    merged = hf.from_pretrained(str(tmp_path / "one" / "hf"))  # gathered unit by unit, adapters merged
     assert merged.lm_head.weight is merged.model.embed_tokens.weight  # still tied across the two units
     shutil.rmtree(tmp_path / "base")
 
@@ -314,7 +315,7 @@ def test_streamed_loading_holds_one_file_plus_the_shards(tmp_path):
     model = small_model(seed=0, dim=384, n_layers=16, n_heads=6, n_kv_heads=3, vocab_size=2048, ffn_dim=1024,
                         max_seq_len=256)
     Tokenizer(models.WordLevel({"<unk>": 0}, unk_token="<unk>")).save(str(tmp_path / "tokenizer.json"))
-    M.save_pretrained(model, str(tmp_path / "base"), dtype=torch.bfloat16, max_shard_bytes=24 * 2**20,
+    hf.save_pretrained(model, str(tmp_path / "base"), dtype=torch.bfloat16, max_shard_bytes=24 * 2**20,
                       extra_files={"tokenizer.json": (tmp_path / "tokenizer.json").read_bytes()})
     out = tmp_path / "rows.json"
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",

@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import ROOT, small_model
 
-import model as M
+import hf
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +28,7 @@ def micro(tmp_path_factory):
     tok.save(str(path / "tokenizer.json"))
     model = small_model(seed=0, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=128, ffn_dim=128, max_seq_len=256)
     model.args.bos_token_id, model.args.eos_token_id = 1, 2
-    M.save_pretrained(model, str(path / "base"), dtype=torch.float32, extra_files={"tokenizer.json": (path / "tokenizer.json").read_bytes()})
+    hf.save_pretrained(model, str(path / "base"), dtype=torch.float32, extra_files={"tokenizer.json": (path / "tokenizer.json").read_bytes()})
     return path / "base"
 
 
@@ -63,5 +63,5 @@ def test_triton_kernels_through_the_interpreter_train_eval_generate_and_export_l
     assert samples == ref_samples and len(samples) == 1
     x = torch.randint(0, 100, (2, 9))
     with torch.no_grad():  # the exports (merged / gathered unit by unit) hold the same weights
-        torch.testing.assert_close(M.from_pretrained(str(tmp_path / "triton" / "hf"))(x),
-                                   M.from_pretrained(str(tmp_path / "ref" / "hf"))(x), rtol=1e-3, atol=2e-3)
+        torch.testing.assert_close(hf.from_pretrained(str(tmp_path / "triton" / "hf"))(x),
+                                   hf.from_pretrained(str(tmp_path / "ref" / "hf"))(x), rtol=1e-3, atol=2e-3)

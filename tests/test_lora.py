@@ -5,9 +5,9 @@ import torch
 import torch.nn as nn
 from conftest import assert_close, small_model
 
+import hf
 import ddp
 import lora as L
-import model as M
 import optim
 import quant as Q
 import train
@@ -118,8 +118,8 @@ def test_adapter_loads_in_peft_with_the_same_logits(tmp_path):
     peft = pytest.importorskip("peft")
     transformers = pytest.importorskip("transformers")
     base = small_model(seed=5)
-    M.save_pretrained(base, str(tmp_path / "hf"), dtype=torch.float32)
-    m = M.from_pretrained(str(tmp_path / "hf"))
+    hf.save_pretrained(base, str(tmp_path / "hf"), dtype=torch.float32)
+    m = hf.from_pretrained(str(tmp_path / "hf"))
     L.add_lora(m, rank=4, alpha=8, targets="all-linear", dora=True)
     randomize_adapters(m)
     L.save_adapter(m, str(tmp_path / "adapter"))

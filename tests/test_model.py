@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from conftest import assert_close, small_args, small_model
 
+import hf
 import model as M
 
 # -----------------------------------------------------------------------------
@@ -195,10 +196,10 @@ def test_gradient_checkpointing_gives_same_gradients():
 @pytest.mark.parametrize("tie,shard_bytes", [(False, 1 << 30), (True, 1 << 30), (False, 20_000)])
 def test_hf_checkpoint_round_trip(tmp_path, tie, shard_bytes):
     m = small_model(tie_embeddings=tie)
-    M.save_pretrained(m, str(tmp_path / "hf"), dtype=torch.float32, max_shard_bytes=shard_bytes)
+    hf.save_pretrained(m, str(tmp_path / "hf"), dtype=torch.float32, max_shard_bytes=shard_bytes)
     files = os.listdir(tmp_path / "hf")
     assert ("model.safetensors.index.json" in files) == (shard_bytes < 1 << 30)
-    loaded = M.from_pretrained(str(tmp_path / "hf"))
+    loaded = hf.from_pretrained(str(tmp_path / "hf"))
     ids = torch.randint(0, 50, (2, 10))
     assert torch.equal(m(ids), loaded(ids))
     assert (loaded.lm_head.weight is loaded.model.embed_tokens.weight) == tie
@@ -206,20 +207,20 @@ def test_hf_checkpoint_round_trip(tmp_path, tie, shard_bytes):
 
 def test_checkpoint_shape_mismatch_is_a_clear_error(tmp_path):
     m = small_model()
-    M.save_pretrained(m, str(tmp_path / "hf"), dtype=torch.float32)
+    hf.save_pretrained(m, str(tmp_path / "hf"), dtype=torch.float32)
     cfg_path = tmp_path / "hf" / "config.json"
     cfg = json.loads(cfg_path.read_text())
     cfg["intermediate_size"] = 64
     cfg_path.write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match=r"model.safetensors: tensor model.layers.0.mlp.down_proj.weight has shape "
                                          r"\[32, 48\], config.json implies \[32, 64\]"):
-        M.from_pretrained(str(tmp_path / "hf"))
+        hf.from_pretrained(str(tmp_path / "hf"))
 
 
 def test_non_llama_folder_is_refused(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
     with pytest.raises(ValueError, match="model_type is 'gpt2', expected 'llama'"):
-        M.from_pretrained(str(tmp_path))
+        hf.from_pretrained(str(tmp_path))
 
 
 def test_rope_parameters_config_form_is_read():
@@ -243,9 +244,9 @@ def test_presets_have_the_published_sizes():
 def test_logits_match_transformers_on_random_and_real_checkpoints(tmp_path, smollm2_dir):
     transformers = pytest.importorskip("transformers")
     m = small_model(rope_scaling=dict(M._LLAMA3_SCALING, original_max_position_embeddings=16), rope_theta=50.0)
-    M.save_pretrained(m, str(tmp_path / "hf"), dtype=torch.float32)
+    hf.save_pretrained(m, str(tmp_path / "hf"), dtype=torch.float32)
     for path in (str(tmp_path / "hf"), smollm2_dir):
-        ours = M.from_pretrained(path)
+        ours = hf.from_pretrained(path)
         theirs = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
         ids = torch.randint(0, ours.args.vocab_size, (2, 40))
         with torch.no_grad():

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 from conftest import assert_close, small_model
 
-import model as M
+import hf
 import quant as Q
 from kernels.nf4 import dequantize_nf4_reference
 
@@ -154,7 +154,7 @@ def test_quantized_model_stays_close_to_the_dense_one():
 
 def test_loading_quantizes_each_weight_as_it_arrives(tmp_path, monkeypatch):
     m = small_model(seed=2)
-    M.save_pretrained(m, str(tmp_path / "hf"), dtype=torch.float32)
+    hf.save_pretrained(m, str(tmp_path / "hf"), dtype=torch.float32)
     seen = []
     original = Q.Linear4bit.set_weight
 
@@ -170,7 +170,7 @@ def test_loading_quantizes_each_weight_as_it_arrives(tmp_path, monkeypatch):
         Q.quantize_model(model)
 
     monkeypatch.setattr(Q.Linear4bit, "set_weight", spy)
-    q = M.from_pretrained(str(tmp_path / "hf"), prepare=prepare)
+    q = hf.from_pretrained(str(tmp_path / "hf"), prepare=prepare)
     assert len(seen) == 7 * 2  # 7 Linear per block, 2 blocks; lm_head stays dense
     ref = Q.quantize_model(small_model(seed=2))
     x = torch.randint(0, 50, (1, 9))
@@ -277,7 +277,7 @@ def test_folder_saved_by_transformers_and_bitsandbytes_loads_bit_exactly(tmp_pat
     pytest.importorskip("accelerate")
     transformers = pytest.importorskip("transformers")
     import bitsandbytes.functional as F
-    M.save_pretrained(small_model(seed=4, dim=128, ffn_dim=256), str(tmp_path / "hf"), dtype=torch.float32)
+    hf.save_pretrained(small_model(seed=4, dim=128, ffn_dim=256), str(tmp_path / "hf"), dtype=torch.float32)
     config = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True)
     theirs = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), quantization_config=config,
                                                                device_map="cpu", dtype=torch.float32)
@@ -300,8 +300,8 @@ def test_nf4_perplexity_on_real_weights_reproduces_bitsandbytes(smollm2_dir, gsm
     import data as D
     records = json.load(open(gsm8k_path))[-64:]
     tok = D.load_tokenizer(smollm2_dir, eos_id=2)
-    p32 = answer_perplexity(M.from_pretrained(smollm2_dir), tok, records)
-    p4 = answer_perplexity(M.from_pretrained(smollm2_dir, prepare=Q.quantize_model), tok, records)
+    p32 = answer_perplexity(hf.from_pretrained(smollm2_dir), tok, records)
+    p4 = answer_perplexity(hf.from_pretrained(smollm2_dir, prepare=Q.quantize_model), tok, records)
     assert round(p32, 2) == 3.89 and round(p4, 2) == 4.78
 
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 from conftest import ROOT
 
+import hf
 import data as D
 import checkpoint as C
 import fsdp as F
@@ -127,13 +128,13 @@ def test_qlora_run_on_tiny_lowers_the_loss_on_a_4bit_base(tmp_path):
     evals = eval_losses(tmp_path)
     assert evals[-1] < evals[0] - 0.5
     assert os.path.isfile(tmp_path / "adapter" / "adapter_model.safetensors")
-    merged = M.from_pretrained(str(tmp_path / "hf"))  # the merged export is a plain dense folder
+    merged = hf.from_pretrained(str(tmp_path / "hf"))  # the merged export is a plain dense folder
     assert not any(isinstance(m, Q.Linear4bit) for m in merged.modules())
 
 
 def test_padding_mode_trains_and_exports(tmp_path):
     train.main(FAST + ["--max_steps=3", "--pack=false", "--save_hf=true", f"--out_dir={tmp_path}"])
-    m = M.from_pretrained(str(tmp_path / "hf"))
+    m = hf.from_pretrained(str(tmp_path / "hf"))
     assert m.args.vocab_size == 320 and len(losses(tmp_path)) == 3
 
 
@@ -145,7 +146,7 @@ def test_fine_tune_real_checkpoint_and_reload_export(tmp_path, smollm2_dir, gsm8
                 "--samples=1", "--max_new_tokens=4", "--schedule=constant", "--loss_chunk=128", f"--out_dir={tmp_path}"])
     evals = eval_losses(tmp_path)
     assert evals[-1] < evals[0]
-    m = M.from_pretrained(str(tmp_path / "hf"))
+    m = hf.from_pretrained(str(tmp_path / "hf"))
     assert m.lm_head.weight is m.model.embed_tokens.weight
     assert os.path.isfile(tmp_path / "hf" / "tokenizer.json")
     tok = D.load_tokenizer(str(tmp_path / "hf"), eos_id=m.args.eos_token_id)
@@ -188,9 +189,9 @@ def test_short_qlora_run_on_gsm8k_lowers_loss_and_exports_match(tmp_path, smollm
     evals = eval_losses(tmp_path)
     assert evals[-1] < evals[0]
     import lora as L
-    base = M.from_pretrained(smollm2_dir, prepare=Q.quantize_model)
+    base = hf.from_pretrained(smollm2_dir, prepare=Q.quantize_model)
     L.load_adapter(base, str(tmp_path / "adapter"))
-    merged = M.from_pretrained(str(tmp_path / "hf"))
+    merged = hf.from_pretrained(str(tmp_path / "hf"))
     assert merged.lm_head.weight is merged.model.embed_tokens.weight
     assert base.lm_head.weight is base.model.embed_tokens.weight
     x = torch.randint(0, 49152, (1, 24))
@@ -238,7 +239,7 @@ def test_llama_pro_trains_only_the_new_blocks_and_exports_a_deeper_hf_folder(tmp
     cfg = train.parse_args(FAST + ["--train_type=llama_pro", "--expand_blocks=2"])
     original, _, _ = build.build_model(dataclasses.replace(cfg, expand_blocks=0),
                                        train.Dist(0, 0, 1, torch.device("cpu")))
-    exported = M.from_pretrained(str(tmp_path / "hf"))
+    exported = hf.from_pretrained(str(tmp_path / "hf"))
     assert exported.args.n_layers == 4
     new = exported.state_dict()
     for i, j in enumerate([0, 2]):  # the original 2 blocks sit at 0 and 2 and did not change
