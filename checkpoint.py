@@ -13,7 +13,6 @@ fields, the global batch, the base model's fingerprint) differ from the run that
 
 import glob
 import hashlib
-import json
 import os
 import random
 import shutil
@@ -162,15 +161,3 @@ def same_run(saved, where, cfg, world, base):
                          f"resuming with {now}; keep it (e.g. scale --grad_accum with the world size)")
     if saved.get("base") != base:
         raise ValueError(f"{where}: saved from another base model than --model={cfg.model} (its weights differ)")
-
-
-def open_metrics(path, start):
-    """metrics.jsonl for appending. On resume the rows after the checkpoint's step (written by the
-    run that was interrupted, and about to be written again) are dropped first."""
-    rows = []
-    if start and os.path.isfile(path):
-        rows = [line for line in open(path) if json.loads(line).get("step", 0) <= start]
-    with open(path + ".tmp", "w") as f:
-        f.writelines(rows)
-    os.replace(path + ".tmp", path)
-    return open(path, "a")

@@ -746,3 +746,8 @@ def score_answer(generated, reference, metric="exact"):
     g, r = nums(generated), nums(reference)
     clean = lambda s: s.replace(",", "").rstrip(".")
     return bool(g and r) and clean(g[-1]) == clean(r[-1])
+
+
+def to_device(batch, device):
+    """A batch's tensors on the device (copied asynchronously from pinned memory where they are)."""
+    return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
