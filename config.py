@@ -167,6 +167,13 @@ def parse_args(argv) -> Config:
                          f"pass an adapter folder to --ask as --adapter_path")
     if cfg.train_type:
         expand_train_type(cfg, given)
+    check_choices(cfg)
+    check_combinations(cfg)
+    return cfg
+
+
+def check_choices(cfg):
+    """Each flag alone: one of its values, or within its range (RANGES)."""
     for name, allowed in (("schedule", ("cosine", "linear", "constant")), ("precision", ("auto", "bf16", "fp32", "fp16")),
                           ("eval_metric", ("auto", "exact", "last_number")),
                           ("adapter", ADAPTERS), ("quant", ("none",) + quant.FORMATS), ("reduce_dtype", ("fp32", "bf16")),
@@ -175,6 +182,13 @@ def parse_args(argv) -> Config:
                           ("optimizer", ("adamw", "galore")), ("objective", ("sft", "dpo"))):
         if getattr(cfg, name) not in allowed:
             raise ValueError(f"flag --{name}={getattr(cfg, name)} is not one of {', '.join(allowed)}")
+    for name, (ok, expected) in RANGES.items():  # at parse time, before anything is loaded
+        if not ok(getattr(cfg, name)):
+            raise ValueError(f"flag --{name} must be {expected}, got {getattr(cfg, name)}")
+
+
+def check_combinations(cfg):
+    """Flags that only make sense together, or not at all together."""
     if cfg.resume and cfg.overwrite:
         raise ValueError("flags --resume and --overwrite contradict each other: --resume continues the run in --out_dir, "
                          "--overwrite replaces it; pass one")
@@ -212,10 +226,6 @@ def parse_args(argv) -> Config:
     if any(k not in kernels.NAMES for k in off):
         raise ValueError(f"flag --kernels_off: unknown kernel {next(k for k in off if k not in kernels.NAMES)!r}; "
                          f"kernels are {', '.join(kernels.NAMES)}")
-    for name, (ok, expected) in RANGES.items():  # at parse time, before anything is loaded
-        if not ok(getattr(cfg, name)):
-            raise ValueError(f"flag --{name} must be {expected}, got {getattr(cfg, name)}")
-    return cfg
 
 
 ADAPTERS = ("none", "lora", "dora")

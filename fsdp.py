@@ -235,6 +235,13 @@ def schedule(n_blocks, train=True):
     return forward + (list(range(n_blocks, 0, -1)) if train else [])
 
 
+def reduce_order(n_blocks):
+    """The positions in the order training completes their gradients (Sharded.forward_backward
+    reduces each then): the head's with the loss's backward, each block's after its own backward in
+    the schedule's order, the embedding's last (a tied head's unit is reduced only then, once)."""
+    return [n_blocks + 1] + schedule(n_blocks)[n_blocks + 2:] + [0]
+
+
 class Unit:
     """The tensors of some modules (a block, the embedding, norm + head), in FlatGroups."""
 

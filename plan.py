@@ -15,7 +15,7 @@ import torch
 
 import kernels as K
 import lora as L
-from fsdp import group_tensors, offloaded, schedule, unit_module_lists
+from fsdp import group_tensors, offloaded, reduce_order, schedule, unit_module_lists
 import model as M
 from quant import QuantLinear, base_bytes
 
@@ -100,59 +100,72 @@ def plan_memory(model, world, batch_size, seq_len, *, prefetch=1, checkpointing=
     and, in backward, two more of the same size; the fused kernel instead holds 4096-row chunks of
     logits in the compute dtype and the gradients of the head's input (and weight, when it trains).
     """
-    a, n_blocks, tied = model.args, model.args.n_layers, model.args.tie_embeddings
+    a, n_blocks = model.args, model.args.n_layers
     S = shard_group if strategy == "hybrid" else world
     rows, gpu_shards, cpu_shards = unit_bytes(model, S, offload, param_bytes)
-    full, grad, sgrad = [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows]
-    optim = sum(r[3] for r in rows)
-    if galore_rank:  # optim.GaLoreAdamW, unsharded: low-rank moments + projection for the blocks' matrices
-        optim = sum(4 * min(galore_rank, *p.shape) * (2 * max(p.shape) + min(p.shape)) if p.dim() == 2 and ".layers." in n
-                    else 8 * p.numel() for n, p in model.named_parameters() if p.requires_grad)
-    pos = list(range(n_blocks + 1)) + [0 if tied else n_blocks + 1]  # schedule position -> unit of `rows`
+    optim = galore_bytes(model, galore_rank) if galore_rank else sum(r[3] for r in rows)
+    pos = list(range(n_blocks + 1)) + [0 if a.tie_embeddings else n_blocks + 1]  # schedule position -> unit of `rows`
     order = [pos[i] for i in schedule(n_blocks)]
-    if strategy == "grad_op":
-        gathered = sum(full)
-    else:
-        gathered = max(sum(full[u] for u in set(order[i:i + prefetch + 1])) for i in range(len(order)))
+    full = [r[0] for r in rows]
+    gathered = sum(full) if strategy == "grad_op" else \
+        max(sum(full[u] for u in set(order[i:i + prefetch + 1])) for i in range(len(order)))
     tokens, act = batch_size * seq_len, param_bytes
     block, outside, head = activation_bytes_per_token(model, act, kernels)
-    kept = act * a.dim if checkpointing else block  # per block and token, between its forward and its backward
-    kept_gpu = 0 if offload_activations else kept
-    dequant = max([m.in_features * m.out_features * param_bytes for m in model.modules() if isinstance(m, QuantLinear)] + [0])
     if kernels:
         logits = min(tokens, 4096 if loss_chunk <= 0 else loss_chunk) * a.vocab_size * act + tokens * a.dim * act
-        logits += a.vocab_size * a.dim * act if grad[pos[-1]] else 0
+        logits += a.vocab_size * a.dim * act if rows[pos[-1]][1] else 0
     else:
         logits = (loss_chunk if 0 < loss_chunk < tokens else tokens) * a.vocab_size * 4 * 3
     on_gpu = offload != "all"  # else sharded gradients and AdamW state live on the CPU
     static = {"weight shards": gpu_shards, "gathered units": gathered, "optimizer": optim if on_gpu else 0}
+    kept = act * a.dim if checkpointing else block  # per block and token, between its forward and its backward
+    moments = step_moments(model, rows, [pos[i] for i in reduce_order(n_blocks)], static, S=S, on_gpu=on_gpu,
+                           tokens=tokens, act=act, kept=kept, block=block if checkpointing else 0, outside=outside,
+                           head=head, logits=logits, param_bytes=param_bytes, reduce_every_micro=reduce_every_micro,
+                           offload_activations=offload_activations)
+    gpu = max(moments, key=lambda m: sum(m.values()))
+    gpu["total"] = sum(gpu.values())
+    cpu = {"weight shards": cpu_shards, "gradients": 0 if on_gpu else sum(r[2] for r in rows),
+           "optimizer": 0 if on_gpu else optim} if offload != "none" else {}
+    if offload_activations:
+        cpu["activations"] = tokens * n_blocks * kept
+    return gpu, cpu
+
+
+def galore_bytes(model, rank):
+    """optim.GaLoreAdamW's state, unsharded: low-rank moments + projection for the blocks' matrices."""
+    return sum(4 * min(rank, *p.shape) * (2 * max(p.shape) + min(p.shape)) if p.dim() == 2 and ".layers." in n
+               else 8 * p.numel() for n, p in model.named_parameters() if p.requires_grad)
+
+
+def step_moments(model, rows, backward, static, *, S, on_gpu, tokens, act, kept, block, outside, head, logits,
+                 param_bytes, reduce_every_micro, offload_activations):
+    """The GPU bytes at each moment of plan_memory's docstring, by category. rows: unit_bytes';
+    backward: the units in the order their gradients complete (fsdp.reduce_order); kept: a block's
+    activations per token kept to its backward; block: what its recomputation holds (checkpointing)."""
+    a, n_blocks, tied = model.args, model.args.n_layers, model.args.tie_embeddings
+    grad, sgrad = [r[1] for r in rows], [r[2] for r in rows]
+    kept_gpu = 0 if offload_activations else kept
+    dequant = max([m.in_features * m.out_features * param_bytes for m in model.modules() if isinstance(m, QuantLinear)] + [0])
     accumulated = 0 if reduce_every_micro else sum(grad) // param_bytes * 4  # fp32 sums kept across micro-batches
-    moments = [dict(static, gradients=accumulated, activations=tokens * (n_blocks * kept_gpu + outside + head),
-                    **{"dequantized weight": 0}, logits=logits)]
-    backward = [pos[-1]] + list(range(n_blocks, 0, -1)) + [0]  # units in the order their gradient completes
+    moment = lambda **kw: dict(static, **dict({"gradients": 0, "activations": 0, "dequantized weight": 0, "logits": 0}, **kw))  # noqa: E731
+    moments = [moment(gradients=accumulated, activations=tokens * (n_blocks * kept_gpu + outside + head), logits=logits)]
     held = grad[0] if tied else 0  # a tied outer unit's gradient waits for the embedding's backward
     for k in range(1, n_blocks + 1):
         j, unit, before = n_blocks - k, backward[k], backward[k - 1]
         reducing = grad[before] if S > 1 and not (tied and before == 0) else 0
         reduced = sum(sgrad[u] for u in backward[:k - 1] if not (tied and u == 0)) if on_gpu else 0
-        acts = tokens * ((j + 1) * kept_gpu + (kept if offload_activations else 0) + (block if checkpointing else 0)
-                         + outside + 2 * act * (a.dim + a.ffn_dim))
-        moments.append(dict(static, gradients=reduced + (accumulated or held + grad[unit] + reducing), activations=acts,
-                            **{"dequantized weight": dequant}, logits=0))
+        acts = tokens * ((j + 1) * kept_gpu + (kept if offload_activations else 0) + block + outside
+                         + 2 * act * (a.dim + a.ffn_dim))
+        moments.append(moment(gradients=reduced + (accumulated or held + grad[unit] + reducing), activations=acts,
+                              **{"dequantized weight": dequant}))
     if model.model.embed_tokens.weight.requires_grad:  # its backward: a dense [vocab, dim] gradient, then the unit's
         reduced, reducing = (sum(sgrad[1:]) if on_gpu else 0), (grad[1] if S > 1 else 0)
-        moments.append(dict(static, gradients=reduced + (accumulated or held + reducing) + a.vocab_size * a.dim * act + grad[0],
-                            activations=tokens * outside, **{"dequantized weight": 0}, logits=0))
+        moments.append(moment(gradients=reduced + (accumulated or held + reducing) + a.vocab_size * a.dim * act + grad[0],
+                              activations=tokens * outside))
     # The optimizer step (fused AdamW, as train.py uses on CUDA: no temporaries): every sharded gradient.
-    moments.append(dict(static, **{"gathered units": 0}, gradients=sum(sgrad) if on_gpu else 0, activations=0,
-                        **{"dequantized weight": 0}, logits=0))
-    gpu = max(moments, key=lambda m: sum(m.values()))
-    gpu["total"] = sum(gpu.values())
-    cpu = {"weight shards": cpu_shards, "gradients": 0 if on_gpu else sum(sgrad),
-           "optimizer": 0 if on_gpu else optim} if offload != "none" else {}
-    if offload_activations:
-        cpu["activations"] = tokens * n_blocks * kept
-    return gpu, cpu
+    moments.append(moment(**{"gathered units": 0}, gradients=sum(sgrad) if on_gpu else 0))
+    return moments
 
 
 def print_plan(model, cfg, world, amp, reference_bytes=0, kind=""):

@@ -393,3 +393,18 @@ def test_memory_plan_counts_each_quantized_format_at_its_real_bytes(quant, bits)
 def test_llama_pro_trains_sharded_with_the_losses_of_one_process(tmp_path):
     sharded, one = sharded_and_one_process_losses(tmp_path, ["--train_type=llama_pro", "--expand_blocks=2"])
     assert len(one) == 3 and sharded == pytest.approx(one, rel=1e-5)
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_gradients_are_reduced_in_the_order_the_memory_plan_assumes(tie):
+    from train import Dist
+    sharded = F.Sharded(build("full", tie=tie), Dist(0, 0, 1, torch.device("cpu")), log_events=True)
+    ids, labels = batch(0, 0, 0)
+    sharded.forward_backward({"input_ids": ids, "labels": labels}, loss_scale=0.01)
+    reduced = [unit for what, unit, _ in sharded.events if what == "reduce"]
+    n_blocks = len(sharded.model.model.layers)
+    expected = [sharded.at[i].name for i in F.reduce_order(n_blocks)]
+    if tie:  # the tied outer unit is reduced once, with the embedding
+        expected = expected[1:]
+    assert reduced == expected
+    assert expected[-1] in ("embed", "outer") and expected[-2] == "block0"
