@@ -3,8 +3,8 @@ preset or a Hugging Face folder; quantized base, adapters or Llama-Pro blocks), 
 data parallel or sharded), DPO's frozen reference, and the files an hf/ export carries over (the
 source folder's non-weight files and the chat template the run trained in).
 
-    model, tok, files = build_model(cfg, d)    # d: distributed.Dist; files: name -> path, for exports
-    engine = make_engine(model, cfg, d)        # ddp.Replicated or fsdp.Sharded
+    model, tok, files, load = build_model(cfg, d)   # d: distributed.Dist; files: name -> path, for exports
+    engine = make_engine(model, cfg, d, load=load)  # ddp.Replicated or fsdp.Sharded
 """
 
 import copy
@@ -14,18 +14,19 @@ import json
 import os
 import platform
 import re
+from typing import Callable, NamedTuple, Optional
 
 import torch
 
-import hf
-import data as D
 import ddp
 import distributed
-import fsdp as F
-import lora as L
-import model as M
-import plan as P
-import quant as Q
+import fsdp
+import hf
+import plan
+import quant
+from data import format_template, load_tokenizer
+from lora import add_lora, linear_names
+from model import MODELS, Llama, expand_blocks, rope_frequencies
 
 
 def native_bf16_cpu():
@@ -61,58 +62,66 @@ def amp_dtype(cfg, device_type):
     return torch.float16 if cfg.precision == "fp16" else torch.bfloat16 if uses_bf16(cfg, device_type) else None
 
 
-def build_model(cfg, d, with_adapters=True):
-    """(model, tokenizer, hf files to copy into exports). With --quant each Linear but lm_head is
+class Built(NamedTuple):
+    model: torch.nn.Module
+    tok: object  # data.Tokenizer
+    files: dict  # name -> path: the source folder's files an export carries
+    load: Optional[Callable]  # --fsdp from a folder: load(modules) reads those modules' weights (the model is on meta)
+
+
+def build_model(cfg, d, with_adapters=True) -> Built:
+    """The model, its tokenizer, the files exports carry, and (--fsdp from a folder) the loader
+    fsdp.Sharded calls unit by unit. With --quant each Linear but lm_head is
     quantized as the checkpoint streams in; with --adapter the base is then frozen and the
     --lora_target layers get adapters; --expand_blocks inserts Llama-Pro's new blocks."""
     quantize = quantizer(cfg)
     # A frozen base can live in the autocast dtype; what trains (full weights, adapters, new blocks) stays fp32.
     amp = amp_dtype(cfg, d.device.type)
     base_dtype = amp if frozen_base(cfg) and amp is not None else torch.float32
-    if cfg.model in M.MODELS:
-        args = dataclasses.replace(M.MODELS[cfg.model])
-        tok = D.load_tokenizer(cfg.tokenizer or None)
+    if cfg.model in MODELS:
+        args = dataclasses.replace(MODELS[cfg.model])
+        tok = load_tokenizer(cfg.tokenizer or None)
         if tok.vocab_size > args.vocab_size:  # e.g. a preset with a real tokenizer: grow to a multiple of 64
             args.vocab_size = (tok.vocab_size + 63) // 64 * 64
         args.bos_token_id, args.eos_token_id = tok.bos_id, tok.eos_id
         torch.manual_seed(cfg.seed)
         with torch.device(d.device):
-            model = M.Llama(args)
+            model = Llama(args)
             model.init_weights()
         if quantize:
             quantize(model)
     elif os.path.isdir(cfg.model):
-        if Q.is_prequantized(cfg.model):
+        if quant.is_prequantized(cfg.model):
             if cfg.quant != "nf4":
                 raise ValueError(f"--model={cfg.model} holds 4-bit bitsandbytes weights: pass --quant=nf4 (with "
                                  f"--adapter=lora or dora)")
-            model = Q.load_prequantized(cfg.model, d.device, base_dtype)
+            model = quant.load_prequantized(cfg.model, d.device, base_dtype)
         elif cfg.fsdp and not cfg.expand_blocks:  # meta model now; each unit is read, quantized and sharded in turn (fsdp.Sharded)
             model = hf.empty_from_pretrained(cfg.model, prepare=quantize)
         else:
             model = hf.from_pretrained(cfg.model, d.device, base_dtype, prepare=quantize)
         tok_dir = cfg.tokenizer or cfg.model
-        tok = D.load_tokenizer(tok_dir, eos_id=model.args.eos_token_id, bos_id=model.args.bos_token_id)
+        tok = load_tokenizer(tok_dir, eos_id=model.args.eos_token_id, bos_id=model.args.bos_token_id)
     else:
-        raise ValueError(f"--model={cfg.model}: neither a preset ({', '.join(M.MODELS)}) nor a folder")
+        raise ValueError(f"--model={cfg.model}: neither a preset ({', '.join(MODELS)}) nor a folder")
     extra = source_files(cfg.model if os.path.isdir(cfg.model) else "", cfg.tokenizer)
     if tok.vocab_size > model.args.vocab_size:
         raise ValueError(f"--tokenizer: {tok.vocab_size} tokens do not fit the model's vocab_size {model.args.vocab_size}")
     if cfg.seq_len > model.args.max_seq_len:
         raise ValueError(f"--seq_len={cfg.seq_len} exceeds the model's context of {model.args.max_seq_len} tokens")
     if not with_adapters:
-        return model, tok, extra
+        return Built(model, tok, extra, None)
     if cfg.expand_blocks:  # the whole model is loaded (not streamed): the copies need their originals
         expand_for_llama_pro(model, cfg)
-        return model, tok, extra
+        return Built(model, tok, extra, None)
     gen = torch.Generator().manual_seed(cfg.seed)  # adapters start the same on every rank, sharded or not
     if model.inv_freq.is_meta:  # --fsdp from a folder: adapters are added unit by unit as it loads
-        model.materialize = hf.stream_from_pretrained(model, cfg.model, d.device, base_dtype,
-                                                     then=lambda modules: add_adapters(modules, cfg, gen))
-        model.inv_freq = M.rope_frequencies(model.args, d.device)
-    else:
-        add_adapters([model], cfg, gen)
-    return model, tok, extra
+        load = hf.stream_from_pretrained(model, cfg.model, d.device, base_dtype,
+                                         then=lambda modules: add_adapters(modules, cfg, gen))
+        model.inv_freq = rope_frequencies(model.args, d.device)
+        return Built(model, tok, extra, load)
+    add_adapters([model], cfg, gen)
+    return Built(model, tok, extra, None)
 
 
 # What an HF folder holds besides its config.json and weights: tokenizer files, generation config,
@@ -145,7 +154,7 @@ def export_files(files, tok, fmt, chat_data):
     if "tokenizer.json" not in out or not chat_data:  # the byte tokenizer, or no turns to render
         return out
     bos = tok.bos_id is not None and tok.bos_id in tok.encode("", bos=True)  # the tokenizer adds it itself
-    template = tok.chat_template if fmt == "template" else D.format_template(fmt, bos, tok.eos_token)
+    template = tok.chat_template if fmt == "template" else format_template(fmt, bos, tok.eos_token)
     config = json.loads(out.get("tokenizer_config.json", b"{}"))
     config["chat_template"] = template  # both places: tools read one or the other
     if bos and fmt != "template":
@@ -160,7 +169,7 @@ def export_files(files, tok, fmt, chat_data):
 def expand_for_llama_pro(model, cfg):
     """Insert --expand_blocks identity-initialised blocks (model.expand_blocks); only they train."""
     model.requires_grad_(False)
-    for block in M.expand_blocks(model, cfg.expand_blocks):
+    for block in expand_blocks(model, cfg.expand_blocks):
         block.requires_grad_(True)
 
 
@@ -184,7 +193,7 @@ def quantizer(cfg):
     """With --quant, what turns a model's Linears (but lm_head) into --quant Linears; else None."""
     if cfg.quant == "none":
         return None
-    return lambda model: Q.quantize_model(model, cfg.quant, cfg.quant_bits, cfg.quant_group)
+    return lambda model: quant.quantize_model(model, cfg.quant, cfg.quant_bits, cfg.quant_group)
 
 
 def add_adapters(modules, cfg, generator):
@@ -192,8 +201,8 @@ def add_adapters(modules, cfg, generator):
     if not has_adapters(cfg):
         return
     for module in modules:
-        if L.linear_names(module):
-            L.add_lora(module, rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, targets=cfg.lora_target,
+        if linear_names(module):
+            add_lora(module, rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, targets=cfg.lora_target,
                        dora=cfg.adapter == "dora", generator=generator)
         else:  # embedding, final norm, head: frozen
             module.requires_grad_(False)
@@ -202,9 +211,9 @@ def add_adapters(modules, cfg, generator):
 def meta_model(cfg, amp):
     """The model of --model on the meta device (no memory), as build_model makes it: quantized, with
     adapters (or expanded), a frozen base in the autocast dtype `amp`. What --dry_run plans for."""
-    if cfg.model in M.MODELS:
+    if cfg.model in MODELS:
         with torch.device("meta"):
-            model = M.Llama(dataclasses.replace(M.MODELS[cfg.model]))
+            model = Llama(dataclasses.replace(MODELS[cfg.model]))
         if quantizer(cfg):
             quantizer(cfg)(model)
     else:
@@ -219,40 +228,34 @@ def meta_model(cfg, amp):
     return model
 
 
-def make_engine(model, cfg, d) -> distributed.Engine:
-    """Plain data parallelism (ddp.Replicated) or sharding (fsdp.Sharded), behind the same interface."""
+def make_engine(model, cfg, d, *, load=None) -> distributed.Engine:
+    """Plain data parallelism (ddp.Replicated) or sharding (fsdp.Sharded), behind the same interface.
+    load: build_model's, for a model still on the meta device (Sharded loads it unit by unit)."""
     amp = amp_dtype(cfg, d.device.type)
     if not cfg.fsdp:
-        return ddp.Replicated(model, d, amp, cfg.loss_chunk)
-    engine = F.Sharded(model, d, prefetch=cfg.prefetch, param_dtype=amp or torch.float32,
-                       reduce_dtype=torch.bfloat16 if cfg.reduce_dtype == "bf16" else torch.float32, offload=cfg.offload,
-                       strategy=cfg.shard, shard_group=cfg.shard_group, amp_dtype=amp, loss_chunk=cfg.loss_chunk,
-                       materialize=getattr(model, "materialize", None), reduce_every_micro=cfg.reduce_every_micro)
-    if has_adapters(cfg):  # for the adapter's config, once the modules have stopped listing parameters
-        model.lora_config = next(mod.lora_config for mod in model.modules() if hasattr(mod, "lora_config"))
-    return engine
+        return ddp.Replicated(model, d, amp_dtype=amp, loss_chunk=cfg.loss_chunk)
+    return fsdp.Sharded(model, d, prefetch=cfg.prefetch, param_dtype=amp or torch.float32,
+                        reduce_dtype=torch.bfloat16 if cfg.reduce_dtype == "bf16" else torch.float32, offload=cfg.offload,
+                        strategy=cfg.shard, shard_group=cfg.shard_group, amp_dtype=amp, loss_chunk=cfg.loss_chunk,
+                        materialize=load, reduce_every_micro=cfg.reduce_every_micro)
 
 
-def describe(cfg, d, engine, reference=None):
-    """Log lines: the model and what trains; under --fsdp, the sharding and what this rank holds;
+def describe(engine, d, *, name, what, reference=None):
+    """Log lines: the model `name` and `what` trains (kind()); under sharding, what this rank holds;
     DPO's frozen reference."""
-    model, (trainable, adapters) = engine.model, engine.counts()
-    lines = [f"model {cfg.model} ({kind(cfg)}): " + (f"{trainable / 1e6:.3f}M trainable" if cfg.fsdp else P.describe(model))
+    model, (trainable, adapters), sharded = engine.model, engine.counts(), isinstance(engine, fsdp.Sharded)
+    lines = [f"model {name} ({what}): " + (f"{trainable / 1e6:.3f}M trainable" if sharded else plan.describe(model))
              + (f", {adapters / 1e6:.3f}M of them in adapters" if adapters else "")
              + f"; {model.args.n_layers} layers, dim {model.args.dim}, world {d.world} on {d.device.type}"]
-    if cfg.fsdp:
-        groups = [g for u in engine.units for g in u.groups]
-        frozen = sum(g.numel * g.shard.element_size() for g in groups if not g.trainable)
-        lines.append(f"fsdp: {cfg.shard} sharding over {engine.shard_world} ranks, {len(engine.units)} units; frozen "
-                     f"tensors {frozen / 2**20:.1f} MiB in all; {engine.held_bytes() / 2**20:.1f} MiB of shards on this "
-                     f"rank; prefetch {cfg.prefetch}, checkpointing {cfg.grad_checkpointing}, reduce in {cfg.reduce_dtype}")
+    if sharded:
+        lines.append(engine.describe())
     if reference is not None:
         lines.append(f"dpo: the reference is a frozen copy of the starting model, {reference.held_bytes() / 2**20:.1f} "
-                     f"MiB {'of shards ' if cfg.fsdp else ''}on this rank")
+                     f"MiB {'of shards ' if sharded else ''}on this rank")
     return lines
 
 
-def dpo_reference(cfg, d, model):
+def dpo_reference(cfg, d, model, *, streamed):
     """DPO's reference under full fine-tuning: the starting model (so also after a resume), frozen,
     behind an engine of its own (sharded like the model under --fsdp, where a folder streams into it
     a second time). It holds in the autocast dtype what the policy computes with in that dtype, so
@@ -260,16 +263,17 @@ def dpo_reference(cfg, d, model):
     in it), else the Linear weights (autocast casts them; embeddings and norms stay fp32). RoPE's
     inv_freq stays fp32 in both."""
     dtype = amp_dtype(cfg, d.device.type) or torch.float32
-    if getattr(model, "materialize", None):  # --fsdp from a folder: the model exists only as it loads
+    load = None
+    if streamed:  # --fsdp from a folder: the model exists only as it loads
         ref = hf.empty_from_pretrained(cfg.model)
-        ref.materialize = hf.stream_from_pretrained(ref, cfg.model, d.device, dtype,
-                                                   then=lambda modules: [m.requires_grad_(False) for m in modules])
-        ref.inv_freq = M.rope_frequencies(ref.args, d.device)
+        load = hf.stream_from_pretrained(ref, cfg.model, d.device, dtype,
+                                         then=lambda modules: [m.requires_grad_(False) for m in modules])
+        ref.inv_freq = rope_frequencies(ref.args, d.device)
     else:
         ref = copy.deepcopy(model)
         for p in reference_casts(ref, cfg.fsdp):
             p.data = p.data.to(dtype)
-    return make_engine(ref.requires_grad_(False).eval(), cfg, d)
+    return make_engine(ref.requires_grad_(False).eval(), cfg, d, load=load)
 
 
 def reference_casts(model, fsdp):

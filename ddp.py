@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 import hf
-import lora as L
+from lora import lora_layers, merge_and_unload, save_adapter
 from distributed import autocast
 
 
@@ -25,7 +25,7 @@ class Replicated:
     lockstep = False  # each rank's forwards are its own: eval and generation split the work freely
     reduce_every_micro = False  # gradients accumulate locally; one all-reduce on the last micro-batch
 
-    def __init__(self, model, d, amp_dtype=None, loss_chunk=0, bucket_bytes=25 * 2**20):
+    def __init__(self, model, d, *, amp_dtype=None, loss_chunk=0, bucket_bytes=25 * 2**20):
         self.model, self.d, self.loss_chunk, self.amp_dtype = model, d, loss_chunk, amp_dtype
         named = {id(p): (n, p) for n, p in model.named_parameters() if p.requires_grad}  # a tied head once
         self.named = list(named.values())
@@ -108,7 +108,7 @@ class Replicated:
     def model_state(self):
         """All of the model, or with adapters only the trainable tensors (the frozen base is
         reloaded from --model on resume)."""
-        if L.lora_layers(self.model):
+        if lora_layers(self.model):
             return {n: p.detach() for n, p in self.named}
         return self.model.state_dict()
 
@@ -117,7 +117,7 @@ class Replicated:
 
     def load_checkpoint_state(self, old, opt, path):
         state = old[0]
-        missing, unexpected = self.model.load_state_dict(state["model"], strict=not L.lora_layers(self.model))
+        missing, unexpected = self.model.load_state_dict(state["model"], strict=not lora_layers(self.model))
         lacking = {n for n, _ in self.named} - set(state["model"])
         if unexpected or lacking:
             raise ValueError(f"{path}: saved with a different --adapter, --expand_blocks or --lora_target "
@@ -126,9 +126,9 @@ class Replicated:
 
     def export_hf(self, path, extra_files=None, dtype=torch.bfloat16):
         if self.d.rank == 0:  # adapters folded into dense weights (dequantized when quantized)
-            model = L.merge_and_unload(self.model) if L.lora_layers(self.model) else self.model
+            model = merge_and_unload(self.model) if lora_layers(self.model) else self.model
             hf.save_pretrained(model, path, dtype=dtype, extra_files=extra_files)
 
     def export_adapter(self, path, base_model_name_or_path=""):
         if self.d.rank == 0:
-            L.save_adapter(self.model, path, base_model_name_or_path)
+            save_adapter(self.model, path, base_model_name_or_path)

@@ -18,10 +18,10 @@ x, batch) on the last block's output.
 import torch
 import torch.nn.functional as F
 
-import data as D
-import lora as L
-import model as M
-from distributed import turns
+from data import PairBatches
+from lora import adapters_disabled
+from model import row_logprobs
+from distributed import all_reduce_sum, turns
 
 
 class DPO:
@@ -38,13 +38,13 @@ class DPO:
         if self.reference is not None:
             self.ref = forward(self.reference)
         else:
-            with L.adapters_disabled(engine.model):
+            with adapters_disabled(engine.model):
                 self.ref = forward(engine)
 
     @staticmethod
     def logprobs(model, x, batch):
         """Each answer's summed log-probability: 2k pair k's chosen one, 2k + 1 its rejected one."""
-        return M.row_logprobs(model, x, batch["labels"], batch.get("seq_ids"), 2 * batch["num_pairs"])
+        return row_logprobs(model, x, batch["labels"], batch.get("seq_ids"), 2 * batch["num_pairs"])
 
     def head(self, model, x, batch):
         return self.loss(self.logprobs(model, x, batch))
@@ -59,10 +59,7 @@ class DPO:
 
     def metrics(self, d):
         """Means over the pairs since the last call, across ranks; then the sums restart."""
-        t = torch.tensor(self.sums, dtype=torch.float64, device=d.device)
-        if d.world > 1:
-            torch.distributed.all_reduce(t)
-        n, correct, margin, chosen, rejected = t.tolist()
+        n, correct, margin, chosen, rejected = all_reduce_sum(self.sums, d)
         self.sums, n = [0.0] * 5, max(n, 1)
         return {"reward_accuracy": correct / n, "reward_margin": margin / n, "chosen_reward": chosen / n,
                 "rejected_reward": rejected / n}
@@ -75,7 +72,7 @@ def evaluate(engine, dpo, cfg, d, *, data, eval_docs, tok):
     over one plan; under --fsdp every rank must run the same forwards, so a rank with no batch left
     repeats the last and ignores it (as train.evaluate does)."""
     engine.model.eval()
-    loader = D.PairBatches(data, [j // 2 for j in eval_docs], cfg.seq_len, cfg.batch_size, tok.pad_id, pack=cfg.pack,
+    loader = PairBatches(data, [j // 2 for j in eval_docs], cfg.seq_len, cfg.batch_size, tok.pad_id, pack=cfg.pack,
                            shuffle=False)
     n_batches = min(len(loader.plan(0)), cfg.eval_batches)
     training_sums, dpo.sums, loss_sum = dpo.sums, [0.0] * 5, 0.0
@@ -93,9 +90,7 @@ def evaluate(engine, dpo, cfg, d, *, data, eval_docs, tok):
             dpo.sums = kept
     n = dpo.sums[0]
     result = dpo.metrics(d)
-    t = torch.tensor([loss_sum, n], dtype=torch.float64, device=d.device)
-    if d.world > 1:
-        torch.distributed.all_reduce(t)
+    loss_sum, n = all_reduce_sum([loss_sum, n], d)
     dpo.sums = training_sums
     engine.model.train()
-    return {"eval_loss": t[0].item() / max(t[1].item(), 1), **{"eval_" + k: v for k, v in result.items()}}
+    return {"eval_loss": loss_sum / max(n, 1), **{"eval_" + k: v for k, v in result.items()}}

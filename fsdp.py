@@ -47,8 +47,8 @@ import torch.distributed as dist
 import torch.nn as nn
 
 import hf
-import lora as L
-import model as M
+from lora import dense_tensors, save_adapter
+from model import Llama
 from distributed import any_rank, autocast
 
 STRATEGIES = ("full", "grad_op", "hybrid")
@@ -269,7 +269,7 @@ class Unit:
 class Sharded:
     lockstep = True  # every forward gathers weights from every rank: all ranks run the same forwards
 
-    def __init__(self, model: M.Llama, d, *, prefetch=1, param_dtype=torch.float32, reduce_dtype=torch.float32,
+    def __init__(self, model: Llama, d, *, prefetch=1, param_dtype=torch.float32, reduce_dtype=torch.float32,
                  offload="none", strategy="full", shard_group=0, amp_dtype=None, loss_chunk=0, log_events=False,
                  materialize=None, reduce_every_micro=True):
         """d: train.Dist (rank, world, device). Shards `model` in place. The model is either on
@@ -293,6 +293,15 @@ class Sharded:
 
     def amp(self):
         return autocast(self.d.device, self.amp_dtype)
+
+    def describe(self):
+        """One log line: the sharding, and what this rank holds."""
+        groups = [g for u in self.units for g in u.groups]
+        frozen = sum(g.numel * g.shard.element_size() for g in groups if not g.trainable)
+        return (f"fsdp: {self.strategy} sharding over {self.shard_world} ranks, {len(self.units)} units; frozen tensors "
+                f"{frozen / 2**20:.1f} MiB in all; {self.held_bytes() / 2**20:.1f} MiB of shards on this rank; prefetch "
+                f"{self.prefetch}, checkpointing {self.model.gradient_checkpointing}, reduce in "
+                f"{str(self.reduce_dtype).removeprefix('torch.').replace('float32', 'fp32').replace('bfloat16', 'bf16')}")
 
     # -- the moves on a unit ---------------------------------------------------------------
 
@@ -518,7 +527,7 @@ class Sharded:
         def unit_states():
             for unit in self.gathered_units():
                 state = {name: t.detach().to("cpu", dtype).contiguous().clone() for mod in unit.modules
-                         for name, t in L.dense_tensors(names[id(mod)], mod)}
+                         for name, t in dense_tensors(names[id(mod)], mod)}
                 if self.model.args.tie_embeddings:
                     state.pop("lm_head.weight", None)
                 yield state
@@ -538,7 +547,7 @@ class Sharded:
         """The trained adapters in PEFT's layout (fp32 masters), written by rank 0."""
         state = {"base_model.model." + k: v for k, v in self.trainable_state().items()}
         if self.d.rank == 0:
-            L.save_adapter(self.model, path, base_model_name_or_path, state=state)
+            save_adapter(self.model, path, base_model_name_or_path, state=state)
 
     # -- checkpoints: this rank's shards; re-sharded on load ----------------------------------
 

@@ -145,8 +145,6 @@ def add_lora(model, *, rank=8, alpha=16.0, dropout=0.0, targets="all-linear", do
         if isinstance(module, (nn.Linear, QuantLinear)) and name.rsplit(".", 1)[-1] in wanted and not name.endswith("lm_head"):
             model.set_submodule(name, LoRALinear(module, rank, alpha, dropout, dora, generator))
             wrapped.append(name)
-    model.lora_config = {"r": rank, "lora_alpha": alpha, "lora_dropout": dropout, "target_modules": sorted(wanted),
-                         "use_dora": dora}
     return wrapped
 
 
@@ -179,10 +177,15 @@ def adapter_state_dict(model):
 
 
 def adapter_config(model, base_model_name_or_path=""):
-    c = model.lora_config
+    """PEFT's adapter_config.json, read off the adapted layers themselves (every one has the same settings)."""
+    layers = lora_layers(model)
+    if not layers:
+        raise ValueError("adapter_config: the model has no adapters")
+    names, m = sorted({n.rsplit(".", 1)[-1] for n, _ in layers}), layers[0][1]
+    dropout = m.lora_dropout.p if isinstance(m.lora_dropout, nn.Dropout) else 0.0
     return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path,
-            "r": c["r"], "lora_alpha": c["lora_alpha"], "lora_dropout": c["lora_dropout"],
-            "target_modules": c["target_modules"], "use_dora": c["use_dora"], "use_rslora": False, "bias": "none",
+            "r": m.rank, "lora_alpha": m.alpha, "lora_dropout": dropout, "target_modules": names,
+            "use_dora": m.lora_magnitude_vector is not None, "use_rslora": False, "bias": "none",
             "fan_in_fan_out": False, "init_lora_weights": True, "inference_mode": True, "modules_to_save": None,
             "layers_to_transform": None, "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {},
             "revision": None}

@@ -28,7 +28,7 @@ import copy
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn as nn
@@ -209,11 +209,16 @@ except ImportError:  # older torch: dense masks everywhere
     create_block_mask = None
 
 
+class FlexMask(NamedTuple):
+    block: object  # flex_attention's BlockMask
+    doc_ids: torch.Tensor  # what it was made from: attend's dense fallback if flex_attention fails
+
+
 def document_mask(doc_ids, use_flex: bool):
     """doc_ids (B, T), equal ids = same document, -1 = padding. Returns what `attend` takes.
 
-    use_flex: a BlockMask (memory O(T^2 / 128^2) bits instead of O(T^2) bools, and flex_attention
-    skips blocks that are fully masked, so packing many short documents also saves compute).
+    use_flex: a FlexMask, whose BlockMask takes O(T^2 / 128^2) bits instead of O(T^2) bools; and
+    flex_attention skips blocks that are fully masked, so packing many short documents also saves compute.
     """
     if use_flex:
         def same_doc_causal(b, h, q, kv):
@@ -221,9 +226,8 @@ def document_mask(doc_ids, use_flex: bool):
         B, T = doc_ids.shape
         # _compile: eager construction would evaluate the mask at all B*T*T points before reducing
         # it to blocks, which is the very tensor we are avoiding; compiled, it works block by block.
-        mask = create_block_mask(same_doc_causal, B, None, T, T, device=doc_ids.device, _compile=doc_ids.is_cuda)
-        mask.doc_ids = doc_ids  # for attend's dense fallback
-        return mask
+        block = create_block_mask(same_doc_causal, B, None, T, T, device=doc_ids.device, _compile=doc_ids.is_cuda)
+        return FlexMask(block, doc_ids)
     return dense_mask(doc_ids, doc_ids, torch.arange(doc_ids.shape[1], device=doc_ids.device))
 
 
@@ -241,14 +245,14 @@ flex_failed = None  # the first error flex_attention raised; from then on every 
 
 
 def attend(q, k, v, mask):
-    """q (B, H, T, hd), k/v (B, Hkv, S, hd). mask: None (plain causal), a bool tensor, or a BlockMask."""
+    """q (B, H, T, hd), k/v (B, Hkv, S, hd). mask: None (plain causal), a bool tensor, or a FlexMask."""
     global flex_failed
     if mask is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
     if not isinstance(mask, torch.Tensor):
         if flex_failed is None:
             try:
-                return _flex_attention(q, k, v, block_mask=mask, enable_gqa=True, kernel_options=FLEX_OPTIONS)
+                return _flex_attention(q, k, v, block_mask=mask.block, enable_gqa=True, kernel_options=FLEX_OPTIONS)
             except torch.OutOfMemoryError:
                 raise  # dense masks would need more memory still
             except Exception as e:  # noqa: BLE001 - inductor found no kernel for this GPU (e.g. too little shared memory)

@@ -13,10 +13,10 @@ import math
 
 import torch
 
-import kernels as K
-import lora as L
 from fsdp import group_tensors, offloaded, reduce_order, schedule, unit_module_lists
-import model as M
+from kernels import HAS_TRITON
+from lora import LoRALinear
+from model import ModelArgs
 from quant import QuantLinear, base_bytes
 
 def activation_bytes_per_token(model, act, kernels):
@@ -45,7 +45,7 @@ def activation_bytes_per_token(model, act, kernels):
              + act * (2 * a.dim + q + a.ffn_dim)  # the projections' inputs
              + act * (q + 2 * kv) + 4 * a.n_heads  # q, k, v, log-sum-exp
              + act * a.ffn_dim * (2 if kernels else 3))  # gate, up (, silu(gate))
-    block += sum(act * m.rank for m in model.model.layers[0].modules() if isinstance(m, L.LoRALinear)) if a.n_layers else 0
+    block += sum(act * m.rank for m in model.model.layers[0].modules() if isinstance(m, LoRALinear)) if a.n_layers else 0
     outside = act * a.dim + 2 * act * a.head_dim  # the embedding's output, cos and sin
     head = norm(False) + act * a.dim  # the final norm and its output, until the head's backward
     return block, outside, head
@@ -172,7 +172,7 @@ def print_plan(model, cfg, world, amp, reference_bytes=0, kind=""):
     """--dry_run's table: plan_memory for train.py's Config `cfg` on a meta-device `model` as built
     (build.meta_model); amp: the autocast dtype or None; reference_bytes: DPO's frozen copy, whole."""
     # The Triton kernels that keep less for backward, when they would run (a GPU, --kernels=triton).
-    kernels = K.HAS_TRITON and cfg.kernels == "triton" and not {"rmsnorm", "swiglu", "linear_ce"} & set(cfg.kernels_off.split(","))
+    kernels = HAS_TRITON and cfg.kernels == "triton" and not {"rmsnorm", "swiglu", "linear_ce"} & set(cfg.kernels_off.split(","))
     gpu, cpu = plan_memory(model, world, cfg.batch_size, cfg.seq_len, prefetch=cfg.prefetch,
                            checkpointing=cfg.grad_checkpointing, param_bytes=2 if amp is not None else 4,
                            reduce_every_micro=cfg.reduce_every_micro, offload=cfg.offload, loss_chunk=cfg.loss_chunk,
@@ -214,7 +214,7 @@ def describe(model):
     return line
 
 
-def flops_per_token(args: M.ModelArgs, seq_len, frozen_base=False, adapter_params=0):
+def flops_per_token(args: ModelArgs, seq_len, frozen_base=False, adapter_params=0):
     """Training FLOPs per token actually needed: per weight 2 forward + 2 for the input gradient
     + 2 for the weight gradient, where a frozen base weight (LoRA) skips the last 2; adapters cost
     the full 6. Plus attention scores and values, 6 * 2 * n_layers * seq_len * n_heads * head_dim

@@ -57,7 +57,7 @@ def dry_run(cfg: Config, d: Dist):
 def ask(cfg: Config, d: Dist):
     """Print --model's answer to --ask, formatted as training formats a user turn."""
     cfg = dataclasses.replace(cfg, fsdp=False)
-    model, tok, _ = build.build_model(cfg, d, with_adapters=False)
+    model, tok, _, _ = build.build_model(cfg, d, with_adapters=False)
     if cfg.adapter_path:
         lora.load_adapter(model, cfg.adapter_path)
     fmt = data.chat_format(cfg, tok)
@@ -76,14 +76,15 @@ def ask(cfg: Config, d: Dist):
 
 def setup(cfg: Config, d: Dist, log):
     """The model, its engine and optimizer, the data, and the resumed state: what the loop needs."""
-    model, tok, source_files = build.build_model(cfg, d)
-    reference = build.dpo_reference(cfg, d, model) if cfg.objective == "dpo" and not build.has_adapters(cfg) else None
+    model, tok, source_files, load = build.build_model(cfg, d)
+    reference = build.dpo_reference(cfg, d, model, streamed=load is not None) \
+        if cfg.objective == "dpo" and not build.has_adapters(cfg) else None
     model.gradient_checkpointing, model.offload_activations = cfg.grad_checkpointing, cfg.offload_activations
     if cfg.compile:
         for layer in model.model.layers:
             layer.compile()
-    engine = build.make_engine(model, cfg, d)
-    for line in build.describe(cfg, d, engine, reference):
+    engine = build.make_engine(model, cfg, d, load=load)
+    for line in build.describe(engine, d, name=cfg.model, what=build.kind(cfg), reference=reference):
         log(line)
     fmt = data.chat_format(cfg, tok, log)
     dataset, eval_docs, loader = data.load_for_training(cfg, tok, d.rank, d.world, log, dist.barrier, fmt=fmt)
@@ -247,9 +248,7 @@ def finish(cfg: Config, d: Dist, r, log, record):
 
 def main(argv):
     cfg = parse_args(argv)
-    kernels.DISABLED.clear()
-    kernels.DISABLED.update(kernels.NAMES if cfg.kernels == "torch" else [k for k in cfg.kernels_off.split(",") if k])
-    kernels.FORCE = cfg.kernels == "interpret"
+    kernels.select(cfg.kernels, off=[k for k in cfg.kernels_off.split(",") if k])
     if cfg.compare:
         return print(curves.compare(cfg.compare.split(","), "compare.svg"))
     if cfg.ask:

@@ -93,7 +93,7 @@ def ours(path, kind, device, batch, rank):
     d = train.Dist(0, 0, 1, device)
 
     def build():
-        model, _, _ = B.build_model(cfg, d)
+        model, *_ = B.build_model(cfg, d)
         engine = B.make_engine(model, cfg, d)
         opt = optim.make_optimizer(engine, cfg)
 

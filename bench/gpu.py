@@ -388,12 +388,12 @@ def main(argv):
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU (smoke: tiny shapes, Triton interpreter)"
     print(f"bench/gpu.py on {name}, torch {torch.__version__}", flush=True)
     only = opts.get("only", "kernels,loss,train,fsdp,smollm2").split(",")  # e.g. --only=train to rerun one part
-    K.FORCE = SMOKE  # the interpreter runs the kernels on CPU tensors: the kernel rows only
+    K.select("interpret" if SMOKE else "triton")  # the interpreter runs the kernels on CPU tensors: the kernel rows only
     if "kernels" in only:
         t.run("kernels", kernel_rows, device, SMOKE)
     if "loss" in only:
         t.run("loss memory", loss_memory_rows, device, SMOKE)
-    K.FORCE = False
+    K.select("triton")
     if "train" in only:
         t.run("train step", training_rows, device, SMOKE, int(opts.get("layers", 2)))
     if "fsdp" in only:

@@ -61,7 +61,7 @@ def loss_memory():
     """Peak memory of lm_head + cross-entropy, forward and backward, at Llama 3's vocabulary."""
     from memory import cpu_allocation_peak
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    K.FORCE = device.type == "cpu"  # the interpreter runs the kernel on CPU tensors
+    K.select("interpret" if device.type == "cpu" else "triton")  # the interpreter runs the kernel on CPU tensors
     tokens, dim, vocab = 8192, 4096, 128256
     torch.manual_seed(0)
     hid = torch.randn(tokens, dim, device=device, dtype=torch.bfloat16, requires_grad=True)

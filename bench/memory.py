@@ -152,8 +152,8 @@ def loading(path, d, opts):
         keep = {}
 
         def streamed():
-            model, _, _ = build.build_model(cfg, d)
-            keep["sharded"] = F.Sharded(model, d, materialize=model.materialize)
+            model, _, _, load = build.build_model(cfg, d)
+            keep["sharded"] = F.Sharded(model, d, materialize=load)
         grown = rss_growth(streamed)
         shards = sum(g.shard.numel() * g.shard.element_size() for u in keep["sharded"].units for g in u.groups)
         keep.clear()
@@ -189,7 +189,7 @@ def plan_vs_measured(d, opts):
     kernels = cuda and opts.get("kernels", "triton") == "triton"
     if not kernels:
         import kernels as K
-        K.DISABLED.update(K.NAMES)
+        K.select("torch")
     rows = []
     for kind in ("full", "lora", "qlora"):
         for ckpt in (False, True):

@@ -86,8 +86,7 @@ def main(argv):
     print(f"{'':<8}{'kernels':<34}{'tok/s':>10}{'MFU':>8}{'peak GiB':>10}")
     for kind in ("full", "lora", "qlora"):
         for name, off in settings if gpu else settings[:1]:
-            K.DISABLED.clear()
-            K.DISABLED.update(off)
+            K.select("triton", off)
             tok_s, mfu, mem = step_stats(args, kind, device, B, T)
             print(f"{kind:<8}{name:<34}{tok_s:>10,.0f}{(f'{mfu:.1%}' if mfu else '-'):>8}"
                   f"{(f'{mem:.2f}' if mem else '-'):>10}")

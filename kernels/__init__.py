@@ -1,9 +1,10 @@
 """Triton kernels, each with its plain-PyTorch reference beside it in the same file.
 
 One dispatch rule for all of them: the Triton kernel runs when Triton is installed, the tensor is
-on CUDA (or FORCE is set: tests run kernels on CPU through TRITON_INTERPRET=1) and the kernel has
-not been switched off (train.py's --kernels / --kernels_off fill DISABLED); otherwise the
-reference runs.
+on CUDA (or the interpreter was selected: tests run kernels on CPU through TRITON_INTERPRET=1) and
+the kernel has not been switched off; otherwise the reference runs. The choice is the process's,
+made once at startup like a torch.backends flag: train.py calls select(--kernels, --kernels_off);
+tests and benchmarks use `with selected(...)`, which restores the previous choice.
 
     nf4      NF4 dequantization (quant.py)
     nf4_matmul  x @ W^T from the 4-bit codes for up to 16 rows of x (quant.Linear4bit forward)
@@ -14,13 +15,30 @@ reference runs.
     linear_ce  lm_head matmul + cross-entropy, gradients computed chunk by chunk (model.cross_entropy_sum)
 """
 
+import contextlib
 import importlib.util
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 NAMES = ("nf4", "nf4_matmul", "rmsnorm", "swiglu", "linear_ce", "rope", "lora")
-DISABLED = set()  # kernels that must use their reference
-FORCE = False  # run kernels on CPU tensors too (only meaningful under TRITON_INTERPRET=1)
+_off, _on_cpu = frozenset(), False  # the choice: kernels replaced by their reference; CPU tensors take Triton too
+
+
+def select(mode="triton", off=()):
+    """mode: triton (where they can run: CUDA) | torch (every reference) | interpret (CPU tensors too,
+    under TRITON_INTERPRET=1); off: kernels replaced by their reference."""
+    global _off, _on_cpu
+    _off, _on_cpu = frozenset(NAMES if mode == "torch" else off), mode == "interpret"
+
+
+@contextlib.contextmanager
+def selected(mode="triton", off=()):
+    before = _off, _on_cpu
+    select(mode, off)
+    try:
+        yield
+    finally:
+        select("interpret" if before[1] else "triton", before[0])
 
 
 def use_triton(name, tensor):
-    return HAS_TRITON and (tensor.is_cuda or FORCE) and name not in DISABLED
+    return HAS_TRITON and (tensor.is_cuda or _on_cpu) and name not in _off

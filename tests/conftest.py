@@ -14,7 +14,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 SHARED = os.path.join(os.path.dirname(ROOT), "shared")
 
+import kernels  # noqa: E402
 import model as M  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def default_kernels():
+    """A test may select other kernels (kernels.select, or train.main's --kernels): the next one starts afresh."""
+    yield
+    kernels.select("triton")
 
 
 def assert_close(actual, expected, dtype=torch.float32, ulps=64, scale=None, msg=""):

@@ -170,8 +170,8 @@ def test_the_planned_reference_bytes_are_what_the_built_reference_holds():
     d = train.Dist(0, 0, 1, torch.device("cpu"))
     for fsdp in (False, True):
         cfg.fsdp = fsdp
-        model, _, _ = build.build_model(cfg, d)
-        held = build.dpo_reference(cfg, d, model).held_bytes()
+        model, _, _, load = build.build_model(cfg, d)
+        held = build.dpo_reference(cfg, d, model, streamed=load is not None).held_bytes()
         planned = build.reference_bytes(build.meta_model(cfg, torch.bfloat16), cfg, torch.bfloat16)
         assert planned == held  # world 1: the shards are whole, no padding
 

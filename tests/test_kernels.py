@@ -132,7 +132,7 @@ def test_nf4_matmul_from_codes_equals_dequantize_then_matmul(rows, n, k, double_
 
 def test_linear4bit_uses_the_codes_directly_for_few_rows(monkeypatch):
     import quant as Q
-    monkeypatch.setattr(K, "FORCE", DEVICE == "cpu")
+    K.select("interpret" if DEVICE == "cpu" else "triton")  # conftest restores the default after each test
     layer = Q.Linear4bit(128, 40, bias=True, device=DEVICE)
     layer.set_weight(torch.randn(40, 128, device=DEVICE))
     layer.bias = torch.nn.Parameter(torch.randn(40, device=DEVICE), requires_grad=False)
@@ -163,8 +163,7 @@ def test_whole_model_loss_and_gradients_equal_with_and_without_kernels(monkeypat
     x = torch.randint(0, 50, (2, 9) if variant == "dense" else (1, 9), device=DEVICE)
     results = []
     for force in (False, True):
-        monkeypatch.setattr(K, "FORCE", force and DEVICE == "cpu")
-        monkeypatch.setattr(K, "DISABLED", set() if force else set(K.NAMES))
+        K.select(("interpret" if DEVICE == "cpu" else "triton") if force else "torch")
         m = small_model(seed=3).to(DEVICE)
         if variant == "qlora":
             Q.quantize_model(m)

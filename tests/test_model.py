@@ -109,7 +109,8 @@ def test_flex_block_mask_equals_dense_mask():
     doc = torch.tensor([[0] * 20 + [1] * 30 + [2] * 14, [0] * 50 + [-1] * 14])
     q, k, v = torch.randn(2, 4, 64, 16), torch.randn(2, 2, 64, 16), torch.randn(2, 2, 64, 16)
     # eager flex_attention (the compiled one is for CUDA) with the very BlockMask model.py builds
-    got = flex.flex_attention(q, k, v, block_mask=M.document_mask(doc, use_flex=True), enable_gqa=True)
+    got = flex.flex_attention(q, k, v, block_mask=M.document_mask(doc, use_flex=True).block,
+                               enable_gqa=True)
     want = M.attend(q, k, v, M.document_mask(doc, use_flex=False))
     assert_close(got, want)
 

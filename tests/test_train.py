@@ -118,7 +118,7 @@ def test_two_process_data_parallel_equals_one_process_with_accumulation(tmp_path
 
 def test_qlora_run_on_tiny_lowers_the_loss_on_a_4bit_base(tmp_path):
     cfg = train.parse_args(["--train_type=qlora"])
-    model, _, _ = build.build_model(cfg, train.Dist(0, 0, 1, torch.device("cpu")))
+    model, *_ = build.build_model(cfg, train.Dist(0, 0, 1, torch.device("cpu")))
     q_bytes, q_params, _ = Q.base_bytes(model)
     assert q_params == 2 * (4 * 128 * 128 + 3 * 128 * 344)  # every Linear of the 2 blocks (q, k, v, o; the MLP)
     assert abs(8 * q_bytes / q_params / 4.127 - 1) < 0.05
@@ -237,7 +237,7 @@ def test_llama_pro_trains_only_the_new_blocks_and_exports_a_deeper_hf_folder(tmp
     train.main(FAST + ["--train_type=llama_pro", "--expand_blocks=2", "--max_steps=3", "--lr=1e-2", "--save_hf=true",
                        "--hf_dtype=fp32", f"--out_dir={tmp_path}"])
     cfg = train.parse_args(FAST + ["--train_type=llama_pro", "--expand_blocks=2"])
-    original, _, _ = build.build_model(dataclasses.replace(cfg, expand_blocks=0),
+    original, *_ = build.build_model(dataclasses.replace(cfg, expand_blocks=0),
                                        train.Dist(0, 0, 1, torch.device("cpu")))
     exported = hf.from_pretrained(str(tmp_path / "hf"))
     assert exported.args.n_layers == 4
