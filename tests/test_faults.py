@@ -453,3 +453,30 @@ def test_a_held_out_set_without_a_trainable_token_is_refused_not_logged_as_loss_
     with pytest.raises(ValueError, match=r"^eval: the 2 held-out documents have no trainable token within --seq_len=32"):
         train.main(FAST + ["--max_steps=2", f"--data={data}", "--eval_frac=0.1", f"--out_dir={tmp_path / 'out'}"])
     assert not (tmp_path / "out" / "metrics.jsonl").exists() or "eval_loss" not in (tmp_path / "out" / "metrics.jsonl").read_text()
+
+
+def test_a_second_run_into_a_folder_in_use_is_refused_and_its_files_are_untouched(tmp_path):
+    import socket
+    (tmp_path / ".lock").write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid()}))  # a live owner
+    with pytest.raises(ValueError, match=rf"^--out_dir={tmp_path} is in use by process {os.getpid()} on "):
+        train.main(FAST + ["--max_steps=1", f"--out_dir={tmp_path}"])
+    assert sorted(os.listdir(tmp_path)) == [".lock"]  # the owner's lock stays; nothing was written
+
+
+def test_a_lock_whose_process_is_gone_is_taken_over_and_released_at_the_end(tmp_path, capsys):
+    import socket
+    import subprocess
+    import sys
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # its pid is free now: the run that held the lock was killed
+    (tmp_path / ".lock").write_text(json.dumps({"host": socket.gethostname(), "pid": dead.pid}))
+    train.main(FAST + ["--max_steps=1", f"--out_dir={tmp_path}"])
+    assert f"process {dead.pid} on {socket.gethostname()} is gone; taking the folder over" in capsys.readouterr().out
+    assert not (tmp_path / ".lock").exists() and (tmp_path / "metrics.jsonl").exists()
+
+
+def test_a_run_that_stops_on_an_error_releases_its_folder(tmp_path):
+    with pytest.raises(ValueError, match="stopped without saving"):
+        train.main(FAST + ["--lr=1e20", "--grad_clip=0", "--max_steps=4", f"--out_dir={tmp_path}"])
+    assert not (tmp_path / ".lock").exists()
+    train.main(FAST + ["--max_steps=1", "--overwrite", f"--out_dir={tmp_path}"])  # the folder is free again

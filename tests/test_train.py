@@ -39,6 +39,11 @@ def eval_losses(out_dir):
     return [json.loads(line)["eval_loss"] for line in open(os.path.join(out_dir, "metrics.jsonl")) if '"eval_loss"' in line]
 
 
+def rows(out_dir):
+    """metrics.jsonl without its timings."""
+    return [{k: v for k, v in json.loads(line).items() if k != "tokens_per_s"} for line in open(os.path.join(out_dir, "metrics.jsonl"))]
+
+
 def test_unknown_flag_names_the_closest_one():
     with pytest.raises(ValueError, match=r"^unknown flag --lerning_rate \(see --help\)$"):  # nothing close enough
         train.parse_args(["--lerning_rate=1"])
@@ -57,6 +62,47 @@ def test_unknown_flag_names_the_closest_one():
 def test_flags_parse_into_the_config():
     cfg = train.parse_args(["--lr=2e-4", "--pack=false", "--resume", "--model=llama3-8b"])
     assert (cfg.lr, cfg.pack, cfg.resume, cfg.model) == (2e-4, False, True, "llama3-8b")
+
+
+@pytest.mark.parametrize("short,flags", [("full", []), ("lora", ["--adapter=lora"]), ("dora", ["--adapter=dora"]),
+                                         ("qlora", ["--adapter=lora", "--quant=nf4"]),
+                                         ("qdora", ["--adapter=dora", "--quant=nf4"])])
+def test_train_type_is_shorthand_for_adapter_and_quant(short, flags):
+    cfg, explicit = train.parse_args([f"--train_type={short}"]), train.parse_args(flags)
+    assert (cfg.adapter, cfg.quant, cfg.expand_blocks) == (explicit.adapter, explicit.quant, explicit.expand_blocks)
+    assert train.parse_args(["--train_type=qlora", "--quant=hqq"]).quant == "hqq"  # nf4 only by default
+    pro = train.parse_args(["--train_type=llama_pro", "--expand_blocks=2"])
+    assert (pro.adapter, pro.quant, pro.expand_blocks) == ("none", "none", 2) == \
+        tuple(getattr(train.parse_args(["--expand_blocks=2"]), k) for k in ("adapter", "quant", "expand_blocks"))
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--train_type=dora", "--quant=hqq"], r"--quant=hqq would be ignored by --train_type=dora"),
+    (["--train_type=qlora", "--quant=none"], r"--train_type=qlora quantizes the base: --quant=none contradicts it"),
+    (["--train_type=lora", "--adapter=dora"], r"--train_type=lora and --adapter=dora contradict each other"),
+    (["--quant=nf4"], r"--quant=nf4 makes the base frozen: pass --adapter=lora or dora"),
+    (["--expand_blocks=2", "--adapter=lora"], r"--expand_blocks=2 \(Llama-Pro\) trains the new blocks, not adapters"),
+    (["--adapter=/tmp"], r"--adapter=/tmp is a folder: .* --adapter_path"),
+])
+def test_adapter_and_quant_flags_that_contradict_are_refused(flags, message):
+    with pytest.raises(ValueError, match=message):
+        train.parse_args(flags)
+
+
+def test_adapter_and_quant_flags_train_exactly_like_their_shorthand(tmp_path):
+    common = FAST + ["--max_steps=3", "--eval_frac=0"]
+    train.main(common + ["--train_type=qlora", f"--out_dir={tmp_path / 'short'}"])
+    train.main(common + ["--adapter=lora", "--quant=nf4", f"--out_dir={tmp_path / 'long'}"])
+    assert rows(tmp_path / "short") == rows(tmp_path / "long")
+
+
+def test_a_checkpoint_saved_with_train_type_resumes_under_the_two_flags():
+    saved = {"config": {**dataclasses.asdict(train.Config()), "train_type": "qlora", "adapter": "", "quant": "nf4"},
+             "world": 1, "base": "tiny"}
+    del saved["config"]["adapter_path"]  # the old layout had no such field
+    C.same_run(saved, "ckpt", train.parse_args(["--adapter=lora", "--quant=nf4"]), 1, "tiny")
+    with pytest.raises(ValueError, match=r"ckpt: saved with --adapter=lora, resuming with --adapter=dora"):
+        C.same_run(saved, "ckpt", train.parse_args(["--adapter=dora", "--quant=nf4"]), 1, "tiny")
 
 
 def test_command_line_errors_are_one_line():
