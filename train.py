@@ -21,7 +21,6 @@ import math
 import os
 import sys
 import time
-import types
 
 import torch
 import torch.distributed as dist
@@ -74,6 +73,27 @@ def ask(cfg: Config, d: Dist):
     return answer
 
 
+@dataclasses.dataclass
+class Run:
+    """What setup makes and the loop, eval, saves and exports use."""
+    model: torch.nn.Module
+    tok: object  # data.ByteTokenizer or data.HFTokenizer
+    source_files: dict  # name -> path: what the hf/ export carries from the source folder
+    fmt: str  # the resolved chat format
+    engine: object  # distributed.Engine
+    opt: torch.optim.Optimizer
+    dataset: data.TokenData  # every document; eval_docs are the held-out ones
+    eval_docs: list
+    loader: data.Batches  # this rank's training batches (resumable position)
+    ckpt_path: str
+    start: int  # the step training starts from (the checkpoint's, on resume)
+    step: int  # the step in progress, named if a collective times out
+    adapters: int  # adapter parameters, for MFU
+    base: str  # the base model's fingerprint (checkpoint.base_fingerprint)
+    scaler: optim.LossScaler
+    dpo: object  # dpo.DPO, or None (SFT)
+
+
 def setup(cfg: Config, d: Dist, log):
     """The model, its engine and optimizer, the data, and the resumed state: what the loop needs."""
     model, tok, source_files, load = build.build_model(cfg, d)
@@ -108,9 +128,9 @@ def setup(cfg: Config, d: Dist, log):
         log(f"resumed from {ckpt_path} at step {start}, data epoch {loader.epoch} batch {loader.index}")
     if cfg.overwrite and d.main:  # every check has passed and the run is loaded: only now does the old one step aside
         run_dir.set_previous_run_aside(cfg.out_dir, log)
-    return types.SimpleNamespace(model=model, tok=tok, source_files=source_files, fmt=fmt, engine=engine, opt=opt,
-                                 dataset=dataset, eval_docs=eval_docs, loader=loader, ckpt_path=ckpt_path, start=start, step=start,
-                                 adapters=engine.counts()[1], base=base, scaler=scaler, dpo=preference)
+    return Run(model=model, tok=tok, source_files=source_files, fmt=fmt, engine=engine, opt=opt, dataset=dataset,
+               eval_docs=eval_docs, loader=loader, ckpt_path=ckpt_path, start=start, step=start,
+               adapters=engine.counts()[1], base=base, scaler=scaler, dpo=preference)
 
 
 def gradients(cfg: Config, d: Dist, r, micro, step):
