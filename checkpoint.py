@@ -144,9 +144,11 @@ def base_fingerprint(model):
     return digest.hexdigest()[:16]
 
 
-def same_run(saved, where, cfg, world, base):
+def same_run(saved, where, cfg, world, inputs):
     """Refuse, in one line, a resume whose settings differ where the checkpoint depends on them: the
-    Config's fixed() fields (the model's tensors, the data and how it is cut into batches)."""
+    Config's fixed() fields (the model's tensors, the data and how it is cut into batches), the
+    global batch, and `inputs` (run_inputs: the base model's weights, the data file's contents, the
+    tokenizer, the resolved chat format)."""
     old, defaults = dict(saved["config"]), type(cfg)()  # a setting added since that save had its default then
     if "adapter_path" not in old and old.get("train_type"):  # saved before --adapter and --quant: its --train_type
         adapter, quantized = config.TRAIN_TYPES[old["train_type"]]
@@ -159,5 +161,31 @@ def same_run(saved, where, cfg, world, base):
     if rows != now:
         raise ValueError(f"{where}: saved with a global batch of {rows} rows (--batch_size x --grad_accum x world), "
                          f"resuming with {now}; keep it (e.g. scale --grad_accum with the world size)")
-    if saved.get("base") != base:
-        raise ValueError(f"{where}: saved from another base model than --model={cfg.model} (its weights differ)")
+    then = saved.get("inputs") or {"base": saved.get("base")}  # saves before the others were recorded: the base only
+    changed = next((k for k in ("base", "data", "tokenizer", "chat_format") if k in then and then[k] != inputs[k]), None)
+    what = {"base": f"another base model than --model={cfg.model} (its weights differ)",
+            "data": f"other contents of --data={cfg.data} (the file changed since: the saved position indexes "
+                    f"another plan)",
+            "tokenizer": f"another tokenizer than {cfg.tokenizer or cfg.model}'s (its vocabulary, chat template or "
+                         f"eos differ)",
+            "chat_format": f"chat format {then.get('chat_format')}, resuming with {inputs.get('chat_format')} "
+                           f"(--chat_format={cfg.chat_format} resolves differently now)"}.get(changed)
+    if changed:
+        raise ValueError(f"{where}: saved from {what}; resume with what the run started with, or start afresh")
+
+
+def file_fingerprint(path):
+    """A data file's size and the SHA-1 of its contents (read in 1 MiB pieces)."""
+    if not os.path.isfile(path):
+        return path  # 'arith': built in
+    digest = hashlib.sha1()
+    with open(path, "rb") as f:
+        for piece in iter(lambda: f.read(2**20), b""):
+            digest.update(piece)
+    return f"{os.path.getsize(path)}-{digest.hexdigest()[:16]}"
+
+
+def run_inputs(cfg, tok, fmt):
+    """What a checkpoint's run was made from beyond its flags, for same_run."""
+    return {"base": base_fingerprint(cfg.model), "data": file_fingerprint(cfg.data), "tokenizer": tok.fingerprint(),
+            "chat_format": fmt}

@@ -52,7 +52,7 @@ class Config:
     objective: str = fixed("sft")  # sft | dpo (preference pairs {"prompt", "chosen", "rejected"}; with adapters the reference is the base with them off, else a frozen copy)
     dpo_beta: float = 0.1  # DPO: the strength of the pull towards the reference model
     data: str = fixed("arith")  # 'arith' (built-in sums), or a .txt / .jsonl / .json file (text, Alpaca or chat records)
-    chat_format: str = fixed("auto")  # alpaca | chatml | llama3 | template (the checkpoint's own, with jinja2); auto = template if there is one, else from the tokenizer's special tokens
+    chat_format: str = "auto"  # alpaca | chatml | llama3 | template (the checkpoint's own, with jinja2); auto = template if there is one, else from the tokenizer's special tokens
     seq_len: int = fixed(66)  # tokens per row (66: six fixed-width arith sums of 11 tokens fill a row exactly)
     batch_size: int = 16  # rows per micro-batch on each rank
     grad_accum: int = 1  # micro-batches per optimizer step

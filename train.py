@@ -89,7 +89,7 @@ class Run:
     start: int  # the step training starts from (the checkpoint's, on resume)
     step: int  # the step in progress, named if a collective times out
     adapters: int  # adapter parameters, for MFU
-    base: str  # the base model's fingerprint (checkpoint.base_fingerprint)
+    inputs: dict  # what the run is made from: base weights, data contents, tokenizer, chat format (checkpoint.run_inputs)
     scaler: optim.LossScaler
     dpo: object  # dpo.DPO, or None (SFT)
 
@@ -113,10 +113,10 @@ def setup(cfg: Config, d: Dist, log):
 
     preference = dpo.DPO(cfg.dpo_beta, reference) if cfg.objective == "dpo" else None
     opt = optim.make_optimizer(engine, cfg)
-    ckpt_path, start, base = os.path.join(cfg.out_dir, "checkpoint"), 0, checkpoint.base_fingerprint(cfg.model)
+    ckpt_path, start, inputs = os.path.join(cfg.out_dir, "checkpoint"), 0, checkpoint.run_inputs(cfg, tok, fmt)
     scaler = optim.LossScaler(cfg.precision == "fp16")
     if cfg.resume:
-        state = checkpoint.load_checkpoint(ckpt_path, engine, opt, check=lambda saved, where: checkpoint.same_run(saved, where, cfg, d.world, base))
+        state = checkpoint.load_checkpoint(ckpt_path, engine, opt, check=lambda saved, where: checkpoint.same_run(saved, where, cfg, d.world, inputs))
         loader.load_state_dict(state["data"])
         checkpoint.set_rng(state["rng"])
         if state["config"].get("precision") == cfg.precision == "fp16":  # else the scale starts afresh
@@ -130,7 +130,7 @@ def setup(cfg: Config, d: Dist, log):
         run_dir.set_previous_run_aside(cfg.out_dir, log)
     return Run(model=model, tok=tok, source_files=source_files, fmt=fmt, engine=engine, opt=opt, dataset=dataset,
                eval_docs=eval_docs, loader=loader, ckpt_path=ckpt_path, start=start, step=start,
-               adapters=engine.counts()[1], base=base, scaler=scaler, dpo=preference)
+               adapters=engine.counts()[1], inputs=inputs, scaler=scaler, dpo=preference)
 
 
 def gradients(cfg: Config, d: Dist, r, micro, step):
@@ -239,7 +239,7 @@ def save(cfg: Config, d: Dist, r, step):
     """The resumable checkpoint: the engine's state, optimizer, data position, every rank's RNG."""
     checkpoint.save_checkpoint(r.ckpt_path, r.engine, r.opt, step,
                       {"data": r.loader.state_dict(), "rng": checkpoint.rng_state(), "config": dataclasses.asdict(cfg),
-                       "base": r.base, "loss_scale": r.scaler.state_dict()})
+                       "inputs": r.inputs, "loss_scale": r.scaler.state_dict()})
 
 
 def finish(cfg: Config, d: Dist, r, log, record):

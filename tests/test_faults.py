@@ -159,7 +159,33 @@ def test_resume_onto_another_base_model_is_refused(tmp_path):
     cfg = train.Config(model=str(tmp_path / "m1"))
     saved = {"config": dataclasses.asdict(cfg), "world": 1, "base": a}
     with pytest.raises(ValueError, match=rf"^ckpt: saved from another base model than --model={tmp_path}/m1 "):
-        C.same_run(saved, "ckpt", cfg, 1, b)
+        C.same_run(saved, "ckpt", cfg, 1, {"base": b})
+
+
+def test_resume_checks_the_data_contents_tokenizer_chat_format_and_objective(tmp_path, hf_folder):
+    records = [{"text": f"SAY {w} {w} {w}."} for w in "ABCDEFGHIJKLMNOPQRSTUVWX"]
+    data = tmp_path / "d.json"
+    data.write_text(json.dumps(records))
+    args = FAST + [f"--model={hf_folder}", f"--data={data}", "--max_steps=2", "--chat_format=auto",
+                   f"--out_dir={tmp_path / 'run'}"]
+    train.main(args)
+    data.write_text(json.dumps(records[::-1]))  # the same size, shuffled: another plan
+    with pytest.raises(ValueError, match=r"checkpoint/step-00000002: saved from other contents of --data=.*d\.json"):
+        train.main(args + ["--resume", "--max_steps=3"])
+    data.write_text(json.dumps(records))
+    other = tmp_path / "other_tok"
+    other.mkdir()
+    tok = json.loads((hf_folder / "tokenizer.json").read_text())
+    tok["model"]["vocab"]["<unk>"], tok["model"]["vocab"]["!"] = tok["model"]["vocab"]["!"], 0  # two ids swapped
+    (other / "tokenizer.json").write_text(json.dumps(tok))
+    with pytest.raises(ValueError, match=r"saved from another tokenizer than"):
+        train.main(args + ["--resume", "--max_steps=3", f"--tokenizer={other}"])
+    with pytest.raises(ValueError, match=r"saved from chat format alpaca, resuming with chatml"):
+        train.main(args + ["--resume", "--max_steps=3", "--chat_format=chatml"])
+    train.main(args + ["--resume", "--max_steps=3"])  # the same inputs: resumes
+    saved = {"config": dataclasses.asdict(train.Config()), "world": 1}
+    with pytest.raises(ValueError, match=r"^ckpt: saved with --objective=sft, resuming with --objective=dpo"):
+        C.same_run(saved, "ckpt", train.Config(objective="dpo"), 1, {})
 
 
 @pytest.fixture
