@@ -1,14 +1,17 @@
 """The distributed state, made once at startup and passed down: Dist (rank, world size, device), the
 process group (gloo on CPU, NCCL on GPU; a plain `python train.py` is world 1), the small
-all-reduces by which ranks agree (float sums, "did any rank fail"), autocast, and `Engine`: the
+all-reduces by which ranks agree (float sums, "did any rank fail"), preemption signals (each
+rank notes them; the loop stops every rank at the same step), autocast, and `Engine`: the
 interface both engines (ddp.Replicated, fsdp.Sharded) give the loop, so that it has no branch on
 which one it drives.
 
 Named distributed.py, not dist.py: every engine already calls torch.distributed `dist`.
 """
 
+import contextlib
 import datetime
 import os
+import signal
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -114,3 +117,26 @@ def any_rank(d, flag):
     if d.world > 1:
         dist.all_reduce(t, group=dist.group.WORLD)
     return bool(t.item())
+
+
+class Preempted(Exception):
+    """A preemption signal arrived: the run saved its checkpoint at a step boundary and stopped."""
+
+    def __init__(self, message, signum, main=True):
+        super().__init__(message)
+        self.signum, self.main = signum, main  # main: the rank that says so
+
+
+@contextlib.contextmanager
+def preemption_signals(signums=(signal.SIGTERM, signal.SIGUSR1)):
+    """SIGTERM (what schedulers and torchrun send before stopping a job) and SIGUSR1 (slurm's
+    --signal) are noted in the yielded list instead of ending the process. The loop asks
+    any_rank(d, signals) at each step boundary, so every rank saves and stops at the same step,
+    whichever ranks got the signal."""
+    got = []
+    previous = {s: signal.signal(s, lambda signum, frame: got.append(signum)) for s in signums}
+    try:
+        yield got
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)

@@ -19,6 +19,7 @@ model as a Hugging Face folder).
 import dataclasses
 import math
 import os
+import signal
 import sys
 import time
 
@@ -36,7 +37,7 @@ import optim
 import plan
 import run_dir
 from config import Config, parse_args
-from distributed import Dist, all_reduce_sum, init_distributed
+from distributed import Dist, Preempted, all_reduce_sum, any_rank, init_distributed, preemption_signals
 from evaluate import evaluate, generate
 
 
@@ -92,6 +93,7 @@ class Run:
     inputs: dict  # what the run is made from: base weights, data contents, tokenizer, chat format (checkpoint.run_inputs)
     scaler: optim.LossScaler
     dpo: object  # dpo.DPO, or None (SFT)
+    signals: list = dataclasses.field(default_factory=list)  # preemption signals received (main's handlers)
 
 
 def setup(cfg: Config, d: Dist, log):
@@ -218,7 +220,17 @@ def train_loop(cfg: Config, d: Dist, r, log, record):
             run_eval(cfg, d, r, log, record, step + 1)
         if cfg.save_every and (step + 1) % cfg.save_every == 0:
             save(cfg, d, r, step + 1)
+        if any_rank(d, r.signals):  # every rank stops at this step, whichever got the signal
+            stop_for_signal(cfg, d, r, step + 1)
     log(f"trained {cfg.max_steps - r.start} steps in {time.time() - t_start:.1f}s")
+
+
+def stop_for_signal(cfg: Config, d: Dist, r, step):
+    if not (cfg.save_every and step % cfg.save_every == 0):  # else just saved
+        save(cfg, d, r, step)
+    name = signal.Signals(r.signals[0]).name if r.signals else "a signal (on another rank)"
+    raise Preempted(f"step {step}: {name} received; saved {r.ckpt_path} at step {step} and stopped (continue with "
+                    f"--resume)", r.signals[0] if r.signals else signal.SIGTERM, d.main)
 
 
 def run_eval(cfg: Config, d: Dist, r, log, record, step):
@@ -279,16 +291,18 @@ def main(argv):
     log = print if d.main else (lambda *a, **k: None)
     lock = run_dir.claim(cfg.out_dir, d, resume=cfg.resume, overwrite=cfg.overwrite, log=log)
     try:
-        run(cfg, d, log)
+        with preemption_signals() as signals:  # noted, not fatal: the loop saves at the next step and stops
+            run(cfg, d, log, signals)
     finally:
         run_dir.release(lock)
     if d.world > 1:
         dist.destroy_process_group()
 
 
-def run(cfg: Config, d: Dist, log):
+def run(cfg: Config, d: Dist, log, signals):
     """Setup, the step-0 eval, the loop and finish, logging to metrics.jsonl on rank 0."""
     r = setup(cfg, d, log)
+    r.signals = signals
     if d.device.type == "cpu":  # after loading, whose blocks of every size would fragment a heap that keeps them
         build.keep_freed_memory()
     metrics = run_dir.Metrics(cfg.out_dir, r.start, curves.external_logger(cfg)) if d.main else None
@@ -297,14 +311,15 @@ def run(cfg: Config, d: Dist, log):
         run_eval(cfg, d, r, log, record, 0)
     try:
         train_loop(cfg, d, r, log, record)
+        finish(cfg, d, r, log, record)
     except RuntimeError as e:  # gloo / NCCL: a peer that stopped answering, or died
         if not any(k in str(e) for k in ("Timed out", "timed out", "Connection closed by peer", "NCCL")):
             raise
         raise ValueError(f"step {r.step}: a collective waited more than --timeout={cfg.timeout} s or lost a rank (one is "
                          f"stuck, swapped out or dead): {str(e).splitlines()[0][:160]}") from None
-    finish(cfg, d, r, log, record)
-    if metrics:
-        metrics.close()
+    finally:
+        if metrics:
+            metrics.close()
 
 
 if __name__ == "__main__":
@@ -313,3 +328,7 @@ if __name__ == "__main__":
     except (ValueError, FileNotFoundError) as e:  # bad input: one clear line, no traceback
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except Preempted as e:
+        if e.main:
+            print(f"stopped: {e}", file=sys.stderr)
+        sys.exit(128 + e.signum)  # as if the signal had ended it, for the scheduler

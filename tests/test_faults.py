@@ -506,3 +506,45 @@ def test_a_run_that_stops_on_an_error_releases_its_folder(tmp_path):
         train.main(FAST + ["--lr=1e20", "--grad_clip=0", "--max_steps=4", f"--out_dir={tmp_path}"])
     assert not (tmp_path / ".lock").exists()
     train.main(FAST + ["--max_steps=1", "--overwrite", f"--out_dir={tmp_path}"])  # the folder is free again
+
+
+def interrupt(cmd, out_dir, after_rows, sig):
+    """Start a run, send it `sig` once metrics.jsonl has `after_rows` rows; (returncode, stderr)."""
+    import signal
+    import subprocess
+    import time
+    proc = subprocess.Popen(cmd, cwd=os.path.dirname(os.path.abspath(train.__file__)), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    metrics = os.path.join(out_dir, "metrics.jsonl")
+    while proc.poll() is None and not (os.path.exists(metrics) and len(open(metrics).readlines()) >= after_rows):
+        time.sleep(0.05)
+    proc.send_signal(getattr(signal, sig))
+    return proc.wait(timeout=120), proc.stderr.read()
+
+
+@pytest.mark.parametrize("world,sig", [(1, "SIGTERM"), (2, "SIGTERM"), (1, "SIGUSR1")])
+def test_a_preemption_signal_saves_at_the_next_step_and_the_resumed_run_has_the_uninterrupted_losses(tmp_path, world, sig):
+    import sys
+    steps = 400 if world == 1 else 120
+    args = FAST + [f"--max_steps={steps}", "--eval_frac=0"]
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}", "train.py"]
+    whole, cut = str(tmp_path / "whole"), str(tmp_path / "cut")
+    if world == 1:
+        train.main(args + [f"--out_dir={whole}"])
+        rc, err = interrupt([sys.executable, "train.py", *args, f"--out_dir={cut}"], cut, 20, sig)
+        assert rc == 128 + {"SIGTERM": 15, "SIGUSR1": 10}[sig]
+    else:
+        import subprocess
+        subprocess.run(launch + args + [f"--out_dir={whole}"], check=True, capture_output=True)
+        rc, err = interrupt(launch + args + [f"--out_dir={cut}"], cut, 10, sig)  # torchrun passes SIGTERM on to each rank
+    stops = [line for line in err.splitlines() if line.startswith("stopped: ")]
+    assert len(stops) == 1, err[-2000:]  # rank 0 says it, once
+    step = int(stops[0].split()[2].rstrip(":"))
+    assert stops[0] == f"stopped: step {step}: {sig} received; saved {cut}/checkpoint at step {step} and stopped " \
+                       f"(continue with --resume)"
+    assert C.latest_checkpoint(os.path.join(cut, "checkpoint")).endswith(f"step-{step:08d}") and step < steps
+    if world == 1:
+        train.main(args + [f"--out_dir={cut}", "--resume"])
+    else:
+        subprocess.run(launch + args + [f"--out_dir={cut}", "--resume"], check=True, capture_output=True)
+    assert [r["loss"] for r in rows(cut)] == [r["loss"] for r in rows(whole)]  # every step once, as uninterrupted
