@@ -106,7 +106,8 @@ def build_model(cfg, d, with_adapters=True) -> Built:
         raise ValueError(f"--model={cfg.model}: neither a preset ({', '.join(MODELS)}) nor a folder")
     extra = source_files(cfg.model if os.path.isdir(cfg.model) else "", cfg.tokenizer)
     if tok.vocab_size > model.args.vocab_size:
-        raise ValueError(f"--tokenizer: {tok.vocab_size} tokens do not fit the model's vocab_size {model.args.vocab_size}")
+        raise ValueError(f"{getattr(tok, 'path', 'the tokenizer')}: token ids up to {tok.vocab_size - 1} do not fit the "
+                         f"model's vocab_size {model.args.vocab_size} (config.json); pass the model's own --tokenizer")
     if cfg.seq_len > model.args.max_seq_len:
         raise ValueError(f"--seq_len={cfg.seq_len} exceeds the model's context of {model.args.max_seq_len} tokens")
     if not with_adapters:

@@ -86,7 +86,8 @@ class HFTokenizer:
             self.tok = Tokenizer.from_file(path)
         except Exception as e:  # the tokenizers library raises a bare Exception for a file it cannot parse
             raise ValueError(f"{path}: not a readable tokenizer.json ({str(e).splitlines()[0][:120]})") from None
-        self.vocab_size = self.tok.get_vocab_size()
+        # one past the largest id, not the count: ids may leave gaps (added tokens placed past the rest)
+        self.vocab_size = max(self.tok.get_vocab(with_added_tokens=True).values(), default=-1) + 1
         self.eos_id, self.bos_id = eos_id, bos_id
         self.pad_id = eos_id if eos_id is not None else 0
         self.chat_template = read_chat_template(os.path.dirname(path))  # the checkpoint's own, or None

@@ -548,3 +548,11 @@ def test_a_preemption_signal_saves_at_the_next_step_and_the_resumed_run_has_the_
     else:
         subprocess.run(launch + args + [f"--out_dir={cut}", "--resume"], check=True, capture_output=True)
     assert [r["loss"] for r in rows(cut)] == [r["loss"] for r in rows(whole)]  # every step once, as uninterrupted
+
+
+def test_a_tokenizer_with_ids_past_the_vocabulary_is_refused_at_load(hf_folder, tmp_path):
+    tok = json.loads((hf_folder / "tokenizer.json").read_text())
+    tok["model"]["vocab"]["N"] = 70  # 48 tokens in all, but an id of 70: the count alone fits vocab_size 50
+    (hf_folder / "tokenizer.json").write_text(json.dumps(tok))
+    with pytest.raises(ValueError, match=r"tokenizer.json: token ids up to 70 do not fit the model's vocab_size 50"):
+        train.main(FAST + [f"--model={hf_folder}", "--max_steps=1", f"--out_dir={tmp_path / 'o'}"])
