@@ -35,12 +35,14 @@ and rank r takes batches r, r + world, r + 2 world, ...; the remainder that woul
 without a batch is dropped. The stream position (epoch, batch index) is saved in checkpoints.
 """
 
+import difflib
 import functools
 import hashlib
 import json
 import os
 import random
 import re
+import warnings
 
 import numpy as np
 import torch
@@ -317,7 +319,8 @@ def arith_records(n=10000, seed=1234):
 
 def read_text(path):
     """A file's text; bytes that are not UTF-8 are an error naming the line."""
-    raw = open(path, "rb").read()
+    with open(path, "rb") as f:
+        raw = f.read()
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -325,8 +328,33 @@ def read_text(path):
         raise ValueError(f"{path}:{line}: not UTF-8 text (byte {raw[e.start]:#04x})") from None
 
 
+# Every key a record layout names: text; Alpaca; prompt / completion; chat; preference pairs.
+RECORD_KEYS = ("text", "instruction", "input", "output", "prompt", "completion", "messages", "chosen", "rejected")
+
+
+def checked_keys(records):
+    """Pass (record, where) pairs on, refusing a key that looks like a misspelt layout key ('inputs':
+    its text would silently be left out) and warning once per other unknown key (ignored metadata)."""
+    warned = set()
+    for rec, where in records:
+        for key in rec if isinstance(rec, dict) else ():
+            if key in RECORD_KEYS or key in warned:
+                continue
+            close = difflib.get_close_matches(key, RECORD_KEYS, n=1, cutoff=0.8)
+            if close:
+                raise ValueError(f"{where}: unknown key {key!r}; did you mean {close[0]!r}? (record keys: "
+                                 f"{', '.join(RECORD_KEYS)})")
+            warnings.warn(f"{where}: key {key!r} is in no record layout and is ignored (in this record and any other)")
+            warned.add(key)
+        yield rec, where
+
+
 def read_records(path):
-    """Yield (record, where) from a .json list, a .jsonl file or a .txt file."""
+    """Yield (record, where) from a .json list, a .jsonl file or a .txt file (keys checked: checked_keys)."""
+    return checked_keys(records_in(path))
+
+
+def records_in(path):
     if path.endswith(".txt"):  # paragraphs (separated by blank lines) are documents: some can be held out
         paragraphs = [p.strip() for p in re.split(r"\n\s*\n", read_text(path))]
         for k, text in enumerate(p for p in paragraphs if p):
@@ -643,16 +671,22 @@ def pair_records(records):
     """{"prompt", "chosen", "rejected"} (or {"messages", "chosen", "rejected"}: the conversation
     before the answer) -> two ordinary records per pair, chosen first, tokenized like SFT data: the
     prompt rendered in the chat format in use and masked, the answer trained on."""
+    same = []
     for rec, where in records:
         if not isinstance(rec, dict) or not {"chosen", "rejected"} <= set(rec) or not ({"prompt", "messages"} & set(rec)):
             raise ValueError(f"{where}: a preference record needs 'prompt' (or 'messages'), 'chosen' and 'rejected', "
                              f"got {sorted(rec) if isinstance(rec, dict) else type(rec).__name__}")
+        if text_field(rec, "chosen", where) == text_field(rec, "rejected", where):
+            same.append(where)
         for key in ("chosen", "rejected"):
             answer = text_field(rec, key, where)
             if "messages" in rec:
                 yield {"messages": list(rec["messages"]) + [{"role": "assistant", "content": answer}]}, f"{where} ({key})"
             else:
                 yield {"prompt": text_field(rec, "prompt", where), "completion": answer}, f"{where} ({key})"
+    if same:  # their loss is log 2 whatever the model does: no gradient, nothing learnt
+        warnings.warn(f"{same[0]}: chosen and rejected are the same text in {len(same)} pair(s) (first named); they "
+                      f"train nothing (loss log 2, no gradient)")
 
 
 class PairBatches(Batches):

@@ -148,7 +148,10 @@ def test_malformed_jsonl_line_names_file_and_line(tmp_path):
     with pytest.raises(ValueError, match=r"bad.jsonl:2: not valid JSON"):
         D.load_documents(str(path), D.ByteTokenizer())
     path.write_text('{"txt": "wrong key"}\n')
-    with pytest.raises(ValueError, match=r"bad.jsonl:1: expected a 'text' field"):
+    with pytest.raises(ValueError, match=r"bad.jsonl:1: unknown key 'txt'; did you mean 'text'\?"):
+        D.load_documents(str(path), D.ByteTokenizer())
+    path.write_text('{"body": "no layout"}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:1: expected a 'text' field"), pytest.warns(UserWarning, match="'body'"):
         D.load_documents(str(path), D.ByteTokenizer())
 
 
@@ -257,3 +260,22 @@ def test_tokens_the_post_processor_adds_take_the_flag_of_their_neighbour():
     ids, mask = D.tokenize_segments(Wrapping(), [("Q: ", False), ("A", True)])
     assert ids == [1, ord("Q"), ord(":"), ord(" "), ord("A"), 2]
     assert mask == [False, False, False, False, True, True]  # the closing token goes with the answer
+
+
+def test_a_misspelt_record_key_is_refused_and_unknown_metadata_warned_once(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps({"instruction": "add", "inputs": "1 and 2", "output": "3"}) + "\n")
+    with pytest.raises(ValueError, match=r"d\.jsonl:1: unknown key 'inputs'; did you mean 'input'\?"):
+        list(D.read_records(str(path)))
+    path.write_text("".join(json.dumps({"instruction": "add", "output": str(k), "source": "web"}) + "\n" for k in range(3)))
+    with pytest.warns(UserWarning, match=r"d\.jsonl:1: key 'source' is in no record layout and is ignored") as caught:
+        records = list(D.read_records(str(path)))
+    assert len(records) == 3 and len([w for w in caught if "source" in str(w.message)]) == 1
+
+
+def test_pairs_whose_chosen_and_rejected_are_the_same_are_warned(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps({"prompt": "q", "chosen": "a", "rejected": "b"}) + "\n"
+                    + json.dumps({"prompt": "q", "chosen": "same", "rejected": "same"}) + "\n")
+    with pytest.warns(UserWarning, match=r"p\.jsonl:2: chosen and rejected are the same text in 1 pair"):
+        assert len(list(D.pair_records(D.read_records(str(path))))) == 4
