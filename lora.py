@@ -22,6 +22,7 @@ trained here loads in PEFT (and the other way round).
 """
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -205,6 +206,33 @@ def save_adapter(model, path, base_model_name_or_path="", state=None):
         save_file(state, os.path.join(tmp, "adapter_model.safetensors"), metadata={"format": "pt"})
         os.chmod(os.path.join(tmp, "adapter_model.safetensors"), 0o644)  # as the rest of the folder
     hf.replace_dir(tmp, path.rstrip("/"))
+
+
+# An HF export with adapters merged in lists them here (the SHA-256 of each adapter_model.safetensors),
+# so that the same adapter is not put on top of it again (it would apply twice).
+MERGED = "merged_adapters.json"
+
+
+def adapter_digest(path):
+    digest = hashlib.sha256()
+    with open(os.path.join(path, "adapter_model.safetensors"), "rb") as f:
+        for piece in iter(lambda: f.read(2**20), b""):
+            digest.update(piece)
+    return digest.hexdigest()
+
+
+def merged_record(path, before=b""):
+    """merged_adapters.json for an export that merges the adapter in folder `path`, after those of
+    `before` (the source folder's own record, if it was itself a merged export)."""
+    digests = json.loads(before or b'{"adapter_model.safetensors sha256": []}')["adapter_model.safetensors sha256"]
+    return json.dumps({"adapter_model.safetensors sha256": digests + [adapter_digest(path)]}, indent=2).encode()
+
+
+def refuse_if_merged(model_dir, path):
+    record = os.path.join(model_dir, MERGED)
+    if os.path.isfile(record) and adapter_digest(path) in json.load(open(record))["adapter_model.safetensors sha256"]:
+        raise ValueError(f"--adapter_path={path} is already merged into --model={model_dir} ({record} lists it): "
+                         f"it would apply twice; ask the model alone, or put the adapter on the base it was trained on")
 
 
 def load_adapter(model, path, dropout=None):

@@ -59,6 +59,8 @@ def ask(cfg: Config, d: Dist):
     cfg = dataclasses.replace(cfg, fsdp=False)
     model, tok, _, _ = build.build_model(cfg, d, with_adapters=False)
     if cfg.adapter_path:
+        if os.path.isdir(cfg.model):
+            lora.refuse_if_merged(cfg.model, cfg.adapter_path)
         lora.load_adapter(model, cfg.adapter_path)
     fmt = data.chat_format(cfg, tok)
     text = data.chat_prompt([("user", cfg.ask)], fmt, tok) if fmt != "alpaca" else data.alpaca_prompt(cfg.ask)
@@ -272,6 +274,8 @@ def finish(cfg: Config, d: Dist, r, log, record):
     if cfg.save_hf:  # adapters merged into dense weights (dequantized when quantized)
         # the source folder's files and the chat template trained in: read now, by the rank that writes
         files = build.export_files(r.source_files, r.tok, r.fmt, chat_data=not r.dataset.split_long) if d.main else None
+        if files is not None and build.has_adapters(cfg):  # what is merged in, so that it is not put on again
+            files[lora.MERGED] = lora.merged_record(os.path.join(cfg.out_dir, "adapter"), files.get(lora.MERGED, b""))
         r.engine.export_hf(os.path.join(cfg.out_dir, "hf"), files, torch.float32 if cfg.hf_dtype == "fp32" else torch.bfloat16)
         log(f"saved {os.path.join(cfg.out_dir, 'hf')}" + (" (merged)" if build.has_adapters(cfg) else ""))
     if d.main:

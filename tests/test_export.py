@@ -83,6 +83,8 @@ def test_a_lora_run_exports_its_template_and_the_merged_model_answers_as_base_pl
     merged = train.main([f"--model={hf}", *ask])
     with_adapter = train.main([f"--model={base}", f"--adapter_path={out}/adapter", "--chat_format=chatml", *ask])
     assert merged == with_adapter
+    with pytest.raises(ValueError, match=r"--adapter_path=.*/adapter is already merged into --model=.*/hf \(.*merged_adapters.json"):
+        train.main([f"--model={hf}", f"--adapter_path={out}/adapter", *ask])  # it would apply twice
     shutil.rmtree(out)
 
 
