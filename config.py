@@ -82,6 +82,7 @@ class Config:
     grad_checkpointing: bool = False  # recompute each block in backward instead of storing activations
     offload_activations: bool = False  # with grad_checkpointing: the block inputs it keeps wait in (pinned) CPU memory
     loss_chunk: int = 0  # >0: cross-entropy over this many tokens at a time (never all [tokens, vocab] logits)
+    memory_check: bool = True  # refuse at startup a run whose planned peak per rank (--dry_run's plan) exceeds the free memory (GPU: free; CPU: MemAvailable per process, ulimit -v)
     threads: int = 0  # CPU threads per process; 0 = cores / processes on this machine
     timeout: int = 600  # seconds a collective waits for the other ranks before the job stops with an error
     kernels: str = "triton"  # triton (Triton kernels where they can run: CUDA; else the reference) | torch (every reference) | interpret (Triton on CPU too, under TRITON_INTERPRET=1: tests of the GPU path)

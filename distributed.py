@@ -25,6 +25,7 @@ class Dist:
     local_rank: int
     world: int
     device: torch.device
+    local_world: int = 1  # processes on this machine (they share its memory and cores)
 
     @property
     def main(self):
@@ -40,13 +41,12 @@ def init_distributed(threads=0, timeout=600) -> Dist:
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
-        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
         # Processes sharing a CPU would oversubscribe it with one thread per core each.
-        torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // local_world))
+        torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
     if world > 1:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None,
                                 timeout=datetime.timedelta(seconds=timeout))  # a stuck rank ends the job
-    return Dist(rank, local_rank, world, device)
+    return Dist(rank, local_rank, world, device, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
 
 
 def all_reduce_sum(values, d: Dist):

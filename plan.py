@@ -168,20 +168,16 @@ def step_moments(model, rows, backward, static, *, S, on_gpu, tokens, act, kept,
     return moments
 
 
-def print_plan(model, cfg, world, amp, reference_bytes=0, kind=""):
-    """--dry_run's table: plan_memory for train.py's Config `cfg` on a meta-device `model` as built
-    (build.meta_model); amp: the autocast dtype or None; reference_bytes: DPO's frozen copy, whole."""
-    # The Triton kernels that keep less for backward, when they would run (a GPU, --kernels=triton).
-    kernels = HAS_TRITON and cfg.kernels == "triton" and not {"rmsnorm", "swiglu", "linear_ce"} & set(cfg.kernels_off.split(","))
+def plan_run(model, cfg, world, amp, *, reference_bytes=0, kernels=False):
+    """plan_memory for train.py's Config `cfg` on a meta-device `model` as built (build.meta_model);
+    amp: the autocast dtype or None; reference_bytes: DPO's frozen copy, whole; kernels: the Triton
+    kernels that keep less for backward run (a GPU). Returns (gpu, cpu) as plan_memory."""
     gpu, cpu = plan_memory(model, world, cfg.batch_size, cfg.seq_len, prefetch=cfg.prefetch,
                            checkpointing=cfg.grad_checkpointing, param_bytes=2 if amp is not None else 4,
                            reduce_every_micro=cfg.reduce_every_micro, offload=cfg.offload, loss_chunk=cfg.loss_chunk,
                            kernels=kernels, strategy=cfg.shard, shard_group=cfg.shard_group,
                            galore_rank=cfg.galore_rank if cfg.optimizer == "galore" else 0,
                            offload_activations=cfg.offload_activations)
-    print(f"memory plan: {cfg.model} {kind}, world {world}, --shard={cfg.shard}, batch {cfg.batch_size} x {cfg.seq_len}, "
-          f"checkpointing {cfg.grad_checkpointing}, prefetch {cfg.prefetch}, offload {cfg.offload}, "
-          f"loss_chunk {cfg.loss_chunk}, Triton kernels {'on' if kernels else 'off'}; {describe(model)}")
     if reference_bytes:  # DPO's reference under full fine-tuning: a frozen copy, sharded like the model (--fsdp)
         shards = (cfg.shard_group if cfg.shard == "hybrid" else world) if cfg.fsdp else 1
         copy = math.ceil(reference_bytes / shards)
@@ -190,9 +186,42 @@ def print_plan(model, cfg, world, amp, reference_bytes=0, kind=""):
         where["reference model"] = copy
         if total is not None:  # the CPU table has no total
             where["total"] = total + copy
+    return gpu, cpu
+
+
+def triton_keeps_less(cfg):
+    """Do the Triton kernels that keep less for backward run, on a GPU, under --kernels / --kernels_off?"""
+    return HAS_TRITON and cfg.kernels == "triton" and not {"rmsnorm", "swiglu", "linear_ce"} & set(cfg.kernels_off.split(","))
+
+
+def print_plan(model, cfg, world, amp, reference_bytes=0, kind=""):
+    """--dry_run's table (plan_run), for a GPU."""
+    kernels = triton_keeps_less(cfg)
+    gpu, cpu = plan_run(model, cfg, world, amp, reference_bytes=reference_bytes, kernels=kernels)
+    print(f"memory plan: {cfg.model} {kind}, world {world}, --shard={cfg.shard}, batch {cfg.batch_size} x {cfg.seq_len}, "
+          f"checkpointing {cfg.grad_checkpointing}, prefetch {cfg.prefetch}, offload {cfg.offload}, "
+          f"loss_chunk {cfg.loss_chunk}, Triton kernels {'on' if kernels else 'off'}; {describe(model)}")
     print("per rank, GPU at the peak:" + "".join(f"\n  {k:<20}{v / 2**30:8.2f} GiB" for k, v in gpu.items()))
     if cpu:
         print("per rank, CPU (pinned):" + "".join(f"\n  {k:<20}{v / 2**30:8.2f} GiB" for k, v in cpu.items()))
+
+
+def available_bytes(device, local_world=1):
+    """(bytes one rank may use on its device, bytes it may use in host memory), None where unknown:
+    a GPU's free memory; the host's MemAvailable shared by the processes on it, and no more than the
+    process's address-space limit (ulimit -v)."""
+    import resource
+    host = None
+    try:
+        with open("/proc/meminfo") as f:
+            host = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:")) // max(local_world, 1)
+    except (OSError, StopIteration, ValueError):  # not Linux
+        pass
+    limit = resource.getrlimit(resource.RLIMIT_AS)[0]
+    if limit != resource.RLIM_INFINITY:
+        host = limit if host is None else min(host, limit)
+    gpu = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
+    return gpu, host
 
 
 # -----------------------------------------------------------------------------

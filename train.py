@@ -100,6 +100,8 @@ class Run:
 
 def setup(cfg: Config, d: Dist, log):
     """The model, its engine and optimizer, the data, and the resumed state: what the loop needs."""
+    if cfg.memory_check:
+        build.check_memory(cfg, d)
     model, tok, source_files, load = build.build_model(cfg, d)
     reference = build.dpo_reference(cfg, d, model, streamed=load is not None) \
         if cfg.objective == "dpo" and not build.has_adapters(cfg) else None

@@ -522,10 +522,10 @@ def interrupt(cmd, out_dir, after_rows, sig):
     return proc.wait(timeout=120), proc.stderr.read()
 
 
-@pytest.mark.parametrize("world,sig", [(1, "SIGTERM"), (2, "SIGTERM"), (1, "SIGUSR1")])
+@pytest.mark.parametrize("world,sig", [(1, "SIGTERM"), (2, "SIGTERM"), pytest.param(1, "SIGUSR1", marks=pytest.mark.slow)])
 def test_a_preemption_signal_saves_at_the_next_step_and_the_resumed_run_has_the_uninterrupted_losses(tmp_path, world, sig):
     import sys
-    steps = 400 if world == 1 else 120
+    steps = 250 if world == 1 else 120
     args = FAST + [f"--max_steps={steps}", "--eval_frac=0"]
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}", "train.py"]
     whole, cut = str(tmp_path / "whole"), str(tmp_path / "cut")
@@ -556,3 +556,28 @@ def test_a_tokenizer_with_ids_past_the_vocabulary_is_refused_at_load(hf_folder, 
     (hf_folder / "tokenizer.json").write_text(json.dumps(tok))
     with pytest.raises(ValueError, match=r"tokenizer.json: token ids up to 70 do not fit the model's vocab_size 50"):
         train.main(FAST + [f"--model={hf_folder}", "--max_steps=1", f"--out_dir={tmp_path / 'o'}"])
+
+
+def test_a_run_that_cannot_fit_in_memory_is_refused_before_anything_is_allocated(tmp_path, monkeypatch):
+    import build
+    import plan
+    monkeypatch.setattr(plan, "available_bytes", lambda device, local_world=1: (None, 2**20))  # a 1 MiB machine
+
+    def no_model(*a, **kw):
+        raise AssertionError("the model was built")
+    monkeypatch.setattr(build, "build_model", no_model)
+    with pytest.raises(ValueError, match=r"^--model=tiny: each rank needs about 0\.\d GiB at its peak \(the plan "
+                                         r"--dry_run prints\) but 0\.0 GiB are available in host memory"):
+        train.main(FAST + ["--max_steps=1", f"--out_dir={tmp_path}"])
+    with pytest.raises(AssertionError, match="the model was built"):  # --memory_check=false: it tries
+        train.main(FAST + ["--max_steps=1", "--memory_check=false", f"--out_dir={tmp_path}"])
+
+
+def test_the_memory_check_takes_the_address_space_limit_and_shares_the_host_between_processes(monkeypatch):
+    import resource
+    import plan
+    _, host = plan.available_bytes(torch.device("cpu"))
+    assert 0 < host <= os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    assert plan.available_bytes(torch.device("cpu"), local_world=4)[1] < host / 2  # four processes share it
+    monkeypatch.setattr(resource, "getrlimit", lambda which: (2**30, resource.RLIM_INFINITY))  # ulimit -v 1048576
+    assert plan.available_bytes(torch.device("cpu"))[1] == 2**30

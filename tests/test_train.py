@@ -98,11 +98,11 @@ def test_adapter_and_quant_flags_train_exactly_like_their_shorthand(tmp_path):
 
 def test_a_checkpoint_saved_with_train_type_resumes_under_the_two_flags():
     saved = {"config": {**dataclasses.asdict(train.Config()), "train_type": "qlora", "adapter": "", "quant": "nf4"},
-             "world": 1, "base": "tiny"}
+             "world": 1, "inputs": {"base": "tiny"}}
     del saved["config"]["adapter_path"]  # the old layout had no such field
-    C.same_run(saved, "ckpt", train.parse_args(["--adapter=lora", "--quant=nf4"]), 1, "tiny")
+    C.same_run(saved, "ckpt", train.parse_args(["--adapter=lora", "--quant=nf4"]), 1, {"base": "tiny"})
     with pytest.raises(ValueError, match=r"ckpt: saved with --adapter=lora, resuming with --adapter=dora"):
-        C.same_run(saved, "ckpt", train.parse_args(["--adapter=dora", "--quant=nf4"]), 1, "tiny")
+        C.same_run(saved, "ckpt", train.parse_args(["--adapter=dora", "--quant=nf4"]), 1, {"base": "tiny"})
 
 
 def test_command_line_errors_are_one_line():
