@@ -27,7 +27,7 @@ model.py knows nothing of distribution, quantization or adapters: quant.py and l
 import copy
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple, Optional
 
 import torch
@@ -59,11 +59,16 @@ class ModelArgs:
     rope_scaling: Optional[dict] = None  # HF's dict: {"rope_type": "llama3" | "linear", "factor": ...}
     max_seq_len: int = 4096  # the context the model was trained for; longer prompts are refused
     tie_embeddings: bool = False  # lm_head shares the embedding matrix
-    attention_bias: bool = False
+    attention_bias: bool = False  # biases on q, k, v and o_proj (Llama's, Qwen3's attention_bias)
     mlp_bias: bool = False
+    model_type: str = "llama"  # llama | mistral | qwen2 | qwen3: the family, a few flags below, not a subclass
+    qkv_bias: bool = False  # biases on q, k and v only (Qwen2 / Qwen2.5)
+    qk_norm: bool = False  # an RMSNorm over each head of q and of k, before RoPE (Qwen3)
+    sliding_window: int = 0  # > 0: a token attends to the last sliding_window positions only (Mistral)
     bos_token_id: Optional[int] = 1
     eos_token_id: Optional[int] = 2
     initializer_range: float = 0.02  # std of the random init (HF's name); presets train from it
+    hf_extra: dict = field(default_factory=dict)  # config.json's other keys, written back on export
 
     def __post_init__(self):
         if self.head_dim == 0:
@@ -73,9 +78,12 @@ class ModelArgs:
 
     @classmethod
     def from_hf_config(cls, cfg: dict, path: str = "config.json") -> "ModelArgs":
-        """Map a Hugging Face LlamaConfig dict to ModelArgs."""
-        if cfg.get("model_type") != "llama":
-            raise ValueError(f"{path}: model_type is {cfg.get('model_type')!r}, expected 'llama' (a Llama-family checkpoint)")
+        """Map a Hugging Face config dict (Llama, Mistral, Qwen2, Qwen3) to ModelArgs."""
+        family = cfg.get("model_type")
+        if family not in FAMILIES:
+            raise ValueError(f"{path}: model_type is {family!r}, expected one of {', '.join(FAMILIES)}")
+        if family in ("qwen2", "qwen3") and cfg.get("use_sliding_window"):
+            raise ValueError(f"{path}: use_sliding_window=true (sliding attention on some layers only) is not supported")
         try:
             # Newer transformers write rope settings under rope_parameters; hub checkpoints have them at top level.
             rope = dict(cfg.get("rope_parameters") or {})
@@ -94,19 +102,26 @@ class ModelArgs:
                 rope_scaling=scaling or None,
                 max_seq_len=cfg.get("max_position_embeddings", 2048),
                 tie_embeddings=cfg.get("tie_word_embeddings", False),
-                attention_bias=cfg.get("attention_bias", False),
-                mlp_bias=cfg.get("mlp_bias", False),
+                attention_bias=cfg.get("attention_bias", False) and family in ("llama", "qwen3"),
+                mlp_bias=cfg.get("mlp_bias", False) and family == "llama",
+                model_type=family,
+                qkv_bias=family == "qwen2",
+                qk_norm=family == "qwen3",
+                sliding_window=(cfg.get("sliding_window") or 0) if family == "mistral" else 0,
                 bos_token_id=cfg.get("bos_token_id"),
                 eos_token_id=eos[0] if isinstance(eos, list) else eos,
                 initializer_range=cfg.get("initializer_range", 0.02),
+                hf_extra={k: v for k, v in cfg.items() if k not in HF_KEYS},
             )
         except KeyError as e:
-            raise ValueError(f"{path}: missing field {e.args[0]!r}, expected in a Llama config") from None
+            raise ValueError(f"{path}: missing field {e.args[0]!r}, expected in a {family} config") from None
 
     def to_hf_config(self) -> dict:
-        return {
-            "architectures": ["LlamaForCausalLM"],
-            "model_type": "llama",
+        """The config.json of an export: the family's keys, and the source's other keys unchanged."""
+        cfg = {
+            **self.hf_extra,
+            "architectures": [FAMILIES[self.model_type]],
+            "model_type": self.model_type,
             "hidden_size": self.dim,
             "num_hidden_layers": self.n_layers,
             "num_attention_heads": self.n_heads,
@@ -120,20 +135,37 @@ class ModelArgs:
             "rope_scaling": self.rope_scaling,
             "max_position_embeddings": self.max_seq_len,
             "tie_word_embeddings": self.tie_embeddings,
-            "attention_bias": self.attention_bias,
-            "mlp_bias": self.mlp_bias,
             "bos_token_id": self.bos_token_id,
             "eos_token_id": self.eos_token_id,
             "initializer_range": self.initializer_range,
             "torch_dtype": "bfloat16",
         }
+        if self.model_type in ("llama", "qwen3"):
+            cfg["attention_bias"] = self.attention_bias
+        if self.model_type == "llama":
+            cfg["mlp_bias"] = self.mlp_bias
+        if self.model_type == "mistral":
+            cfg["sliding_window"] = self.sliding_window or None
+        return cfg
 
     def num_params(self) -> int:
-        attn = self.dim * self.head_dim * (2 * self.n_heads + 2 * self.n_kv_heads)
-        layer = attn + 3 * self.dim * self.ffn_dim + 2 * self.dim
+        q, kv = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        attn = self.dim * (2 * q + 2 * kv) + (q + 2 * kv) * (self.qkv_bias or self.attention_bias)
+        attn += self.dim * self.attention_bias + 2 * self.head_dim * self.qk_norm
+        layer = attn + 3 * self.dim * self.ffn_dim + (2 * self.ffn_dim + self.dim) * self.mlp_bias + 2 * self.dim
         head = 0 if self.tie_embeddings else self.vocab_size * self.dim
         return self.n_layers * layer + self.vocab_size * self.dim + head + self.dim
 
+
+# The families config.json may name, and the architecture an export declares for each.
+FAMILIES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+            "qwen3": "Qwen3ForCausalLM"}
+# The keys from_hf_config reads or to_hf_config writes; the rest of a config.json is carried as is.
+HF_KEYS = {"architectures", "model_type", "hidden_size", "num_hidden_layers", "num_attention_heads",
+           "num_key_value_heads", "vocab_size", "intermediate_size", "head_dim", "hidden_act", "rms_norm_eps",
+           "rope_theta", "rope_scaling", "rope_parameters", "max_position_embeddings", "tie_word_embeddings",
+           "attention_bias", "mlp_bias", "bos_token_id", "eos_token_id", "initializer_range",
+           "torch_dtype", "dtype", "quantization_config"}
 
 _LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                    "original_max_position_embeddings": 8192}
@@ -155,6 +187,14 @@ MODELS = {
                            rope_theta=500000.0, max_seq_len=8192, bos_token_id=128000, eos_token_id=128001),
     "llama3-70b": ModelArgs(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, ffn_dim=28672, vocab_size=128256,
                             rope_theta=500000.0, max_seq_len=8192, bos_token_id=128000, eos_token_id=128001),
+    "mistral-7b": ModelArgs(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_dim=14336, max_seq_len=32768,
+                            model_type="mistral", sliding_window=4096),
+    "qwen2.5-7b": ModelArgs(dim=3584, n_layers=28, n_heads=28, n_kv_heads=4, ffn_dim=18944, vocab_size=152064,
+                            rope_theta=1e6, norm_eps=1e-6, max_seq_len=32768, model_type="qwen2", qkv_bias=True,
+                            bos_token_id=151643, eos_token_id=151645),
+    "qwen3-8b": ModelArgs(dim=4096, n_layers=36, n_heads=32, n_kv_heads=8, head_dim=128, ffn_dim=12288, vocab_size=151936,
+                          rope_theta=1e6, norm_eps=1e-6, max_seq_len=40960, model_type="qwen3", qk_norm=True,
+                          bos_token_id=151643, eos_token_id=151645),
     "llama3.1-8b": ModelArgs(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_dim=14336, vocab_size=128256,
                              rope_theta=500000.0, rope_scaling=_LLAMA3_SCALING, max_seq_len=131072,
                              bos_token_id=128000, eos_token_id=128001),
@@ -212,29 +252,34 @@ except ImportError:  # older torch: dense masks everywhere
 class FlexMask(NamedTuple):
     block: object  # flex_attention's BlockMask
     doc_ids: torch.Tensor  # what it was made from: attend's dense fallback if flex_attention fails
+    window: int
 
 
-def document_mask(doc_ids, use_flex: bool):
+def document_mask(doc_ids, use_flex: bool, window=0):
     """doc_ids (B, T), equal ids = same document, -1 = padding. Returns what `attend` takes.
+    window > 0 (a sliding window): a token sees itself and the window - 1 tokens before it, no more.
 
     use_flex: a FlexMask, whose BlockMask takes O(T^2 / 128^2) bits instead of O(T^2) bools; and
     flex_attention skips blocks that are fully masked, so packing many short documents also saves compute.
     """
     if use_flex:
         def same_doc_causal(b, h, q, kv):
-            return (doc_ids[b, q] == doc_ids[b, kv]) & (q >= kv)
+            near = (q - kv < window) if window else True
+            return (doc_ids[b, q] == doc_ids[b, kv]) & (q >= kv) & near
         B, T = doc_ids.shape
         # _compile: eager construction would evaluate the mask at all B*T*T points before reducing
         # it to blocks, which is the very tensor we are avoiding; compiled, it works block by block.
         block = create_block_mask(same_doc_causal, B, None, T, T, device=doc_ids.device, _compile=doc_ids.is_cuda)
-        return FlexMask(block, doc_ids)
-    return dense_mask(doc_ids, doc_ids, torch.arange(doc_ids.shape[1], device=doc_ids.device))
+        return FlexMask(block, doc_ids, window)
+    return dense_mask(doc_ids, doc_ids, torch.arange(doc_ids.shape[1], device=doc_ids.device), window)
 
 
-def dense_mask(q_doc, k_doc, q_slot):
-    """Boolean (B, 1, Tq, S): key slot j <= query slot, same document id."""
-    S = k_doc.shape[1]
-    causal = torch.arange(S, device=k_doc.device)[None, :] <= q_slot[:, None]  # (Tq, S)
+def dense_mask(q_doc, k_doc, q_slot, window=0):
+    """Boolean (B, 1, Tq, S): key slot j <= query slot (and > query slot - window), same document id."""
+    k_slot = torch.arange(k_doc.shape[1], device=k_doc.device)[None, :]
+    causal = k_slot <= q_slot[:, None]  # (Tq, S)
+    if window:
+        causal = causal & (k_slot > q_slot[:, None] - window)
     return (causal[None] & (q_doc[:, :, None] == k_doc[:, None, :]))[:, None]
 
 
@@ -260,7 +305,7 @@ def attend(q, k, v, mask):
                 warnings.warn(f"flex_attention failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
                               "attention uses dense document masks from here on (O(T^2) memory)")
         doc = mask.doc_ids
-        mask = dense_mask(doc, doc, torch.arange(doc.shape[1], device=doc.device))
+        mask = dense_mask(doc, doc, torch.arange(doc.shape[1], device=doc.device), mask.window)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
 
 
@@ -301,17 +346,22 @@ class Attention(nn.Module):
     def __init__(self, args: ModelArgs, layer_idx: int):
         super().__init__()
         self.layer_idx, self.n_heads, self.n_kv_heads, self.head_dim = layer_idx, args.n_heads, args.n_kv_heads, args.head_dim
-        bias = args.attention_bias
+        bias = args.attention_bias or args.qkv_bias
         self.q_proj = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=bias)
         self.k_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=bias)
         self.v_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=bias)
-        self.o_proj = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=bias)
+        self.o_proj = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=args.attention_bias)
+        if args.qk_norm:  # Qwen3: each head of q and k normalised on its own
+            self.q_norm = RMSNorm(args.head_dim, args.norm_eps)
+            self.k_norm = RMSNorm(args.head_dim, args.norm_eps)
 
     def forward(self, x, cos, sin, mask, cache=None):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, Hkv, S, hd) with S = slots so far
@@ -386,12 +436,14 @@ class Llama(nn.Module):
             start = cache.pos if cache is not None else 0
             position_ids = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
         cos, sin = rope_cos_sin(self.inv_freq, position_ids, dtype)
+        window = self.args.sliding_window if self.args.sliding_window < (cache.k[0].shape[2] if cache else T) else 0
         if cache is not None:
             cache.doc[:, cache.pos:cache.pos + T] = 0 if doc_ids is None else doc_ids
             q_slot = torch.arange(cache.pos, cache.pos + T, device=input_ids.device)
-            mask = dense_mask(cache.doc[:, cache.pos:cache.pos + T], cache.doc[:, :cache.pos + T], q_slot)
-        elif doc_ids is not None:
-            mask = document_mask(doc_ids, use_flex=input_ids.is_cuda and create_block_mask is not None)
+            mask = dense_mask(cache.doc[:, cache.pos:cache.pos + T], cache.doc[:, :cache.pos + T], q_slot, window)
+        elif doc_ids is not None or window:  # a window shorter than the row needs a mask too
+            doc_ids = torch.zeros_like(input_ids) if doc_ids is None else doc_ids
+            mask = document_mask(doc_ids, use_flex=input_ids.is_cuda and create_block_mask is not None, window=window)
         else:
             mask = None
         return cos, sin, mask

@@ -46,6 +46,7 @@ def activation_bytes_per_token(model, act, kernels):
              + act * (q + 2 * kv) + 4 * a.n_heads  # q, k, v, log-sum-exp
              + act * a.ffn_dim * (2 if kernels else 3))  # gate, up (, silu(gate))
     block += sum(act * m.rank for m in model.model.layers[0].modules() if isinstance(m, LoRALinear)) if a.n_layers else 0
+    block += (act * (q + kv) + 4 * (a.n_heads + a.n_kv_heads)) if a.qk_norm else 0  # Qwen3's q / k norms: input, rstd
     outside = act * a.dim + 2 * act * a.head_dim  # the embedding's output, cos and sin
     head = norm(False) + act * a.dim  # the final norm and its output, until the head's backward
     return block, outside, head

@@ -23,6 +23,11 @@ def reference_logits(m: M.Llama, ids):
     def rms(x, w):
         return w * x / torch.sqrt((x * x).mean() + a.norm_eps)
 
+    def proj(name, h, heads):  # a projection, its bias (Qwen2: q, k, v), each head normed (Qwen3: q, k)
+        out = (sd[name + ".weight"] @ h + sd.get(name + ".bias", 0)).view(heads, hd)
+        norm = name.replace("_proj", "_norm") + ".weight"
+        return torch.stack([rms(o, sd[norm]) for o in out]) if norm in sd else out
+
     def rope(vec, p):  # HF layout: coordinate i pairs with i + hd/2
         out = vec.clone()
         for i in range(hd // 2):
@@ -35,19 +40,20 @@ def reference_logits(m: M.Llama, ids):
     for l in range(a.n_layers):
         p = f"model.layers.{l}."
         hs = [rms(x, sd[p + "input_layernorm.weight"]) for x in xs]
-        q = [(sd[p + "self_attn.q_proj.weight"] @ h).view(a.n_heads, hd) for h in hs]
-        k = [(sd[p + "self_attn.k_proj.weight"] @ h).view(a.n_kv_heads, hd) for h in hs]
-        v = [(sd[p + "self_attn.v_proj.weight"] @ h).view(a.n_kv_heads, hd) for h in hs]
+        q = [proj(p + "self_attn.q_proj", h, a.n_heads) for h in hs]
+        k = [proj(p + "self_attn.k_proj", h, a.n_kv_heads) for h in hs]
+        v = [proj(p + "self_attn.v_proj", h, a.n_kv_heads) for h in hs]
         new = []
         for t in range(T):
             heads = []
             for h in range(a.n_heads):
                 g = h // (a.n_heads // a.n_kv_heads)  # the KV head this query head shares
                 qt = rope(q[t][h], t)
-                scores = torch.stack([qt @ rope(k[s][g], s) for s in range(t + 1)]) / math.sqrt(hd)
+                seen = range(max(0, t - a.sliding_window + 1) if a.sliding_window else 0, t + 1)  # Mistral's window
+                scores = torch.stack([qt @ rope(k[s][g], s) for s in seen]) / math.sqrt(hd)
                 w = torch.softmax(scores, 0)
-                heads.append(sum(w[s] * v[s][g] for s in range(t + 1)))
-            x = xs[t] + sd[p + "self_attn.o_proj.weight"] @ torch.cat(heads)
+                heads.append(sum(w[i] * v[s][g] for i, s in enumerate(seen)))
+            x = xs[t] + sd[p + "self_attn.o_proj.weight"] @ torch.cat(heads) + sd.get(p + "self_attn.o_proj.bias", 0)
             h2 = rms(x, sd[p + "post_attention_layernorm.weight"])
             gate, up = sd[p + "mlp.gate_proj.weight"] @ h2, sd[p + "mlp.up_proj.weight"] @ h2
             new.append(x + sd[p + "mlp.down_proj.weight"] @ (gate * torch.sigmoid(gate) * up))
@@ -220,7 +226,7 @@ def test_checkpoint_shape_mismatch_is_a_clear_error(tmp_path):
 
 def test_non_llama_folder_is_refused(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
-    with pytest.raises(ValueError, match="model_type is 'gpt2', expected 'llama'"):
+    with pytest.raises(ValueError, match="model_type is 'gpt2', expected one of llama, mistral, qwen2, qwen3"):
         hf.from_pretrained(str(tmp_path))
 
 
