@@ -8,8 +8,12 @@ Sources (`load_documents`):
 - `arith`: built-in two-digit addition ("37+45=" -> "082"), no download; a 0.5M-parameter model learns
   it on CPU in well under a minute, and exact-match accuracy on held-out sums proves the pipeline.
 - `.txt`: each paragraph (text between blank lines) is a document. `.jsonl`: one record per line. `.json`: a list of records.
+  `.parquet` (with pyarrow) and a folder saved by datasets' save_to_disk (with datasets): one record per row.
   A record is {"text"} (trained on everywhere), Alpaca {"instruction", "input", "output"},
-  {"prompt", "completion"}, or chat {"messages": [{"role": system | user | assistant, "content"}]}.
+  {"prompt", "completion"}, chat {"messages": [{"role": system | user | assistant, "content"}]}, or
+  ShareGPT {"conversations": [{"from": system | human | gpt, "value"}]}.
+- A mixture, `a.jsonl:0.7,b.json:0.3`: each source is split and held out on its own, and every
+  epoch draws from the sources' training documents in proportion to their weights (`Mixture`).
 
 Formats (`fmt`, train.py's --chat_format, by default detected from the tokenizer's special tokens):
 - alpaca: instruction records in the Alpaca prompt (ALPACA_PROMPT below), prompt/completion
@@ -248,14 +252,9 @@ def text_field(rec, key, where, optional=False):
 def chat_turns(rec, where):
     """A record as (role, content) turns: {"messages": [{"role", "content"}, ...]}, or an Alpaca /
     prompt-completion record as one user turn and one assistant turn."""
-    if "messages" in rec:
-        turns = []
-        for i, msg in enumerate(rec["messages"]):
-            if not isinstance(msg, dict) or "role" not in msg or "content" not in msg:
-                raise ValueError(f"{where}: messages[{i}] must be an object with 'role' and 'content'")
-            if msg["role"] not in ROLES:
-                raise ValueError(f"{where}: messages[{i}] has unknown role {msg['role']!r}; expected one of {', '.join(ROLES)}")
-            turns.append((msg["role"], text_field(msg, "content", f"{where}: messages[{i}]")))
+    if "messages" in rec or "conversations" in rec:
+        turns = message_turns(rec["messages"] if "messages" in rec else rec["conversations"], where,
+                              "messages" if "messages" in rec else "conversations")
         if not turns or turns[-1][0] != "assistant":
             raise ValueError(f"{where}: a chat record must end with an assistant message")
         return turns
@@ -264,6 +263,28 @@ def chat_turns(rec, where):
         user = text_field(rec, "instruction", where) + ("\n\n" + extra if extra else "")
         return [("user", user), ("assistant", text_field(rec, "output", where))]
     return [("user", text_field(rec, "prompt", where)), ("assistant", text_field(rec, "completion", where))]
+
+
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+
+
+def message_turns(messages, where, key="messages"):
+    """[(role, content)] of a message list: {"role", "content"} (OpenAI, TRL) or ShareGPT's
+    {"from": system | human | gpt, "value"}."""
+    if not isinstance(messages, list):
+        raise ValueError(f"{where}: {key!r} must be a list of messages, got {type(messages).__name__}")
+    turns = []
+    for i, msg in enumerate(messages):
+        sharegpt = isinstance(msg, dict) and "from" in msg and "value" in msg
+        if not isinstance(msg, dict) or not (sharegpt or ("role" in msg and "content" in msg)):
+            raise ValueError(f"{where}: {key}[{i}] must be an object with 'role' and 'content' (or ShareGPT's "
+                             f"'from' and 'value')")
+        role = SHAREGPT_ROLES.get(msg["from"]) if sharegpt else msg["role"]
+        if role not in ROLES:
+            raise ValueError(f"{where}: {key}[{i}] has unknown role {msg['from'] if sharegpt else msg['role']!r}; "
+                             f"expected one of {', '.join(SHAREGPT_ROLES if sharegpt else ROLES)}")
+        turns.append((role, text_field(msg, "value" if sharegpt else "content", f"{where}: {key}[{i}]")))
+    return turns
 
 
 def chat_segments(turns, fmt):
@@ -289,17 +310,18 @@ def record_segments(rec, where, fmt="alpaca", tok=None):
     `where` names the record in errors."""
     if not isinstance(rec, dict):
         raise ValueError(f"{where}: expected a JSON object, got {type(rec).__name__}")
-    if "text" in rec and not ({"instruction", "prompt", "messages"} & set(rec)):
+    if "text" in rec and not ({"instruction", "prompt", "messages", "conversations"} & set(rec)):
         return [(text_field(rec, "text", where), True)], "text", None, True
-    if not ({"instruction", "output"} <= set(rec) or {"prompt", "completion"} <= set(rec) or "messages" in rec):
+    if not ({"instruction", "output"} <= set(rec) or {"prompt", "completion"} <= set(rec)
+            or {"messages", "conversations"} & set(rec)):
         raise ValueError(f"{where}: expected a 'text' field, Alpaca fields 'instruction' and 'output', "
-                         f"'prompt' and 'completion', or 'messages', got keys {sorted(rec)}")
+                         f"'prompt' and 'completion', 'messages' or 'conversations', got keys {sorted(rec)}")
     if fmt in CHAT_FORMATS or fmt == "template":
         turns = chat_turns(rec, where)
         segments = template_segments(turns, tok.chat_template, tok.eos_token) if fmt == "template" else chat_segments(turns, fmt)
         return segments, "instruction", turns[-1][1], False
-    if "messages" in rec:
-        raise ValueError(f"{where}: a 'messages' record needs a chat format (--chat_format=chatml or llama3)")
+    if {"messages", "conversations"} & set(rec):
+        raise ValueError(f"{where}: a chat record needs a chat format (--chat_format=chatml, llama3 or template)")
     if "instruction" in rec:
         prompt = alpaca_prompt(text_field(rec, "instruction", where), text_field(rec, "input", where, optional=True))
         output = text_field(rec, "output", where)
@@ -329,7 +351,8 @@ def read_text(path):
 
 
 # Every key a record layout names: text; Alpaca; prompt / completion; chat; preference pairs.
-RECORD_KEYS = ("text", "instruction", "input", "output", "prompt", "completion", "messages", "chosen", "rejected")
+RECORD_KEYS = ("text", "instruction", "input", "output", "prompt", "completion", "messages", "conversations", "chosen",
+               "rejected")
 
 
 def checked_keys(records):
@@ -668,25 +691,51 @@ class Batches:
 
 
 def pair_records(records):
-    """{"prompt", "chosen", "rejected"} (or {"messages", "chosen", "rejected"}: the conversation
-    before the answer) -> two ordinary records per pair, chosen first, tokenized like SFT data: the
-    prompt rendered in the chat format in use and masked, the answer trained on."""
+    """Preference pairs -> two ordinary records per pair, chosen first, tokenized like SFT data: the
+    prompt rendered in the chat format in use and masked, the answer trained on. A pair is
+    {"prompt", "chosen", "rejected"} as strings; {"messages", "chosen", "rejected"} (the conversation
+    before a string answer); or TRL's conversational layout, where chosen and rejected are message
+    lists, after a "prompt" message list or, without one, after their common prefix."""
     same = []
     for rec, where in records:
-        if not isinstance(rec, dict) or not {"chosen", "rejected"} <= set(rec) or not ({"prompt", "messages"} & set(rec)):
-            raise ValueError(f"{where}: a preference record needs 'prompt' (or 'messages'), 'chosen' and 'rejected', "
-                             f"got {sorted(rec) if isinstance(rec, dict) else type(rec).__name__}")
-        if text_field(rec, "chosen", where) == text_field(rec, "rejected", where):
+        if not isinstance(rec, dict) or not {"chosen", "rejected"} <= set(rec):
+            raise ValueError(f"{where}: a preference record needs 'chosen' and 'rejected' (and 'prompt' or 'messages' "
+                             f"unless they are message lists), got {sorted(rec) if isinstance(rec, dict) else type(rec).__name__}")
+        if isinstance(rec["chosen"], list) or isinstance(rec["rejected"], list):
+            prompt, answers = conversational_pair(rec, where)
+        else:
+            if not {"prompt", "messages"} & set(rec):
+                raise ValueError(f"{where}: a preference record with string answers needs 'prompt' or 'messages'")
+            answers = [text_field(rec, key, where) for key in ("chosen", "rejected")]
+            prompt = message_turns(rec["messages"], where) if "messages" in rec else text_field(rec, "prompt", where)
+        if answers[0] == answers[1]:
             same.append(where)
-        for key in ("chosen", "rejected"):
-            answer = text_field(rec, key, where)
-            if "messages" in rec:
-                yield {"messages": list(rec["messages"]) + [{"role": "assistant", "content": answer}]}, f"{where} ({key})"
+        for key, answer in zip(("chosen", "rejected"), answers):
+            if isinstance(prompt, str):
+                yield {"prompt": prompt, "completion": answer}, f"{where} ({key})"
             else:
-                yield {"prompt": text_field(rec, "prompt", where), "completion": answer}, f"{where} ({key})"
+                tail = answer if isinstance(answer, list) else [("assistant", answer)]
+                yield {"messages": [{"role": r, "content": c} for r, c in prompt + tail]}, f"{where} ({key})"
     if same:  # their loss is log 2 whatever the model does: no gradient, nothing learnt
         warnings.warn(f"{same[0]}: chosen and rejected are the same text in {len(same)} pair(s) (first named); they "
                       f"train nothing (loss log 2, no gradient)")
+
+
+def conversational_pair(rec, where):
+    """TRL's layout: (prompt turns, [chosen turns, rejected turns]) with each answer ending in an
+    assistant turn; the prompt is rec["prompt"] (a message list) or the answers' common prefix."""
+    chosen, rejected = (message_turns(rec[k], where, k) for k in ("chosen", "rejected"))
+    if "prompt" in rec:
+        prompt = message_turns(rec["prompt"], where, "prompt")
+    else:
+        n = 0
+        while n < min(len(chosen), len(rejected)) - 1 and chosen[n] == rejected[n]:
+            n += 1
+        prompt, chosen, rejected = chosen[:n], chosen[n:], rejected[n:]
+    for key, turns in (("chosen", chosen), ("rejected", rejected)):
+        if not turns or turns[-1][0] != "assistant":
+            raise ValueError(f"{where}: {key!r} must end with an assistant message (after the prompt)")
+    return prompt, [chosen, rejected]
 
 
 class PairBatches(Batches):

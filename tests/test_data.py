@@ -279,3 +279,36 @@ def test_pairs_whose_chosen_and_rejected_are_the_same_are_warned(tmp_path):
                     + json.dumps({"prompt": "q", "chosen": "same", "rejected": "same"}) + "\n")
     with pytest.warns(UserWarning, match=r"p\.jsonl:2: chosen and rejected are the same text in 1 pair"):
         assert len(list(D.pair_records(D.read_records(str(path))))) == 4
+
+
+def test_sharegpt_records_give_the_tokens_and_labels_of_the_same_messages(tmp_path):
+    turns = [("system", "Be brief."), ("user", "Hi?"), ("assistant", "Hello."), ("user", "Bye?"), ("assistant", "Bye.")]
+    who = {"system": "system", "user": "human", "assistant": "gpt"}
+    share, plain = tmp_path / "share.jsonl", tmp_path / "plain.json"
+    share.write_text(json.dumps({"conversations": [{"from": who[r], "value": c} for r, c in turns]}) + "\n")
+    plain.write_text(json.dumps([{"messages": [{"role": r, "content": c} for r, c in turns]}]))
+    a, b = (D.load_documents(str(p), D.ByteTokenizer(), fmt="chatml") for p in (share, plain))
+    assert np.array_equal(a.tokens, b.tokens) and np.array_equal(a.mask, b.mask) and a.mask.sum() > 0
+    share.write_text(json.dumps({"conversations": [{"from": "bot", "value": "x"}]}) + "\n")
+    with pytest.raises(ValueError, match=r"share\.jsonl:1: conversations\[0\] has unknown role 'bot'; expected one of "
+                                         r"system, human, user, gpt, assistant"):
+        D.load_documents(str(share), D.ByteTokenizer(), fmt="chatml")
+
+
+def test_conversational_pairs_give_the_documents_of_string_pairs(tmp_path):
+    user = {"role": "user", "content": "2+2?"}
+    answer = lambda text: {"role": "assistant", "content": text}  # noqa: E731
+    strings = [{"messages": [user], "chosen": "4", "rejected": "5"}]
+    implicit = [{"chosen": [user, answer("4")], "rejected": [user, answer("5")]}]  # TRL: the prompt is the common prefix
+    explicit = [{"prompt": [user], "chosen": [answer("4")], "rejected": [answer("5")]}]
+    docs = []
+    for i, recs in enumerate((strings, implicit, explicit)):
+        path = tmp_path / f"p{i}.json"
+        path.write_text(json.dumps(recs))
+        docs.append(D.in_memory(D.pair_records(D.read_records(str(path))), D.ByteTokenizer(), "chatml"))
+    for other in docs[1:]:
+        assert np.array_equal(other.tokens, docs[0].tokens) and np.array_equal(other.mask, docs[0].mask)
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps([{"chosen": [user, answer("4")], "rejected": [user]}]))
+    with pytest.raises(ValueError, match=r"bad\.json\[0\]: 'rejected' must end with an assistant message"):
+        list(D.pair_records(D.read_records(str(path))))

@@ -144,7 +144,8 @@ def test_dpo_without_a_pairs_file_or_with_a_bad_record_is_refused_in_one_line(tm
         train.parse_args(["--objective=dpo"])
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a", "chosen": "b"}\n')
-    with pytest.raises(ValueError, match=r"bad.jsonl:1: a preference record needs 'prompt' \(or 'messages'\), 'chosen' and 'rejected'"):
+    with pytest.raises(ValueError, match=r"bad.jsonl:1: a preference record needs 'chosen' and 'rejected' "
+                                         r"\(and 'prompt' or 'messages' unless they are message lists\), got \['chosen', 'prompt'\]"):
         train.main(FAST + [f"--data={bad}", "--max_steps=1", f"--out_dir={tmp_path / 'o'}"])
 
 
