@@ -377,13 +377,31 @@ def read_records(path):
     return checked_keys(records_in(path))
 
 
+def lines_of(path):
+    """(line number, text) of a file, one line at a time (a 1 GB file is never held whole); bytes
+    that are not UTF-8 are an error naming the line."""
+    with open(path, "rb") as f:
+        for i, raw in enumerate(f, 1):
+            try:
+                yield i, raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}:{i}: not UTF-8 text (byte {raw[e.start]:#04x})") from None
+
+
 def records_in(path):
-    if path.endswith(".txt"):  # paragraphs (separated by blank lines) are documents: some can be held out
-        paragraphs = [p.strip() for p in re.split(r"\n\s*\n", read_text(path))]
-        for k, text in enumerate(p for p in paragraphs if p):
-            yield {"text": text}, f"{path}: paragraph {k + 1}"
+    if os.path.isdir(path):  # datasets' save_to_disk folder
+        yield from arrow_records(path)
+    elif path.endswith(".txt"):  # paragraphs (separated by blank lines) are documents: some can be held out
+        paragraph, k = [], 0
+        for _, line in [*lines_of(path), (0, "")]:  # a blank line at the end closes the last paragraph
+            if line.strip():
+                paragraph.append(line)
+            elif paragraph:
+                k += 1
+                yield {"text": "".join(paragraph).strip()}, f"{path}: paragraph {k}"
+                paragraph = []
     elif path.endswith(".jsonl"):
-        for i, line in enumerate(read_text(path).splitlines(), 1):
+        for i, line in lines_of(path):
             if not line.strip():
                 continue
             try:
@@ -391,7 +409,7 @@ def records_in(path):
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{i}: not valid JSON ({e.msg} at column {e.colno})") from None
             yield rec, f"{path}:{i}"
-    elif path.endswith(".json"):
+    elif path.endswith(".json"):  # a JSON list is parsed whole: large corpora belong in .jsonl or .parquet
         try:
             recs = json.loads(read_text(path))
         except json.JSONDecodeError as e:
@@ -400,8 +418,45 @@ def records_in(path):
             raise ValueError(f"{path}: expected a JSON list of records, got {type(recs).__name__}")
         for i, rec in enumerate(recs):
             yield rec, f"{path}[{i}]"
+    elif path.endswith(".parquet"):
+        yield from parquet_records(path)
     else:
-        raise ValueError(f"{path}: unknown data file type, expected .txt, .jsonl or .json (or 'arith')")
+        raise ValueError(f"{path}: unknown data file type, expected .txt, .jsonl, .json, .parquet or a datasets "
+                         f"folder (or 'arith')")
+
+
+def parquet_records(path):
+    """A .parquet file's rows as records, 1024 rows at a time."""
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ValueError(f"{path}: reading .parquet needs pyarrow (pip install pyarrow)") from None
+    try:
+        batches = pq.ParquetFile(path).iter_batches(batch_size=1024)
+        row = 0
+        for batch in batches:
+            for rec in batch.to_pylist():
+                yield rec, f"{path}: row {row}"
+                row += 1
+    except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
+        if "row " in str(e) and str(e).startswith(path):
+            raise
+        raise ValueError(f"{path}: not a readable parquet file ({str(e).splitlines()[0][:120]})") from None
+
+
+def arrow_records(path):
+    """The rows of a folder written by datasets.Dataset.save_to_disk, memory-mapped by datasets."""
+    if not os.path.isfile(os.path.join(path, "state.json")):
+        raise ValueError(f"{path}: a folder, but not one written by datasets' save_to_disk (no state.json)")
+    try:
+        import datasets
+    except ImportError:
+        raise ValueError(f"{path}: reading a datasets folder needs datasets (pip install datasets)") from None
+    table = datasets.load_from_disk(path)
+    if isinstance(table, datasets.DatasetDict):
+        raise ValueError(f"{path}: holds splits {', '.join(table)}; pass one split's folder")
+    for row, rec in enumerate(table):
+        yield rec, f"{path}: row {row}"
 
 
 def tokenize_segments(tok, segments, add_eos=True):
@@ -480,7 +535,7 @@ def load_documents(source, tok, cache_dir=None, fmt="alpaca"):
                          "in tokenizer_config.json")
     if source == "arith":
         return in_memory(((r, "arith") for r in arith_records()), tok, fmt)
-    if not os.path.isfile(source):
+    if not os.path.exists(source):
         raise FileNotFoundError(f"{source}: data file not found (or use --data=arith)")
     if cache_dir is None:
         return in_memory(read_records(source), tok, fmt)
@@ -491,8 +546,9 @@ def load_documents(source, tok, cache_dir=None, fmt="alpaca"):
 
 
 def token_cache_path(source, tok, cache_dir, fmt="alpaca"):
-    st = os.stat(source)
-    key = (f"{os.path.abspath(source)}|{st.st_size}|{st.st_mtime_ns}|{tok.fingerprint()}|{ALPACA_PROMPT}|{fmt}|"
+    files = [os.path.join(source, f) for f in sorted(os.listdir(source))] if os.path.isdir(source) else [source]
+    stats = [os.stat(f) for f in files if os.path.isfile(f)]
+    key = (f"{os.path.abspath(source)}|{sum(s.st_size for s in stats)}|{max(s.st_mtime_ns for s in stats)}|{tok.fingerprint()}|{ALPACA_PROMPT}|{fmt}|"
            f"{CHAT_FORMATS.get(fmt)}|whole-text")  # whole-text: tokenize_segments' rule since caches made before it
     name = os.path.basename(source) + "-" + hashlib.sha1(key.encode()).hexdigest()[:12]
     return os.path.join(cache_dir, name)
@@ -825,7 +881,6 @@ def score_answer(generated, reference, metric="exact"):
     """exact: strings equal after strip. last_number: the last number in each agrees (GSM8K)."""
     if metric == "exact":
         return generated.strip() == reference.strip()
-    import re
     nums = lambda s: re.findall(r"-?\d[\d,]*\.?\d*", s)
     g, r = nums(generated), nums(reference)
     clean = lambda s: s.replace(",", "").rstrip(".")

@@ -312,3 +312,53 @@ def test_conversational_pairs_give_the_documents_of_string_pairs(tmp_path):
     path.write_text(json.dumps([{"chosen": [user, answer("4")], "rejected": [user]}]))
     with pytest.raises(ValueError, match=r"bad\.json\[0\]: 'rejected' must end with an assistant message"):
         list(D.pair_records(D.read_records(str(path))))
+
+
+def test_parquet_files_and_datasets_folders_give_the_documents_of_the_same_jsonl(tmp_path):
+    records = [{"instruction": f"add {i} and 1", "output": str(i + 1)} for i in range(30)]
+    jsonl = tmp_path / "d.jsonl"
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in records))
+    want = D.load_documents(str(jsonl), D.ByteTokenizer(), str(tmp_path / "cache"))
+    pq = pytest.importorskip("pyarrow.parquet")
+    import pyarrow as pa
+    pq.write_table(pa.Table.from_pylist(records), tmp_path / "d.parquet", row_group_size=7)
+    got = D.load_documents(str(tmp_path / "d.parquet"), D.ByteTokenizer(), str(tmp_path / "cache"))
+    assert np.array_equal(got.tokens, want.tokens) and np.array_equal(got.mask, want.mask)
+    (tmp_path / "bad.parquet").write_bytes(b"PAR1 not really")
+    with pytest.raises(ValueError, match=r"bad\.parquet: not a readable parquet file"):
+        D.load_documents(str(tmp_path / "bad.parquet"), D.ByteTokenizer())
+    datasets = pytest.importorskip("datasets")
+    datasets.Dataset.from_list(records).save_to_disk(str(tmp_path / "folder"))
+    got = D.load_documents(str(tmp_path / "folder"), D.ByteTokenizer(), str(tmp_path / "cache"))
+    assert np.array_equal(got.tokens, want.tokens) and np.array_equal(got.mask, want.mask)
+
+
+def test_a_missing_optional_reader_is_named_in_one_line(tmp_path, monkeypatch):
+    import builtins
+    real = builtins.__import__
+
+    def without_pyarrow(name, *a, **kw):
+        if name.startswith("pyarrow"):
+            raise ImportError(name)
+        return real(name, *a, **kw)
+    monkeypatch.setattr(builtins, "__import__", without_pyarrow)
+    (tmp_path / "d.parquet").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"d\.parquet: reading \.parquet needs pyarrow \(pip install pyarrow\)"):
+        D.load_documents(str(tmp_path / "d.parquet"), D.ByteTokenizer())
+
+
+def test_a_jsonl_file_is_read_a_line_at_a_time(tmp_path, monkeypatch):
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps({"text": f"line {i}"}) + "\n" for i in range(5)) + '{"text": "\xff"}\n')
+    reads = []
+    real_open = open
+
+    def watched(file, mode="r", *a, **kw):
+        f = real_open(file, mode, *a, **kw)
+        if str(file) == str(path):
+            reads.append(f)
+            f.read = lambda *a: pytest.fail("the whole file was read at once")  # iteration reads by line
+        return f
+    monkeypatch.setattr("builtins.open", watched)
+    assert [r["text"] for r, _ in D.read_records(str(path))] == [f"line {i}" for i in range(5)] + ["\xff"]
+    assert reads
