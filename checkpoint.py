@@ -22,6 +22,7 @@ import torch.distributed as dist
 
 import hf
 import config
+import data
 import distributed
 
 
@@ -175,17 +176,20 @@ def same_run(saved, where, cfg, world, inputs):
 
 
 def file_fingerprint(path):
-    """A data file's size and the SHA-1 of its contents (read in 1 MiB pieces)."""
-    if not os.path.isfile(path):
+    """A data file's (or a datasets folder's files') size and the SHA-1 of the contents, read in 1 MiB pieces."""
+    files = sorted(os.path.join(path, f) for f in os.listdir(path)) if os.path.isdir(path) else [path]
+    files = [f for f in files if os.path.isfile(f)]
+    if not files:
         return path  # 'arith': built in
     digest = hashlib.sha1()
-    with open(path, "rb") as f:
-        for piece in iter(lambda: f.read(2**20), b""):
-            digest.update(piece)
-    return f"{os.path.getsize(path)}-{digest.hexdigest()[:16]}"
+    for file in files:
+        with open(file, "rb") as f:
+            for piece in iter(lambda: f.read(2**20), b""):
+                digest.update(piece)
+    return f"{sum(os.path.getsize(f) for f in files)}-{digest.hexdigest()[:16]}"
 
 
 def run_inputs(cfg, tok, fmt):
     """What a checkpoint's run was made from beyond its flags, for same_run."""
-    return {"base": base_fingerprint(cfg.model), "data": file_fingerprint(cfg.data), "tokenizer": tok.fingerprint(),
-            "chat_format": fmt}
+    sources = ",".join(f"{file_fingerprint(path)}:{weight:g}" for path, weight in data.parse_mixture(cfg.data))
+    return {"base": base_fingerprint(cfg.model), "data": sources, "tokenizer": tok.fingerprint(), "chat_format": fmt}

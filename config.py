@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+import data
 import fsdp
 import kernels
 import quant
@@ -203,6 +204,8 @@ def check_combinations(cfg):
         raise ValueError(f"flag --log_to={cfg.log_to} is not one of wandb, tensorboard")
     if cfg.log_to and importlib.util.find_spec(cfg.log_to) is None:
         raise ValueError(f"flag --log_to={cfg.log_to}: the {cfg.log_to} package is not installed (pip install {cfg.log_to})")
+    if len(data.parse_mixture(cfg.data)) > 1 and cfg.objective == "dpo":  # (the weights are checked there)
+        raise ValueError("flag --data: a weighted mixture of sources is for --objective=sft; DPO takes one pairs file")
     if cfg.objective == "dpo" and cfg.data == "arith":
         raise ValueError("flag --objective=dpo needs --data=<file of preference pairs> ({\"prompt\", \"chosen\", \"rejected\"})")
     if cfg.offload_activations and not cfg.grad_checkpointing:

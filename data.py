@@ -43,6 +43,7 @@ import difflib
 import functools
 import hashlib
 import json
+import math
 import os
 import random
 import re
@@ -598,6 +599,92 @@ def split_documents(n_docs, eval_frac):
 
 
 # -----------------------------------------------------------------------------
+# Mixtures of sources: --data=a.jsonl:0.7,b.json:0.3
+
+
+def parse_mixture(spec):
+    """'a.jsonl:0.7,b.json:0.3' -> [(source, weight)]; a source without a weight weighs 1."""
+    sources = []
+    for part in spec.split(","):
+        path, sep, weight = part.rpartition(":")
+        if not sep or os.path.exists(part):  # no weight (or a path with a colon in its name)
+            path, weight = part, "1"
+        try:
+            value = float(weight)
+        except ValueError:
+            value = math.nan
+        if not (0 < value < math.inf):
+            raise ValueError(f"--data: the weight of {path} is {weight!r}, expected a positive number "
+                             f"(--data=a.jsonl:0.7,b.json:0.3)")
+        sources.append((path, value))
+    return sources
+
+
+class Joined:
+    """Several sources' token (or mask) arrays as one, without copying: slices never cross a
+    document, so each falls within one source (its memory-mapped array)."""
+
+    def __init__(self, arrays):
+        self.arrays, self.starts = arrays, np.cumsum([0] + [len(a) for a in arrays])
+
+    def __len__(self):
+        return int(self.starts[-1])
+
+    def __getitem__(self, s):
+        k = int(np.searchsorted(self.starts, s.start, side="right")) - 1
+        return self.arrays[k][s.start - self.starts[k]:s.stop - self.starts[k]]
+
+
+def joined(parts):
+    """TokenData of several sources, documents numbered on from one source to the next."""
+    starts = np.cumsum([0] + [len(p.tokens) for p in parts])
+    offsets = np.concatenate([p.offsets[:-1] + s for p, s in zip(parts, starts)] + [starts[-1:]])
+    return TokenData(Joined([p.tokens for p in parts]), Joined([p.mask for p in parts]), offsets,
+                     "text" if all(p.split_long for p in parts) else "instruction",
+                     [r for p in parts for r in (p.references or [None] * len(p))],
+                     [q for p in parts for q in (p.prompts or [None] * len(p))])
+
+
+class Mixture:
+    """Each epoch as many documents as the sources' training documents together, drawn from each
+    source in proportion to its weight: its documents shuffled anew each time it runs out, so a
+    small source with a large weight repeats and a large one with a small weight is sampled.
+    Deterministic for (seed, epoch), so a resumed stream continues exactly."""
+
+    def __init__(self, train_docs, weights):
+        self.train_docs, self.weights = [list(d) for d in train_docs], weights
+
+    def counts(self):
+        n, total = sum(len(d) for d in self.train_docs), sum(self.weights)
+        return [round(n * w / total) for w in self.weights]
+
+    def epoch_docs(self, epoch, seed):
+        order = []
+        for s, (docs, n) in enumerate(zip(self.train_docs, self.counts())):
+            rng, picked = random.Random((seed * 1_000_003 + epoch) * 1_009 + s), []
+            while len(picked) < n:
+                cycle = list(docs)
+                rng.shuffle(cycle)
+                picked += cycle
+            order += picked[:n]
+        return order
+
+
+def load_mixture(sources, tok, cache, fmt, eval_frac):
+    """(dataset, the Mixture of the sources' training documents, held-out documents, per-source
+    (path, documents, held out, weight)); each source is split on its own."""
+    parts = [load_documents(path, tok, cache, fmt) for path, _ in sources]
+    first = np.cumsum([0] + [len(p) for p in parts])
+    train, held, info = [], [], []
+    for (path, weight), part, start in zip(sources, parts, first):
+        t, e = split_documents(len(part), eval_frac)
+        train.append([start + d for d in t])
+        held += [start + d for d in e]
+        info.append((path, len(part), len(e), weight))
+    return joined(parts), Mixture(train, [w for _, w in sources]), held, info
+
+
+# -----------------------------------------------------------------------------
 # Rows and batches
 
 
@@ -676,8 +763,9 @@ class Batches:
     """
 
     def __init__(self, data: TokenData, docs, seq_len, batch_size, pad_id, *, rank=0, world=1, seed=0,
-                 pack=True, shuffle=True):
+                 pack=True, shuffle=True, mixture=None):
         self.data, self.docs, self.seq_len, self.batch_size, self.pad_id = data, list(docs), seq_len, batch_size, pad_id
+        self.mixture = mixture  # a Mixture: each epoch's documents are drawn from its sources by weight
         self.rank, self.world, self.seed, self.pack, self.shuffle = rank, world, seed, pack, shuffle
         self.epoch, self.index = 0, 0  # the stream position
         self._plan_epoch = None
@@ -689,7 +777,7 @@ class Batches:
         """This rank's batches for `epoch`: lists of rows, each a list of (start, length) pieces."""
         if self._plan_epoch == epoch:
             return self._plan
-        order = list(self.docs)
+        order = self.mixture.epoch_docs(epoch, self.seed) if self.mixture else list(self.docs)
         if self.shuffle:
             random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
         batches, pieces, cropped = self.make_batches(order, epoch)
@@ -841,6 +929,16 @@ def chat_format(cfg, tok, log=lambda *a: None):
     return detect_format(tok) if cfg.chat_format == "auto" else cfg.chat_format
 
 
+def log_mixture(info, order, dataset, log):
+    """A line per source: its documents, held out, weight, and share of an epoch's documents and tokens."""
+    lengths, first = dataset.doc_lengths(), np.cumsum([0] + [n for _, n, _, _ in info])
+    tokens = sum(int(lengths[d]) for d in order)
+    for k, (path, n, held, weight) in enumerate(info):
+        mine = [d for d in order if first[k] <= d < first[k + 1]]
+        log(f"  source {path}: {n} docs ({held} held out), weight {weight:g}: {len(mine) / len(order):.1%} of an epoch's "
+            f"documents, {sum(int(lengths[d]) for d in mine) / max(tokens, 1):.1%} of its tokens")
+
+
 def load_for_training(cfg, tok, rank, world, log, barrier, *, fmt):
     """train.py's data, from its Config, in chat format `fmt` (chat_format): (dataset, held-out
     documents, this rank's training batches).
@@ -857,14 +955,18 @@ def load_for_training(cfg, tok, rank, world, log, barrier, *, fmt):
                              seed=cfg.seed, pack=cfg.pack)
         eval_docs = [2 * p for p in eval_pairs]
     else:
-        dataset = load_documents(cfg.data, tok, cache, fmt)
+        sources = parse_mixture(cfg.data)
+        dataset, mixture, eval_docs, info = load_mixture(sources, tok, cache, fmt, cfg.eval_frac) if len(sources) > 1 \
+            else (load_documents(cfg.data, tok, cache, fmt), None, None, None)
     if world > 1 and rank == 0:
         barrier()  # the cache is written: let the others in
     if cfg.objective == "sft":
-        train_docs, eval_docs = split_documents(len(dataset), cfg.eval_frac)
+        train_docs, eval_docs = split_documents(len(dataset), cfg.eval_frac) if mixture is None else ([], eval_docs)
         loader = Batches(dataset, train_docs, cfg.seq_len, cfg.batch_size, tok.pad_id, rank=rank, world=world, seed=cfg.seed,
-                         pack=cfg.pack)
+                         pack=cfg.pack, mixture=mixture)
     loader.plan(0)
+    if cfg.objective == "sft" and mixture is not None:
+        log_mixture(info, mixture.epoch_docs(0, cfg.seed), dataset, log)
     s = loader.stats
     log(f"data {cfg.data} ({fmt}): {s['docs']} train docs, {len(eval_docs)} held out, {s['tokens']:,} tokens/epoch, "
         f"{'packing' if cfg.pack else 'padding'} efficiency {s['efficiency']:.1%}, "

@@ -362,3 +362,39 @@ def test_a_jsonl_file_is_read_a_line_at_a_time(tmp_path, monkeypatch):
     monkeypatch.setattr("builtins.open", watched)
     assert [r["text"] for r, _ in D.read_records(str(path))] == [f"line {i}" for i in range(5)] + ["\xff"]
     assert reads
+
+
+def mixture_files(tmp_path):
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.json"
+    a.write_text("".join(json.dumps({"text": f"a{i} " * 3}) + "\n" for i in range(40)))
+    b.write_text(json.dumps([{"prompt": f"b{i}=", "completion": "x" * (i % 5 + 1)} for i in range(200)]))
+    return str(a), str(b)
+
+
+def test_a_mixture_draws_each_source_by_weight_with_its_own_held_out_split(tmp_path):
+    import types
+    a, b = mixture_files(tmp_path)
+    cfg = types.SimpleNamespace(data=f"{a}:0.7,{b}:0.3", objective="sft", out_dir=str(tmp_path), data_cache="",
+                                eval_frac=0.1, seq_len=64, batch_size=4, seed=3, pack=True)
+    lines = []
+    dataset, held, loader = D.load_for_training(cfg, D.ByteTokenizer(), 0, 1, lines.append, None, fmt="alpaca")
+    assert len(dataset) == 240 and held == list(range(36, 40)) + list(range(220, 240))  # 10% of each, at its end
+    order = loader.mixture.epoch_docs(0, cfg.seed)
+    from_a = [d for d in order if d < 40]
+    assert len(order) == 36 + 180 and len(from_a) == round(216 * 0.7)  # 151 draws from 36 documents: repeats
+    assert not set(order) & set(held)  # never a held-out document
+    assert set(from_a) == set(range(36)) and max(from_a.count(d) for d in from_a) == 5  # each 4 or 5 times
+    assert loader.mixture.epoch_docs(0, cfg.seed) == order and loader.mixture.epoch_docs(1, cfg.seed) != order
+    assert any(f"source {a}: 40 docs (4 held out), weight 0.7: 69.9% of an epoch's documents" in line for line in lines)
+    first = [next(loader) for _ in range(5)]
+    again = D.load_for_training(cfg, D.ByteTokenizer(), 0, 1, lines.append, None, fmt="alpaca")[2]
+    again.load_state_dict({"epoch": 0, "index": 3})  # resumed mid-epoch: the same batches on
+    assert all(torch.equal(x["input_ids"], y["input_ids"]) for x, y in zip(first[3:], [next(again), next(again)]))
+
+
+@pytest.mark.parametrize("spec,bad", [("a.jsonl:0,b.json:1", "'0'"), ("a.jsonl:-1", "'-1'"), ("a.jsonl:x,b.json", "'x'"),
+                                      ("a.jsonl:inf", "'inf'")])
+def test_a_mixture_weight_that_is_not_a_positive_number_is_refused(spec, bad):
+    import train
+    with pytest.raises(ValueError, match=rf"^--data: the weight of a\.jsonl is {bad}, expected a positive number"):
+        train.parse_args([f"--data={spec}"])
