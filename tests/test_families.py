@@ -178,3 +178,18 @@ def test_a_family_adapter_loads_in_peft_and_the_merged_export_in_transformers(tm
         merged = transformers.AutoModelForCausalLM.from_pretrained(out / "hf", dtype=torch.float32).eval()
         assert_close(merged(ids).logits, want)
     assert json.loads((out / "hf" / "config.json").read_text())["model_type"] == family
+
+
+@pytest.mark.slow  # 2 x 2 launches; world 1 --fsdp runs by default above
+@pytest.mark.parametrize("family,flags", [("qwen2", []), ("qwen3", ["--adapter=lora"])])
+def test_sharding_at_world_2_gives_the_data_parallel_losses_with_biases_and_head_norms(tmp_path, family, flags):
+    import subprocess
+    import sys
+    folder, data = family_folder(tmp_path, family), text_data(tmp_path)
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py", *FAST,
+              f"--model={folder}", f"--data={data}", "--batch_size=2", *flags]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for name, extra in (("ddp", []), ("fsdp", ["--fsdp"])):
+        r = subprocess.run(launch + extra + [f"--out_dir={tmp_path / name}"], cwd=root, capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr[-2000:]
+    assert_close(losses(tmp_path / "fsdp"), losses(tmp_path / "ddp"), ulps=256)
