@@ -237,7 +237,7 @@ def make_engine(model, cfg, d, *, load=None) -> distributed.Engine:
         return ddp.Replicated(model, d, amp_dtype=amp, loss_chunk=cfg.loss_chunk)
     return fsdp.Sharded(model, d, prefetch=cfg.prefetch, param_dtype=amp or torch.float32,
                         reduce_dtype=torch.bfloat16 if cfg.reduce_dtype == "bf16" else torch.float32, offload=cfg.offload,
-                        strategy=cfg.shard, shard_group=cfg.shard_group, amp_dtype=amp, loss_chunk=cfg.loss_chunk,
+                        strategy=cfg.shard, shard_group=cfg.shard_group or d.local_world, amp_dtype=amp, loss_chunk=cfg.loss_chunk,
                         materialize=load, reduce_every_micro=cfg.reduce_every_micro)
 
 
@@ -264,7 +264,8 @@ def check_memory(cfg, d):
     model = meta_model(cfg, amp)
     reference = reference_bytes(model, cfg, amp) if cfg.objective == "dpo" and not has_adapters(cfg) else 0
     gpu, cpu = plan.plan_run(model, cfg, d.world if cfg.fsdp else 1, amp, reference_bytes=reference,  # replicated: all
-                             kernels=d.device.type == "cuda" and plan.triton_keeps_less(cfg))
+                             kernels=d.device.type == "cuda" and plan.triton_keeps_less(cfg),
+                             shard_group=cfg.shard_group or d.local_world)
     on_device, on_host = (gpu["total"], sum(cpu.values())) if d.device.type == "cuda" else (0, gpu["total"] + sum(cpu.values()))
     free_device, free_host = plan.available_bytes(d.device, d.local_world)
     for need, free, where in ((on_device, free_device, f"free on {d.device}"),

@@ -91,7 +91,7 @@ class Config:
     # sharding (fsdp.py)
     fsdp: bool = False  # shard weights, gradients and optimizer state over ranks (else plain data parallel)
     shard: str = "full"  # full (ZeRO-3) | grad_op (ZeRO-2: weights gathered for the whole step) | hybrid (HSDP: shard within --shard_group ranks, all-reduce across groups)
-    shard_group: int = 0  # ranks per shard group for --shard=hybrid (e.g. GPUs per node)
+    shard_group: int = 0  # ranks per shard group for --shard=hybrid; 0 = the processes of one node (torchrun's LOCAL_WORLD_SIZE; --dry_run: 8)
     prefetch: int = 1  # units whose all-gather is issued ahead of the one computing
     reduce_dtype: str = "fp32"  # fp32 | bf16: dtype gradients are reduce-scattered in
     reduce_every_micro: bool = True  # reduce-scatter after every micro-batch (false: only the last; keeps full grads)
@@ -222,8 +222,6 @@ def check_combinations(cfg):
     if cfg.expand_blocks and cfg.adapter != "none":
         raise ValueError(f"flag --expand_blocks={cfg.expand_blocks} (Llama-Pro) trains the new blocks, not adapters: "
                          f"pass --adapter=none")
-    if cfg.shard == "hybrid" and cfg.shard_group < 1:
-        raise ValueError("flag --shard=hybrid needs --shard_group=N (ranks per shard group, e.g. GPUs per node)")
     if cfg.kernels == "interpret" and os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
         raise ValueError("flag --kernels=interpret needs TRITON_INTERPRET=1 in the environment (set before Python starts)")
     off = [k for k in cfg.kernels_off.split(",") if k]

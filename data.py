@@ -939,33 +939,41 @@ def log_mixture(info, order, dataset, log):
             f"documents, {sum(int(lengths[d]) for d in mine) / max(tokens, 1):.1%} of its tokens")
 
 
-def load_for_training(cfg, tok, rank, world, log, barrier, *, fmt):
+def load_for_training(cfg, tok, rank, world, log, barrier, *, fmt, local_rank=0):
     """train.py's data, from its Config, in chat format `fmt` (chat_format): (dataset, held-out
-    documents, this rank's training batches).
-    Rank 0 tokenizes files into the cache first, the others then open the same files (barrier():
-    every rank waits there). DPO: documents 2i and 2i + 1 are pair i's
-    chosen and rejected answers, and pairs are held out whole."""
+    documents, this rank's training batches). DPO: documents 2i and 2i + 1 are pair i's chosen and
+    rejected answers, and pairs are held out whole.
+    The token cache is built once: rank 0 tokenizes first; then the first process of each other
+    node, which finds it there if the nodes share the cache folder and builds its own if not; then
+    the rest open it (barrier(): every rank waits there)."""
     cache = cfg.data_cache or os.path.join(cfg.out_dir, "token_cache")
-    if world > 1 and rank != 0:
-        barrier()  # wait for rank 0's cache
+
+    def load():
+        if cfg.objective == "dpo":
+            return in_memory(pair_records(read_records(cfg.data)), tok, fmt), None, None, None
+        sources = parse_mixture(cfg.data)
+        if len(sources) > 1:
+            return load_mixture(sources, tok, cache, fmt, cfg.eval_frac)
+        return load_documents(cfg.data, tok, cache, fmt), None, None, None
+
+    loaded = load() if rank == 0 else None
+    if world > 1:
+        barrier()  # rank 0's cache is written
+        loaded = load() if rank != 0 and local_rank == 0 else loaded
+        barrier()  # every node's is
+        loaded = load() if local_rank != 0 else loaded
+    dataset, mixture, eval_docs, info = loaded
     if cfg.objective == "dpo":
-        dataset = in_memory(pair_records(read_records(cfg.data)), tok, fmt)
         train_pairs, eval_pairs = split_documents(len(dataset) // 2, cfg.eval_frac)
         loader = PairBatches(dataset, train_pairs, cfg.seq_len, cfg.batch_size, tok.pad_id, rank=rank, world=world,
                              seed=cfg.seed, pack=cfg.pack)
         eval_docs = [2 * p for p in eval_pairs]
     else:
-        sources = parse_mixture(cfg.data)
-        dataset, mixture, eval_docs, info = load_mixture(sources, tok, cache, fmt, cfg.eval_frac) if len(sources) > 1 \
-            else (load_documents(cfg.data, tok, cache, fmt), None, None, None)
-    if world > 1 and rank == 0:
-        barrier()  # the cache is written: let the others in
-    if cfg.objective == "sft":
         train_docs, eval_docs = split_documents(len(dataset), cfg.eval_frac) if mixture is None else ([], eval_docs)
         loader = Batches(dataset, train_docs, cfg.seq_len, cfg.batch_size, tok.pad_id, rank=rank, world=world, seed=cfg.seed,
                          pack=cfg.pack, mixture=mixture)
     loader.plan(0)
-    if cfg.objective == "sft" and mixture is not None:
+    if mixture is not None:
         log_mixture(info, mixture.epoch_docs(0, cfg.seed), dataset, log)
     s = loader.stats
     log(f"data {cfg.data} ({fmt}): {s['docs']} train docs, {len(eval_docs)} held out, {s['tokens']:,} tokens/epoch, "

@@ -1,5 +1,6 @@
 """The run's folder, --out_dir: who may write there, what an earlier run left there, and the metrics
-log. One run at a time owns a folder: rank 0 holds <out_dir>/.lock (its host and process id) from
+log. Every node must see the same folder (a checkpoint is one folder every rank writes its part
+into): a rank that does not see rank 0's lock stops the run at startup. One run at a time owns a folder: rank 0 holds <out_dir>/.lock (its host and process id) from
 before the model loads until the run ends, so a second launch into the same folder is refused
 instead of interleaving checkpoints, and a lock whose process is gone (a crash, a kill -9) is taken
 over. A folder that holds a run is refused unless --resume continues it or --overwrite replaces
@@ -95,6 +96,13 @@ def claim(out_dir, d: Dist, *, resume, overwrite, log):
     if any_rank(d, error is not None):
         release(lock)
         raise error or ValueError(f"--out_dir={out_dir}: refused on rank 0 (its error says why)")
+    # A checkpoint is one folder every rank writes its part into (checkpoint.py): all must see rank 0's files.
+    unseen = not os.path.exists(os.path.join(out_dir, LOCK))
+    if any_rank(d, unseen):
+        release(lock)
+        who = f"rank {d.rank} on {socket.gethostname()} does not" if unseen else "some ranks do not"
+        raise ValueError(f"--out_dir={out_dir} is not one folder shared by every node: {who} see {LOCK}, which rank 0 "
+                         f"wrote there; checkpoints need an --out_dir on a filesystem all nodes share")
     return lock
 
 

@@ -113,7 +113,8 @@ def setup(cfg: Config, d: Dist, log):
     for line in build.describe(engine, d, name=cfg.model, what=build.kind(cfg), reference=reference):
         log(line)
     fmt = data.chat_format(cfg, tok, log)
-    dataset, eval_docs, loader = data.load_for_training(cfg, tok, d.rank, d.world, log, dist.barrier, fmt=fmt)
+    dataset, eval_docs, loader = data.load_for_training(cfg, tok, d.rank, d.world, log, dist.barrier, fmt=fmt,
+                                                           local_rank=d.local_rank)
     if cfg.eval_metric == "auto":
         cfg.eval_metric = "exact" if cfg.data == "arith" else "last_number"
 
