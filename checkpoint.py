@@ -163,6 +163,9 @@ def same_run(saved, where, cfg, world, inputs):
         raise ValueError(f"{where}: saved with a global batch of {rows} rows (--batch_size x --grad_accum x world), "
                          f"resuming with {now}; keep it (e.g. scale --grad_accum with the world size)")
     then = saved.get("inputs") or {"base": saved.get("base")}  # saves before the others were recorded: the base only
+    if "inputs" not in saved and old.get("chat_format", "auto") != cfg.chat_format:  # then, the flag was compared
+        raise ValueError(f"{where}: saved with --chat_format={old['chat_format']}, resuming with "
+                         f"--chat_format={cfg.chat_format}; it must match")
     changed = next((k for k in ("base", "data", "tokenizer", "chat_format") if k in then and then[k] != inputs[k]), None)
     what = {"base": f"another base model than --model={cfg.model} (its weights differ)",
             "data": f"other contents of --data={cfg.data} (the file changed since: the saved position indexes "

@@ -280,6 +280,8 @@ def message_turns(messages, where, key="messages"):
         if not isinstance(msg, dict) or not (sharegpt or ("role" in msg and "content" in msg)):
             raise ValueError(f"{where}: {key}[{i}] must be an object with 'role' and 'content' (or ShareGPT's "
                              f"'from' and 'value')")
+        if not isinstance(msg["from" if sharegpt else "role"], str):
+            raise ValueError(f"{where}: {key}[{i}]: the role must be a string, got {msg['from' if sharegpt else 'role']!r}")
         role = SHAREGPT_ROLES.get(msg["from"]) if sharegpt else msg["role"]
         if role not in ROLES:
             raise ValueError(f"{where}: {key}[{i}] has unknown role {msg['from'] if sharegpt else msg['role']!r}; "
@@ -364,7 +366,8 @@ def checked_keys(records):
         for key in rec if isinstance(rec, dict) else ():
             if key in RECORD_KEYS or key in warned:
                 continue
-            close = difflib.get_close_matches(key, RECORD_KEYS, n=1, cutoff=0.8)
+            # prompt_id, conversation_id: metadata (no layout key has an underscore), not a misspelling
+            close = difflib.get_close_matches(key, RECORD_KEYS, n=1, cutoff=0.8) if "_" not in key else []
             if close:
                 raise ValueError(f"{where}: unknown key {key!r}; did you mean {close[0]!r}? (record keys: "
                                  f"{', '.join(RECORD_KEYS)})")
@@ -447,6 +450,9 @@ def parquet_records(path):
 
 def arrow_records(path):
     """The rows of a folder written by datasets.Dataset.save_to_disk, memory-mapped by datasets."""
+    if os.path.isfile(os.path.join(path, "dataset_dict.json")):
+        raise ValueError(f"{path}: holds splits {', '.join(sorted(d for d in os.listdir(path) if os.path.isdir(os.path.join(path, d))))}"
+                         f"; pass one split's folder")
     if not os.path.isfile(os.path.join(path, "state.json")):
         raise ValueError(f"{path}: a folder, but not one written by datasets' save_to_disk (no state.json)")
     try:
@@ -454,8 +460,6 @@ def arrow_records(path):
     except ImportError:
         raise ValueError(f"{path}: reading a datasets folder needs datasets (pip install datasets)") from None
     table = datasets.load_from_disk(path)
-    if isinstance(table, datasets.DatasetDict):
-        raise ValueError(f"{path}: holds splits {', '.join(table)}; pass one split's folder")
     for row, rec in enumerate(table):
         yield rec, f"{path}: row {row}"
 
@@ -604,6 +608,8 @@ def split_documents(n_docs, eval_frac):
 
 def parse_mixture(spec):
     """'a.jsonl:0.7,b.json:0.3' -> [(source, weight)]; a source without a weight weighs 1."""
+    if os.path.exists(spec):  # one file whose name has a comma or a colon in it
+        return [(spec, 1.0)]
     sources = []
     for part in spec.split(","):
         path, sep, weight = part.rpartition(":")
@@ -631,7 +637,8 @@ class Joined:
         return int(self.starts[-1])
 
     def __getitem__(self, s):
-        k = int(np.searchsorted(self.starts, s.start, side="right")) - 1
+        # the source holding s.start (the last one for an empty slice at the very end)
+        k = min(int(np.searchsorted(self.starts, s.start, side="right")) - 1, len(self.arrays) - 1)
         return self.arrays[k][s.start - self.starts[k]:s.stop - self.starts[k]]
 
 
@@ -954,7 +961,7 @@ def load_for_training(cfg, tok, rank, world, log, barrier, *, fmt, local_rank=0)
         sources = parse_mixture(cfg.data)
         if len(sources) > 1:
             return load_mixture(sources, tok, cache, fmt, cfg.eval_frac)
-        return load_documents(cfg.data, tok, cache, fmt), None, None, None
+        return load_documents(sources[0][0], tok, cache, fmt), None, None, None
 
     loaded = load() if rank == 0 else None
     if world > 1:

@@ -146,6 +146,9 @@ class ModelArgs:
             cfg["mlp_bias"] = self.mlp_bias
         if self.model_type == "mistral":
             cfg["sliding_window"] = self.sliding_window or None
+        kinds = cfg.get("layer_types")
+        if kinds and len(set(kinds)) == 1:  # one kind per layer: as many as the layers now (Llama-Pro adds some)
+            cfg["layer_types"] = kinds[:1] * self.n_layers
         return cfg
 
     def num_params(self) -> int:

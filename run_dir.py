@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import socket
+import time
 
 import curves
 from distributed import Dist, any_rank
@@ -67,14 +68,19 @@ def take_lock(out_dir, log):
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             try:
-                owner = json.load(open(path))
+                with open(path) as f:
+                    owner = json.load(f)
                 host, pid = owner["host"], int(owner["pid"])
-            except (OSError, ValueError, KeyError, TypeError):  # half-written by a launch racing this one: alive
-                raise ValueError(f"--out_dir={out_dir} is in use: {path} is being written by another launch") from None
-            if alive(host, pid):
+            except (OSError, ValueError, KeyError, TypeError):  # being written by a racing launch, or left empty by a crash
+                if time.time() - os.path.getmtime(path) < 60:
+                    raise ValueError(f"--out_dir={out_dir} is in use: {path} is being written by another launch (delete "
+                                     f"it if no run is starting)") from None
+                host, pid = socket.gethostname(), -1  # a minute old and still unreadable: gone
+            if pid >= 0 and alive(host, pid):
                 raise ValueError(f"--out_dir={out_dir} is in use by process {pid} on {host} ({path}); wait for it, "
                                  f"pick another --out_dir, or delete {path} if that run is gone") from None
-            log(f"{path}: process {pid} on {host} is gone; taking the folder over")
+            log(f"{path}: " + (f"process {pid} on {host} is gone" if pid >= 0 else "unreadable for a minute")
+                + "; taking the folder over")
             os.remove(path)
             continue
         with os.fdopen(fd, "w") as f:

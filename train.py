@@ -100,8 +100,13 @@ class Run:
 
 def setup(cfg: Config, d: Dist, log):
     """The model, its engine and optimizer, the data, and the resumed state: what the loop needs."""
-    if cfg.memory_check:
-        build.check_memory(cfg, d)
+    refusal = None
+    try:
+        build.check_memory(cfg, d) if cfg.memory_check else None
+    except ValueError as e:  # free memory differs between ranks: all stop if one must
+        refusal = e
+    if any_rank(d, refusal):
+        raise refusal or ValueError(f"--model={cfg.model}: does not fit another rank's free memory (its error says why)")
     model, tok, source_files, load = build.build_model(cfg, d)
     reference = build.dpo_reference(cfg, d, model, streamed=load is not None) \
         if cfg.objective == "dpo" and not build.has_adapters(cfg) else None

@@ -398,3 +398,25 @@ def test_a_mixture_weight_that_is_not_a_positive_number_is_refused(spec, bad):
     import train
     with pytest.raises(ValueError, match=rf"^--data: the weight of a\.jsonl is {bad}, expected a positive number"):
         train.parse_args([f"--data={spec}"])
+
+
+def test_review_cases_metadata_ids_odd_paths_last_piece_and_roles(tmp_path):
+    import types
+    path = tmp_path / "ids.jsonl"  # *_id keys are metadata, not misspellings of prompt / conversations
+    path.write_text(json.dumps({"prompt": "hi", "prompt_id": "x", "completion": "yo", "conversation_id": 3}) + "\n")
+    with pytest.warns(UserWarning, match="prompt_id"):
+        assert len(list(D.read_records(str(path)))) == 1
+    odd = tmp_path / "a,b:2.jsonl"  # an existing file is one source, whatever its name
+    odd.write_text(json.dumps({"text": "x"}) + "\n")
+    assert D.parse_mixture(str(odd)) == [(str(odd), 1.0)]
+    a, b = tmp_path / "m1.jsonl", tmp_path / "m2.jsonl"  # the last document a 9-token piece at seq_len 8
+    a.write_text(json.dumps({"text": "aaaa"}) + "\n")
+    b.write_text(json.dumps({"text": "eeeeeee"}) + "\n")
+    cfg = types.SimpleNamespace(data=f"{a},{b}", objective="sft", out_dir=str(tmp_path), data_cache="", eval_frac=0,
+                                seq_len=8, batch_size=1, seed=0, pack=True)
+    _, _, loader = D.load_for_training(cfg, D.ByteTokenizer(), 0, 1, print, None, fmt="alpaca")
+    assert sum(int(next(loader)["num_tokens"]) for _ in range(len(loader.plan(0)))) == 6 + 9
+    share = tmp_path / "s.jsonl"
+    share.write_text(json.dumps({"conversations": [{"from": ["gpt"], "value": "x"}]}) + "\n")
+    with pytest.raises(ValueError, match=r"s\.jsonl:1: conversations\[0\]: the role must be a string"):
+        D.load_documents(str(share), D.ByteTokenizer(), fmt="chatml")

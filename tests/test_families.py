@@ -193,3 +193,15 @@ def test_sharding_at_world_2_gives_the_data_parallel_losses_with_biases_and_head
         r = subprocess.run(launch + extra + [f"--out_dir={tmp_path / name}"], cwd=root, capture_output=True, text=True)
         assert r.returncode == 0, r.stderr[-2000:]
     assert_close(losses(tmp_path / "fsdp"), losses(tmp_path / "ddp"), ulps=256)
+
+
+def test_llama_pro_on_a_transformers_qwen2_folder_exports_a_folder_transformers_loads(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "theirs")
+    ours = hf.from_pretrained(str(tmp_path / "theirs"))
+    M.expand_blocks(ours, 1)
+    hf.save_pretrained(ours, str(tmp_path / "ours"), dtype=torch.float32)
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ours", dtype=torch.float32)
+    assert back.config.num_hidden_layers == 3 == len(json.loads((tmp_path / "ours" / "config.json").read_text())["layer_types"])

@@ -581,3 +581,19 @@ def test_the_memory_check_takes_the_address_space_limit_and_shares_the_host_betw
     assert plan.available_bytes(torch.device("cpu"), local_world=4)[1] < host / 2  # four processes share it
     monkeypatch.setattr(resource, "getrlimit", lambda which: (2**30, resource.RLIM_INFINITY))  # ulimit -v 1048576
     assert plan.available_bytes(torch.device("cpu"))[1] == 2**30
+
+
+def test_an_unreadable_lock_is_refused_while_fresh_and_taken_over_after_a_minute(tmp_path, capsys):
+    lock = tmp_path / ".lock"
+    lock.write_text("")  # a crash between creating it and writing it
+    with pytest.raises(ValueError, match=r"is in use: .*\.lock is being written by another launch \(delete it"):
+        train.main(FAST + ["--max_steps=1", f"--out_dir={tmp_path}"])
+    os.utime(lock, (os.path.getmtime(lock) - 120,) * 2)
+    train.main(FAST + ["--max_steps=1", f"--out_dir={tmp_path}"])
+    assert "unreadable for a minute; taking the folder over" in capsys.readouterr().out
+
+
+def test_a_checkpoint_saved_before_inputs_were_recorded_still_checks_its_chat_format():
+    saved = {"config": {**dataclasses.asdict(train.Config()), "chat_format": "auto"}, "world": 1, "base": "tiny"}
+    with pytest.raises(ValueError, match=r"^ckpt: saved with --chat_format=auto, resuming with --chat_format=chatml"):
+        C.same_run(saved, "ckpt", train.Config(chat_format="chatml"), 1, {"base": "tiny"})
