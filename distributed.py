@@ -49,6 +49,10 @@ def init_distributed(threads=0, timeout=600) -> Dist:
     return Dist(rank, local_rank, world, device, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
 
 
+# How gloo and NCCL report a rank that stopped answering (hung: a timeout) or died (its sockets closed).
+LOST_RANK = ("Timed out", "timed out", "Connection closed by peer", "Connection reset by peer", "Broken pipe", "NCCL")
+
+
 def all_reduce_sum(values, d: Dist):
     """Sum a list of floats across ranks (float64, so token counts stay exact)."""
     t = torch.tensor(values, dtype=torch.float64, device=d.device)

@@ -37,7 +37,7 @@ import optim
 import plan
 import run_dir
 from config import Config, parse_args
-from distributed import Dist, Preempted, all_reduce_sum, any_rank, init_distributed, preemption_signals
+from distributed import LOST_RANK, Dist, Preempted, all_reduce_sum, any_rank, init_distributed, preemption_signals
 from evaluate import evaluate, generate
 
 
@@ -325,7 +325,7 @@ def run(cfg: Config, d: Dist, log, signals):
         train_loop(cfg, d, r, log, record)
         finish(cfg, d, r, log, record)
     except RuntimeError as e:  # gloo / NCCL: a peer that stopped answering, or died
-        if not any(k in str(e) for k in ("Timed out", "timed out", "Connection closed by peer", "NCCL")):
+        if not any(k in str(e) for k in LOST_RANK):
             raise
         raise ValueError(f"step {r.step}: a collective waited more than --timeout={cfg.timeout} s or lost a rank (one is "
                          f"stuck, swapped out or dead): {str(e).splitlines()[0][:160]}") from None
