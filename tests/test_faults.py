@@ -522,7 +522,8 @@ def interrupt(cmd, out_dir, after_rows, sig):
     return proc.wait(timeout=120), proc.stderr.read()
 
 
-@pytest.mark.parametrize("world,sig", [(1, "SIGTERM"), (2, "SIGTERM"), pytest.param(1, "SIGUSR1", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("world,sig", [(1, "SIGTERM"), pytest.param(2, "SIGTERM", marks=pytest.mark.slow),
+                                       pytest.param(1, "SIGUSR1", marks=pytest.mark.slow)])
 def test_a_preemption_signal_saves_at_the_next_step_and_the_resumed_run_has_the_uninterrupted_losses(tmp_path, world, sig):
     import sys
     steps = 250 if world == 1 else 120

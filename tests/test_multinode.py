@@ -75,6 +75,7 @@ def test_two_nodes_equal_one_node_for_each_kind_and_sharding(tmp_path, flags):
     assert rows(tmp_path / "two") == rows(tmp_path / "one")
 
 
+@pytest.mark.slow
 def test_an_out_dir_that_the_nodes_do_not_share_is_refused_at_startup(tmp_path):
     results = finish(start_nodes(FAST, per_node=[[f"--out_dir={tmp_path / f'node{k}'}"] for k in range(2)]))
     assert all(rc != 0 for rc, _ in results)
