@@ -7,7 +7,8 @@ in place into its gradient softmax(row) - onehot(label) while computing the row'
 logsumexp(row) - row[label] (two passes over the vocabulary, an online max and sum first); then
 grad_h_c = dlogits @ W and grad_W += dlogits^T @ h_c (multiplied in the logits' dtype, summed in
 grad_W's). Labels equal to -100 give no loss and no
-gradient. Backward only scales the stored gradients by the incoming one.
+gradient. Backward only scales the stored gradients by the incoming one, in place. So the peak is
+one chunk of logits, grad_h and one [vocab, dim] grad_W.
 
 The reference is model.cross_entropy_sum (chunked, recomputed under checkpointing).
 """
@@ -56,8 +57,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_h = torch.empty_like(h) if need_h else None
         grad_w = torch.zeros_like(weight) if need_w else None
         block = min(4096, triton.next_power_of_2(v))  # vocabulary columns per pass of a row's loop
+        logits = None
         for i in range(0, n, chunk):
             hc = h[i:i + chunk]
+            del logits  # one chunk of logits at a time: the last one goes before the next is made
             logits = (hc @ weight.t()).contiguous()
             _ce_rows[(hc.shape[0],)](logits, labels[i:i + chunk].contiguous(), loss[i:i + chunk], v, logits.stride(0),
                                      WANT_GRAD=want, BLOCK=block, num_warps=min(max(block // 256, 1), 8))
@@ -77,9 +80,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
+        # Scaled in place: a second [vocab, dim] weight gradient would double the loss's peak. They
+        # are this function's own tensors and backward runs once (no retain_graph through a loss).
         grad_h, grad_w = ctx.saved_tensors
-        return (grad_h * g.to(grad_h.dtype) if grad_h is not None else None,
-                grad_w * g.to(grad_w.dtype) if grad_w is not None else None, None, None)
+        return (grad_h.mul_(g.to(grad_h.dtype)) if grad_h is not None else None,
+                grad_w.mul_(g.to(grad_w.dtype)) if grad_w is not None else None, None, None)
 
 
 def linear_cross_entropy_triton(h, weight, labels, chunk=4096):

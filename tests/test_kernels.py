@@ -199,3 +199,26 @@ def test_every_kernel_compiles_for_h100_and_rtx_3090_without_spilling():
                "_ce_rows", "_dequantize_nf4_kernel", "_nf4_matmul_kernel"}
     assert {row[0] for row in rows} == kernels and all(row[-2] == "0" for row in rows), r.stdout  # no spilled bytes
     assert r.stdout.splitlines()[-1] == "compiled 24 kernel variants for sm_90, sm_86; 0 failures"
+
+
+def test_the_fused_loss_holds_one_chunk_of_logits_and_one_weight_gradient_at_a_time():
+    import os
+    import sys
+    from conftest import ROOT
+    from kernels.linear_ce import linear_cross_entropy_triton
+    if DEVICE != "cpu":
+        pytest.skip("the CPU allocator's records (bench/memory.py) measure this")
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    from memory import cpu_allocation_peak
+    K.select("interpret")
+    n, vocab, dim, chunk = 96, 2048, 256, 32
+    torch.manual_seed(0)
+    h, w = torch.randn(n, dim, requires_grad=True), (torch.randn(vocab, dim) * 0.02).requires_grad_(True)
+    labels = torch.randint(0, vocab, (n,))
+    logits, grad_w, grad_h = chunk * vocab * 4, vocab * dim * 4, n * dim * 4
+    cpu_allocation_peak(lambda: linear_cross_entropy_triton(h, w, labels, chunk))  # the first profile's own setup
+    forward = cpu_allocation_peak(lambda: linear_cross_entropy_triton(h, w, labels, chunk))
+    # grad_W and grad_h for the whole loss, one chunk of logits, and small change (loss rows, scalars)
+    assert forward <= grad_w + grad_h + logits + 64 * 1024, (forward, grad_w + grad_h + logits)
+    both = cpu_allocation_peak(lambda: (linear_cross_entropy_triton(h, w, labels, chunk) * 2.0).backward())
+    assert both < 2 * grad_w  # backward scales grad_W in place: never a second [vocab, dim] tensor
