@@ -25,9 +25,10 @@ from distributed import all_reduce_sum, turns
 
 
 class DPO:
-    def __init__(self, beta, reference=None):
-        """reference: None (adapters off) or an engine (ddp.Replicated, fsdp.Sharded) over a frozen copy."""
-        self.beta, self.reference, self.ref = beta, reference, None
+    def __init__(self, beta, reference=None, chunk=4096):
+        """reference: None (adapters off) or an engine (ddp.Replicated, fsdp.Sharded) over a frozen copy;
+        chunk: answer tokens through the head at a time (model.row_logprobs)."""
+        self.beta, self.reference, self.ref, self.chunk = beta, reference, None, chunk
         self.sums = [0.0] * 5  # pairs, correct, margin, chosen reward, rejected reward: for the log
 
     @torch.no_grad()
@@ -41,10 +42,9 @@ class DPO:
             with adapters_disabled(engine.model):
                 self.ref = forward(engine)
 
-    @staticmethod
-    def logprobs(model, x, batch):
+    def logprobs(self, model, x, batch):
         """Each answer's summed log-probability: 2k pair k's chosen one, 2k + 1 its rejected one."""
-        return row_logprobs(model, x, batch["labels"], batch.get("seq_ids"), 2 * batch["num_pairs"])
+        return row_logprobs(model, x, batch["labels"], batch.get("seq_ids"), 2 * batch["num_pairs"], chunk=self.chunk)
 
     def head(self, model, x, batch):
         return self.loss(self.logprobs(model, x, batch))

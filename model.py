@@ -527,24 +527,28 @@ def cross_entropy_sum(h, head, labels, chunk=0):
     return total, n
 
 
-def row_logprobs(model: Llama, x, labels, seq_ids=None, n_seqs=None):
+def _logprob_chunk(h, head, labels):
+    return -F.cross_entropy(head(h).float(), labels, reduction="none")
+
+
+def row_logprobs(model: Llama, x, labels, seq_ids=None, n_seqs=None, chunk=4096):
     """The summed log-probability of each sequence's target tokens (labels != -100), from the last
     block's output x, as DPO needs: per row, or with seq_ids ([B, T], the sequence each token belongs
-    to, -1 for none) per sequence, n_seqs of them. The head runs one row at a time under
-    checkpointing, so one row's [T, vocab] fp32 logits exist at a time, in forward and in backward."""
-    h = model.model.norm(x)
-
-    def row(h_row, labels_row):
-        logp = F.log_softmax(model.lm_head(h_row).float(), dim=-1)
-        return logp.gather(-1, labels_row.clamp(min=0)[:, None])[:, 0].masked_fill(labels_row == -100, 0.0)
+    to, -1 for none) per sequence, n_seqs of them. As cross_entropy_sum's chunked path: only target
+    tokens go through the head, `chunk` of them at a time under checkpointing, so one chunk's
+    [chunk, vocab] fp32 logits exist at a time, in forward and in backward."""
+    keep = labels != -100
+    h, targets = model.model.norm(x)[keep], labels[keep]
     grad = torch.is_grad_enabled()
-    token = torch.stack([checkpoint(row, h[b], labels[b], use_reentrant=False) if grad else row(h[b], labels[b])
-                         for b in range(h.shape[0])])
-    if seq_ids is None:
-        return token.sum(-1)
-    keep = (seq_ids >= 0) & (labels != -100)
-    n_seqs = int(seq_ids.max()) + 1 if n_seqs is None else n_seqs  # given: an empty last sequence still counts
-    return token.new_zeros(n_seqs).index_add(0, seq_ids[keep], token[keep])
+    token = torch.cat([checkpoint(_logprob_chunk, h[i:i + chunk], model.lm_head, targets[i:i + chunk], use_reentrant=False)
+                       if grad else _logprob_chunk(h[i:i + chunk], model.lm_head, targets[i:i + chunk])
+                       for i in range(0, targets.numel(), chunk)] or [h.new_zeros(0, dtype=torch.float32)])
+    if seq_ids is None:  # per row
+        owner, n_seqs = torch.arange(labels.shape[0], device=labels.device)[:, None].expand_as(labels)[keep], labels.shape[0]
+    else:
+        owner = seq_ids[keep]
+        n_seqs = int(seq_ids.max()) + 1 if n_seqs is None else n_seqs  # given: an empty last sequence still counts
+    return token.new_zeros(n_seqs).index_add(0, owner[owner >= 0], token[owner >= 0])
 
 
 def expand_blocks(model: Llama, n):

@@ -75,7 +75,7 @@ def unit_bytes(model, world, offload, param_bytes):
 
 def plan_memory(model, world, batch_size, seq_len, *, prefetch=1, checkpointing=True, param_bytes=2, reduce_every_micro=True,
                 offload="none", loss_chunk=0, kernels=False, strategy="full", shard_group=0, galore_rank=0,
-                offload_activations=False):
+                offload_activations=False, dpo=False):
     """Predicted peak bytes per rank, by category, without allocating (the model may be on the
     meta device). Returns (gpu, cpu): the GPU bytes of each category at the peak, and their
     "total"; the pinned CPU bytes with offload.
@@ -97,8 +97,8 @@ def plan_memory(model, world, batch_size, seq_len, *, prefetch=1, checkpointing=
       outer unit, kept to the end), and the sharded gradients of the units already reduced;
     - the embedding's backward, when it trains: a dense gradient of the table, then the unit's;
     - the optimizer step (fused AdamW: no temporaries) with every sharded gradient.
-    The logits are fp32 for the rows computed at once (all, or loss_chunk): log-softmax's output
-    and, in backward, two more of the same size; the fused kernel instead holds 4096-row chunks of
+    The logits are fp32 for the rows computed at once (all, or loss_chunk; DPO: loss_chunk or 4096):
+    log-softmax's output and, in backward, two more of the same size; the fused kernel instead holds 4096-row chunks of
     logits in the compute dtype and the gradients of the head's input (and weight, when it trains).
     """
     a, n_blocks = model.args, model.args.n_layers
@@ -112,11 +112,12 @@ def plan_memory(model, world, batch_size, seq_len, *, prefetch=1, checkpointing=
         max(sum(full[u] for u in set(order[i:i + prefetch + 1])) for i in range(len(order)))
     tokens, act = batch_size * seq_len, param_bytes
     block, outside, head = activation_bytes_per_token(model, act, kernels)
-    if kernels:
+    if kernels and not dpo:
         logits = min(tokens, 4096 if loss_chunk <= 0 else loss_chunk) * a.vocab_size * act + tokens * a.dim * act
         logits += a.vocab_size * a.dim * act if rows[pos[-1]][1] else 0
-    else:
-        logits = (loss_chunk if 0 < loss_chunk < tokens else tokens) * a.vocab_size * 4 * 3
+    else:  # DPO's answer log-probabilities always go through the head in chunks (model.row_logprobs)
+        chunk = loss_chunk or (4096 if dpo else 0)
+        logits = (chunk if 0 < chunk < tokens else tokens) * a.vocab_size * 4 * 3
     on_gpu = offload != "all"  # else sharded gradients and AdamW state live on the CPU
     static = {"weight shards": gpu_shards, "gathered units": gathered, "optimizer": optim if on_gpu else 0}
     kept = act * a.dim if checkpointing else block  # per block and token, between its forward and its backward
@@ -179,7 +180,7 @@ def plan_run(model, cfg, world, amp, *, reference_bytes=0, kernels=False, shard_
                            reduce_every_micro=cfg.reduce_every_micro, offload=cfg.offload, loss_chunk=cfg.loss_chunk,
                            kernels=kernels, strategy=cfg.shard, shard_group=shard_group,
                            galore_rank=cfg.galore_rank if cfg.optimizer == "galore" else 0,
-                           offload_activations=cfg.offload_activations)
+                           offload_activations=cfg.offload_activations, dpo=cfg.objective == "dpo")
     if reference_bytes:  # DPO's reference under full fine-tuning: a frozen copy, sharded like the model (--fsdp)
         shards = (shard_group if cfg.shard == "hybrid" else world) if cfg.fsdp else 1
         copy = math.ceil(reference_bytes / shards)

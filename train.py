@@ -123,7 +123,7 @@ def setup(cfg: Config, d: Dist, log):
     if cfg.eval_metric == "auto":
         cfg.eval_metric = "exact" if cfg.data == "arith" else "last_number"
 
-    preference = dpo.DPO(cfg.dpo_beta, reference) if cfg.objective == "dpo" else None
+    preference = dpo.DPO(cfg.dpo_beta, reference, chunk=cfg.loss_chunk or 4096) if cfg.objective == "dpo" else None
     opt = optim.make_optimizer(engine, cfg)
     ckpt_path, start, inputs = os.path.join(cfg.out_dir, "checkpoint"), 0, checkpoint.run_inputs(cfg, tok, fmt)
     scaler = optim.LossScaler(cfg.precision == "fp16")

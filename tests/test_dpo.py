@@ -241,3 +241,26 @@ def test_full_fine_tuning_dpo_resumes_against_the_starting_model(tmp_path):
     straight = losses(tmp_path / "straight")
     assert straight[-1] != pytest.approx(math.log(2), abs=1e-3)  # it moved away from the reference
     assert losses(tmp_path / "resumed") == pytest.approx(straight, rel=1e-5)
+
+
+def test_answer_log_probabilities_go_through_the_head_a_chunk_of_tokens_at_a_time():
+    import os
+    import sys
+    from conftest import ROOT, small_model
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    from memory import cpu_allocation_peak
+    m = small_model(vocab_size=2048)
+    T, chunk = 512, 64
+    x = torch.randn(1, T, 32, requires_grad=True)
+    labels = torch.randint(0, 2048, (1, T))
+    labels[0, :100] = -100  # a prompt
+    seq = torch.zeros(1, T, dtype=torch.long)
+    seq[0, 300:] = 1  # two answers in the row
+    want = torch.log_softmax(m.lm_head(m.model.norm(x)).float(), -1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]
+    want = torch.stack([want[0, 100:300].sum(), want[0, 300:].sum()])
+    import model as M
+    got = M.row_logprobs(m, x, labels, seq, 2, chunk=chunk)
+    assert_close(got, want, scale=want.abs().max().item())
+    cpu_allocation_peak(lambda: M.row_logprobs(m, x, labels, seq, 2, chunk=chunk))  # the first profile's own setup
+    peak = cpu_allocation_peak(lambda: M.row_logprobs(m, x, labels, seq, 2, chunk=chunk).sum().backward())
+    assert peak < T * 2048 * 4  # under one row's fp32 logits: a chunk's, three times over at most
