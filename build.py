@@ -257,25 +257,37 @@ def describe(engine, d, *, name, what, reference=None):
 
 
 def check_memory(cfg, d):
-    """Refuse, before anything is loaded, a run whose planned peak per rank (plan.plan_run: what
-    --dry_run prints) exceeds the memory free for it: a GPU's free memory (and host memory for what
-    is offloaded); on a CPU, MemAvailable shared by this machine's ranks, within ulimit -v."""
+    """(recompute, refusal) from the planned peak per rank (plan.plan_run: what --dry_run prints)
+    against the memory free for it: a GPU's free memory (and host memory for what is offloaded); on
+    a CPU, MemAvailable shared by this machine's ranks, within ulimit -v. recompute: whether blocks
+    are recomputed in backward (--grad_checkpointing=auto: only where the plan without it does not
+    fit); refusal: a ValueError saying what does not fit, or None."""
     amp = amp_dtype(cfg, d.device.type)
     model = meta_model(cfg, amp)
     reference = reference_bytes(model, cfg, amp) if cfg.objective == "dpo" and not has_adapters(cfg) else 0
-    gpu, cpu = plan.plan_run(model, cfg, d.world if cfg.fsdp else 1, amp, reference_bytes=reference,  # replicated: all
-                             kernels=d.device.type == "cuda" and plan.triton_keeps_less(cfg),
-                             shard_group=cfg.shard_group or d.local_world)
-    on_device, on_host = (gpu["total"], sum(cpu.values())) if d.device.type == "cuda" else (0, gpu["total"] + sum(cpu.values()))
     free_device, free_host = plan.available_bytes(d.device, d.local_world)
-    for need, free, where in ((on_device, free_device, f"free on {d.device}"),
-                              (on_host, free_host, f"available in host memory for each of this machine's {d.local_world} "
-                                                   f"process(es) (MemAvailable, ulimit -v)")):
-        if free is not None and need > free:
-            raise ValueError(f"--model={cfg.model}: each rank needs about {need / 2**30:.1f} GiB at its peak (the plan "
-                             f"--dry_run prints) but {free / 2**30:.1f} GiB are {where}; use --adapter=lora "
-                             f"--quant=nf4, --fsdp over more ranks, --grad_checkpointing, a smaller --batch_size or "
-                             f"--seq_len (or --memory_check=false to try anyway)")
+
+    def need(recompute):  # (device bytes, host bytes) per rank
+        gpu, cpu = plan.plan_run(model, cfg, d.world if cfg.fsdp else 1, amp, reference_bytes=reference,  # replicated
+                                 kernels=d.device.type == "cuda" and plan.triton_keeps_less(cfg),
+                                 shard_group=cfg.shard_group or d.local_world, checkpointing=recompute)
+        return (gpu["total"], sum(cpu.values())) if d.device.type == "cuda" else (0, gpu["total"] + sum(cpu.values()))
+
+    def fits(bytes_):
+        return all(free is None or n <= free for n, free in zip(bytes_, (free_device, free_host)))
+    recompute = cfg.grad_checkpointing == "full" or cfg.offload_activations or \
+        (cfg.grad_checkpointing == "auto" and not fits(need(False)))
+    on_device, on_host = need(recompute)
+    for n, free, where in ((on_device, free_device, f"free on {d.device}"),
+                           (on_host, free_host, f"available in host memory for each of this machine's {d.local_world} "
+                                                f"process(es) (MemAvailable, ulimit -v)")):
+        if free is not None and n > free:
+            return recompute, ValueError(
+                f"--model={cfg.model}: each rank needs about {n / 2**30:.1f} GiB at its peak (the plan --dry_run "
+                f"prints) but {free / 2**30:.1f} GiB are {where}; use --adapter=lora --quant=nf4, --fsdp over more "
+                f"ranks, --grad_checkpointing=full, a smaller --batch_size or --seq_len (or --memory_check=false to "
+                f"try anyway)")
+    return recompute, None
 
 
 def dpo_reference(cfg, d, model, *, streamed):

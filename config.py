@@ -80,7 +80,7 @@ class Config:
     seed: int = fixed(0)  # model init, adapters, data order and split
     precision: str = "auto"  # auto (bf16 autocast on CUDA and on CPUs with AMX / AVX512-BF16, else fp32) | bf16 | fp32 | fp16 (autocast with dynamic loss scaling: GPUs without bf16)
     compile: bool = False  # torch.compile each transformer block
-    grad_checkpointing: bool = False  # recompute each block in backward instead of storing activations
+    grad_checkpointing: str = "auto"  # full (recompute each block in backward instead of storing its activations) | none | auto (none where the plan says the activations fit the free memory, else full); bare = full
     offload_activations: bool = False  # with grad_checkpointing: the block inputs it keeps wait in (pinned) CPU memory
     loss_chunk: int = 0  # >0: cross-entropy over this many tokens at a time (never all [tokens, vocab] logits)
     memory_check: bool = True  # refuse at startup a run whose planned peak per rank (--dry_run's plan) exceeds the free memory (GPU: free; CPU: MemAvailable per process, ulimit -v)
@@ -160,6 +160,8 @@ def parse_args(argv) -> Config:
         if name not in types:
             close = difflib.get_close_matches(name, types, n=1)
             raise ValueError(f"unknown flag --{name}" + (f"; did you mean --{close[0]}?" if close else " (see --help)"))
+        if name == "grad_checkpointing" and (not eq or text.lower() in ("true", "false", "1", "0")):  # the old bool
+            text, eq = ("none" if text.lower() in ("false", "0") else "full"), "="
         if not eq and types[name] is not bool:
             raise ValueError(f"flag --{name} needs a value: --{name}=...")
         setattr(cfg, name, parse_value(name, types[name], text) if eq else True)
@@ -176,7 +178,7 @@ def parse_args(argv) -> Config:
 
 def check_choices(cfg):
     """Each flag alone: one of its values, or within its range (RANGES)."""
-    for name, allowed in (("schedule", ("cosine", "linear", "constant")), ("precision", ("auto", "bf16", "fp32", "fp16")),
+    for name, allowed in (("schedule", ("cosine", "linear", "constant")), ("grad_checkpointing", ("auto", "none", "full")), ("precision", ("auto", "bf16", "fp32", "fp16")),
                           ("eval_metric", ("auto", "exact", "last_number")),
                           ("adapter", ADAPTERS), ("quant", ("none",) + quant.FORMATS), ("reduce_dtype", ("fp32", "bf16")),
                           ("chat_format", ("auto", "alpaca", "chatml", "llama3", "template")), ("hf_dtype", ("bf16", "fp32")),
@@ -208,8 +210,9 @@ def check_combinations(cfg):
         raise ValueError("flag --data: a weighted mixture of sources is for --objective=sft; DPO takes one pairs file")
     if cfg.objective == "dpo" and cfg.data == "arith":
         raise ValueError("flag --objective=dpo needs --data=<file of preference pairs> ({\"prompt\", \"chosen\", \"rejected\"})")
-    if cfg.offload_activations and not cfg.grad_checkpointing:
-        raise ValueError("flag --offload_activations moves the block inputs that --grad_checkpointing keeps: pass both")
+    if cfg.offload_activations and cfg.grad_checkpointing == "none":
+        raise ValueError("flag --offload_activations moves the block inputs that --grad_checkpointing keeps: drop "
+                         "--grad_checkpointing=none")
     if cfg.offload_activations and cfg.fsdp:  # fsdp.Sharded keeps every block's input itself, for its backward
         raise ValueError("flag --offload_activations does not save memory under --fsdp yet (the sharded schedule "
                          "keeps each block's input on the GPU for its backward); drop one of them")

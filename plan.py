@@ -170,13 +170,13 @@ def step_moments(model, rows, backward, static, *, S, on_gpu, tokens, act, kept,
     return moments
 
 
-def plan_run(model, cfg, world, amp, *, reference_bytes=0, kernels=False, shard_group=0):
+def plan_run(model, cfg, world, amp, *, reference_bytes=0, kernels=False, shard_group=0, checkpointing=True):
     """plan_memory for train.py's Config `cfg` on a meta-device `model` as built (build.meta_model);
     amp: the autocast dtype or None; reference_bytes: DPO's frozen copy, whole; kernels: the Triton
     kernels that keep less for backward run (a GPU); shard_group: --shard=hybrid's group size.
     Returns (gpu, cpu) as plan_memory."""
     gpu, cpu = plan_memory(model, world, cfg.batch_size, cfg.seq_len, prefetch=cfg.prefetch,
-                           checkpointing=cfg.grad_checkpointing, param_bytes=2 if amp is not None else 4,
+                           checkpointing=checkpointing, param_bytes=2 if amp is not None else 4,
                            reduce_every_micro=cfg.reduce_every_micro, offload=cfg.offload, loss_chunk=cfg.loss_chunk,
                            kernels=kernels, strategy=cfg.shard, shard_group=shard_group,
                            galore_rank=cfg.galore_rank if cfg.optimizer == "galore" else 0,
@@ -200,10 +200,12 @@ def triton_keeps_less(cfg):
 def print_plan(model, cfg, world, amp, reference_bytes=0, kind=""):
     """--dry_run's table (plan_run), for a GPU."""
     kernels, group = triton_keeps_less(cfg), cfg.shard_group or min(world, 8)  # hybrid: nodes of 8 GPUs
-    gpu, cpu = plan_run(model, cfg, world, amp, reference_bytes=reference_bytes, kernels=kernels, shard_group=group)
+    recompute = cfg.grad_checkpointing == "full" or cfg.offload_activations  # auto: as if the activations fit
+    gpu, cpu = plan_run(model, cfg, world, amp, reference_bytes=reference_bytes, kernels=kernels, shard_group=group,
+                        checkpointing=recompute)
     shard = f"hybrid (shard groups of {group}, replicated {world // group}x)" if cfg.shard == "hybrid" else cfg.shard
     print(f"memory plan: {cfg.model} {kind}, world {world}, --shard={shard}, batch {cfg.batch_size} x {cfg.seq_len}, "
-          f"checkpointing {cfg.grad_checkpointing}, prefetch {cfg.prefetch}, offload {cfg.offload}, "
+          f"checkpointing {'full' if recompute else 'none'}{' (auto)' if cfg.grad_checkpointing == 'auto' else ''}, prefetch {cfg.prefetch}, offload {cfg.offload}, "
           f"loss_chunk {cfg.loss_chunk}, Triton kernels {'on' if kernels else 'off'}; {describe(model)}")
     print("per rank, GPU at the peak:" + "".join(f"\n  {k:<20}{v / 2**30:8.2f} GiB" for k, v in gpu.items()))
     if cpu:

@@ -100,17 +100,17 @@ class Run:
 
 def setup(cfg: Config, d: Dist, log):
     """The model, its engine and optimizer, the data, and the resumed state: what the loop needs."""
-    refusal = None
-    try:
-        build.check_memory(cfg, d) if cfg.memory_check else None
-    except ValueError as e:  # free memory differs between ranks: all stop if one must
-        refusal = e
-    if any_rank(d, refusal):
+    recompute, refusal = build.check_memory(cfg, d)
+    refusal = refusal if cfg.memory_check else None
+    if any_rank(d, refusal):  # free memory differs between ranks: all stop if one must
         raise refusal or ValueError(f"--model={cfg.model}: does not fit another rank's free memory (its error says why)")
+    recompute = any_rank(d, recompute)  # and all recompute if one must
+    if cfg.grad_checkpointing == "auto" and recompute:
+        log("--grad_checkpointing=auto: full (the activations of every block do not fit beside the rest)")
     model, tok, source_files, load = build.build_model(cfg, d)
     reference = build.dpo_reference(cfg, d, model, streamed=load is not None) \
         if cfg.objective == "dpo" and not build.has_adapters(cfg) else None
-    model.gradient_checkpointing, model.offload_activations = cfg.grad_checkpointing, cfg.offload_activations
+    model.gradient_checkpointing, model.offload_activations = recompute, cfg.offload_activations
     if cfg.compile:
         for layer in model.model.layers:
             layer.compile()

@@ -321,7 +321,7 @@ def test_the_plan_moves_offloaded_activations_to_the_cpu():
 
 def test_offload_activations_without_checkpointing_or_with_fsdp_is_refused():
     with pytest.raises(ValueError, match="--offload_activations moves the block inputs that --grad_checkpointing keeps"):
-        train.parse_args(["--offload_activations"])
+        train.parse_args(["--offload_activations", "--grad_checkpointing=none"])  # (auto recomputes with it)
     with pytest.raises(ValueError, match="--offload_activations does not save memory under --fsdp yet"):
         train.parse_args(["--offload_activations", "--grad_checkpointing", "--fsdp"])
 
@@ -349,3 +349,24 @@ def test_both_engines_implement_the_engine_interface_with_its_signatures():
             want = list(inspect.signature(getattr(distributed.Engine, name)).parameters)
             assert list(inspect.signature(getattr(engine, name)).parameters) == want, (engine.__name__, name)
         assert isinstance(engine.lockstep, bool)
+
+
+def test_grad_checkpointing_auto_recomputes_only_where_the_activations_do_not_fit(tmp_path, monkeypatch, capsys):
+    import plan
+    assert [train.parse_args(a).grad_checkpointing for a in ([], ["--grad_checkpointing"], ["--grad_checkpointing=false"],
+                                                               ["--grad_checkpointing=none"])] == ["auto", "full", "none", "none"]
+    args = FAST + ["--max_steps=2", "--seq_len=256", "--batch_size=8", "--eval_frac=0"]
+    d = train.Dist(0, 0, 1, torch.device("cpu"))
+    kept = build.check_memory(train.parse_args(args + ["--grad_checkpointing=none"]), d)
+    assert kept == (False, None)  # this machine holds the tiny model's activations: auto recomputes nothing
+    cfg = train.parse_args(args)
+    model = build.meta_model(cfg, None)
+    without, _ = plan.plan_run(model, cfg, 1, None, checkpointing=False)
+    with_, _ = plan.plan_run(model, cfg, 1, None, checkpointing=True)
+    assert with_["total"] < without["total"]
+    budget = (with_["total"] + without["total"]) // 2  # a machine where only recomputing fits
+    monkeypatch.setattr(plan, "available_bytes", lambda device, local_world=1: (None, budget))
+    train.main(args + [f"--out_dir={tmp_path / 'auto'}"])
+    assert "--grad_checkpointing=auto: full" in capsys.readouterr().out
+    train.main(args + ["--grad_checkpointing=full", f"--out_dir={tmp_path / 'full'}"])
+    assert rows(tmp_path / "auto") == rows(tmp_path / "full")
