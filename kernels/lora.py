@@ -54,9 +54,11 @@ class _LoraAdd(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         xa2, b = ctx.saved_tensors
-        dy2 = dy.reshape(-1, dy.shape[-1]).float()
-        d_xa = (dy2 @ b.float()).mul_(ctx.scale).to(xa2.dtype).view(ctx.xa_shape)
-        d_b = (dy2.t() @ xa2.float()).mul_(ctx.scale).to(b.dtype)
+        # In dy's dtype: an fp32 copy of the output gradient would be the largest tensor here; the
+        # matmuls sum their products in fp32 all the same (as autocast's reference does).
+        dy2 = dy.reshape(-1, dy.shape[-1])
+        d_xa = (dy2 @ b.to(dy2.dtype)).mul_(ctx.scale).to(xa2.dtype).view(ctx.xa_shape)
+        d_b = (dy2.t() @ xa2.to(dy2.dtype)).float().mul_(ctx.scale).to(b.dtype)
         return dy, d_xa, d_b, None
 
 

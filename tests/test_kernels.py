@@ -222,3 +222,25 @@ def test_the_fused_loss_holds_one_chunk_of_logits_and_one_weight_gradient_at_a_t
     assert forward <= grad_w + grad_h + logits + 64 * 1024, (forward, grad_w + grad_h + logits)
     both = cpu_allocation_peak(lambda: (linear_cross_entropy_triton(h, w, labels, chunk) * 2.0).backward())
     assert both < 2 * grad_w  # backward scales grad_W in place: never a second [vocab, dim] tensor
+
+
+def test_the_lora_add_backward_makes_no_fp32_copy_of_the_output_gradient():
+    import os
+    import sys
+    from conftest import ROOT
+    from kernels.lora import lora_add_triton
+    if DEVICE != "cpu":
+        pytest.skip("the CPU allocator's records (bench/memory.py) measure this")
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    from memory import cpu_allocation_peak
+    M, N, R = 256, 512, 8
+    y = torch.randn(M, N, dtype=torch.bfloat16, requires_grad=True)
+    xa = torch.randn(M, R, dtype=torch.bfloat16, requires_grad=True)
+    b = torch.randn(N, R, requires_grad=True)  # the fp32 master weight, as under autocast
+    dy = torch.randn(M, N, dtype=torch.bfloat16)
+    out = lora_add_triton(y, xa, b, 2.0)
+    cpu_allocation_peak(lambda: None)  # the first profile's own setup
+    peak = cpu_allocation_peak(lambda: out.backward(dy))
+    assert peak < M * N * 4  # the gradients of xa and b, and y's (dy itself): no [M, N] fp32 tensor
+    want_xa = (dy.float() @ b.detach()) * 2.0
+    assert ((xa.grad.float() - want_xa).norm() / want_xa.norm()) < 1e-2  # bf16 products, fp32 sums
