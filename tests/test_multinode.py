@@ -157,3 +157,17 @@ def test_the_slurm_example_launches_a_run_through_torchrun_rendezvous(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     assert [row["step"] for row in rows(tmp_path / "out") if "loss" in row] == [1, 2]
     assert os.path.isdir(tmp_path / "out" / "adapter")  # QLoRA, as the example says
+
+
+def test_the_dry_run_plans_hybrid_sharding_for_nodes_of_8_gpus(capsys):
+    import train
+    base = ["--dry_run", "--model=llama3-8b", "--adapter=lora", "--quant=nf4", "--fsdp", "--plan_world=16",
+            "--batch_size=1", "--seq_len=2048"]
+    train.main(base + ["--shard=hybrid"])
+    hybrid = capsys.readouterr().out
+    train.main(base + ["--shard=hybrid", "--shard_group=8"])
+    assert capsys.readouterr().out == hybrid and "--shard=hybrid (shard groups of 8, replicated 2x)" in hybrid
+    train.main(base)  # sharded over all 16: smaller shards than over a node's 8
+    full = capsys.readouterr().out
+    shards = [float(out.split("weight shards")[1].split()[0]) for out in (hybrid, full)]
+    assert shards[0] > shards[1]
