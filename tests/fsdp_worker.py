@@ -140,6 +140,7 @@ def main(out):
         results = strategies(d)
         if d.rank == 0:
             torch.save(results, out)
+        dist.barrier()  # every rank done with every group before any tears them down (a gloo abort otherwise)
         dist.destroy_process_group()
         return
     results = {}
@@ -155,6 +156,7 @@ def main(out):
     results["fsdp2"] = fsdp2_losses(d)
     if d.rank == 0:
         torch.save(results, out)
+    dist.barrier()
     dist.destroy_process_group()
 
 
