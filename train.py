@@ -308,6 +308,7 @@ def main(argv):
     finally:
         run_dir.release(lock)
     if d.world > 1:
+        dist.barrier()  # every rank is done with every group before any is torn down
         dist.destroy_process_group()
 
 
