@@ -5,8 +5,10 @@
     python train.py --model=path/to/hf_llama --data=alpaca.json --seq_len=1024 --lr=2e-5
     python train.py --help                            # every flag, its default and what it does
 
-The Config and its command line are config.py's; the distributed state (Dist) is distributed.py's.
-main() is setup (model, engine, optimizer, data, resume), train_loop and finish. The loop, top to
+The Config and its command line are config.py's; the distributed state (Dist) is distributed.py's;
+the --out_dir (its lock, metrics.jsonl) is run_dir.py's; evaluation is evaluate.py's. main() claims
+the out_dir, then runs setup (model, engine, optimizer, data, resume), train_loop and finish; a
+SIGTERM or SIGUSR1 makes every rank save at the next step and stop. The loop, top to
 bottom: take grad_accum micro-batches, count their target tokens across all ranks, forward +
 backward each through the engine (ddp.Replicated, or fsdp.Sharded under --fsdp: the same
 interface; loss = summed token losses / that global count, so every token weighs the same whatever
