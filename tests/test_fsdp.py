@@ -294,7 +294,8 @@ def test_offload_keeps_the_chosen_shards_on_the_cpu_and_trains_the_same(offload)
 def test_compiled_blocks_under_fsdp_train_like_eager(tmp_path):
     """--compile compiles each block, hooks included: the on-demand gathers (eval) must stay eager."""
     common = ["train.py", "--fsdp", "--train_type=qlora", "--grad_checkpointing", "--max_steps=3", "--batch_size=4",
-              "--seq_len=32", "--eval_every=2", "--eval_batches=1", "--eval_samples=0", "--samples=0", "--save_hf=false"]
+              "--seq_len=32", "--eval_every=2", "--eval_batches=1", "--eval_samples=0", "--samples=0", "--save_hf=false",
+              "--precision=fp32"]  # bf16: inductor's fused ops round differently from eager (6.5e-4 measured)
     losses = {}
     for name, extra in (("eager", []), ("compiled", ["--compile"])):
         r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *common,
