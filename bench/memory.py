@@ -42,6 +42,7 @@ import model as M  # noqa: E402
 import plan as P  # noqa: E402
 import quant as Q  # noqa: E402
 import build  # noqa: E402
+from dpo import DPO  # noqa: E402
 import train  # noqa: E402
 
 
@@ -100,25 +101,41 @@ def build_model(args, kind, device, dtype):
     return model
 
 
-def compare(args, kind, ckpt, d, batch_size, seq_len, bf16, kernels, offload="none", prefetch=1):
-    """(planned GPU bytes by category, measured peak bytes) for one configuration on this rank."""
-    dtype = torch.bfloat16 if bf16 else torch.float32
+def compare(args, kind, ckpt, d, batch_size, seq_len, bf16, kernels, offload="none", prefetch=1, objective="sft",
+            loss_chunk=0):
+    """(planned GPU bytes by category, measured peak bytes) for one configuration on this rank.
+    objective=dpo: each row one answer, pairs of rows; the reference is the base with the adapters
+    off (lora, qlora) or a frozen copy sharded like the model (full), as train.py makes it."""
+    dtype, dpo = (torch.bfloat16 if bf16 else torch.float32), objective == "dpo"
     plan, _ = P.plan_memory(build_model(args, kind, torch.device("meta"), dtype), d.world, batch_size, seq_len,
                             prefetch=prefetch, checkpointing=ckpt, param_bytes=2 if bf16 else 4, offload=offload,
-                            kernels=kernels)
+                            kernels=kernels, loss_chunk=loss_chunk, dpo=dpo)
+    if dpo and kind == "full":  # the frozen copy, every weight in the compute dtype, sharded
+        plan = dict(plan, total=plan["total"] + -(-args.num_params() * dtype.itemsize // d.world))
     tokens = batch_size * seq_len * d.world
 
     def build():
         model = build_model(args, kind, d.device, dtype)
         model.gradient_checkpointing = ckpt
-        sharded = F.Sharded(model, d, prefetch=prefetch, param_dtype=dtype, offload=offload, amp_dtype=dtype if bf16 else None)
+        sharded = F.Sharded(model, d, prefetch=prefetch, param_dtype=dtype, offload=offload, amp_dtype=dtype if bf16 else None,
+                            loss_chunk=loss_chunk)
         opt = torch.optim.AdamW(sharded.param_groups(0.0), lr=1e-5, fused=True)  # as train.py on CUDA
         g = torch.Generator().manual_seed(d.rank)
         ids = torch.randint(0, args.vocab_size, (batch_size, seq_len), generator=g).to(d.device)
-        return sharded, opt, ids
+        batch = {"input_ids": ids, "labels": ids}
+        loss_fn = None
+        if dpo:  # row b is answer b: pairs (0, 1), (2, 3), ...
+            batch.update(seq_ids=torch.arange(batch_size, device=d.device)[:, None].expand(-1, seq_len).contiguous(),
+                         num_pairs=batch_size // 2)
+            reference = None
+            if kind == "full":
+                frozen = build_model(args, kind, d.device, dtype).to(dtype).requires_grad_(False).eval()
+                reference = F.Sharded(frozen, d, param_dtype=dtype, amp_dtype=dtype if bf16 else None)
+            loss_fn = DPO(0.1, reference, chunk=loss_chunk or 4096)
+        return sharded, opt, batch, loss_fn
 
-    def step(sharded, opt, ids):
-        sharded.forward_backward({"input_ids": ids, "labels": ids}, loss_scale=1 / tokens)
+    def step(sharded, opt, batch, loss_fn):
+        sharded.forward_backward(batch, loss_scale=1 / tokens, loss_fn=loss_fn)
         sharded.clip_grad_norm_(1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -195,6 +212,11 @@ def plan_vs_measured(d, opts):
         for ckpt in (False, True):
             plan, peak = compare(args, kind, ckpt, d, B, T, bf16, kernels)
             rows.append((kind, ckpt, plan, peak))
+    chunk = max(B * T // 4, 1)  # fewer tokens at once than the batch holds
+    for name, kind, objective, loss_chunk in (("full chunked", "full", "sft", chunk), ("lora dpo", "lora", "dpo", chunk),
+                                              ("full dpo", "full", "dpo", chunk)):
+        plan, peak = compare(args, kind, False, d, B, T, bf16, kernels, objective=objective, loss_chunk=loss_chunk)
+        rows.append((name, False, plan, peak))  # no recompute: the loss's moment, with its chunk of logits, can peak
     if d.rank == 0:
         dev = torch.cuda.get_device_name() if cuda else "CPU (allocator records)"
         print(f"{os.path.basename(preset.rstrip('/'))}, world {d.world}, {B} x {T} tokens per rank, {'bf16' if bf16 else 'fp32'}, "
