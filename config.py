@@ -80,7 +80,7 @@ class Config:
     seed: int = fixed(0)  # model init, adapters, data order and split
     precision: str = "auto"  # auto (bf16 autocast on CUDA and on CPUs with AMX / AVX512-BF16, else fp32) | bf16 | fp32 | fp16 (autocast with dynamic loss scaling: GPUs without bf16)
     compile: bool = False  # torch.compile each transformer block
-    grad_checkpointing: str = "auto"  # full (recompute each block in backward instead of storing its activations) | none | auto (none where the plan says the activations fit the free memory, else full); bare = full
+    grad_checkpointing: str = "auto"  # full (recompute each block in backward instead of storing its activations) | none | auto (none where the plan says the activations fit the free memory, else full); a bare --grad_checkpointing (or =true) is full
     offload_activations: bool = False  # with grad_checkpointing: the block inputs it keeps wait in (pinned) CPU memory
     loss_chunk: int = 0  # >0: cross-entropy over this many tokens at a time (never all [tokens, vocab] logits)
     memory_check: bool = True  # refuse at startup a run whose planned peak per rank (--dry_run's plan) exceeds the free memory (GPU: free; CPU: MemAvailable per process, ulimit -v)
@@ -254,7 +254,10 @@ def expand_train_type(cfg, given):
     if not quantized and cfg.quant != "none":
         raise ValueError(f"flag --quant={cfg.quant} would be ignored by --train_type={cfg.train_type} (a base in full "
                          f"precision): pass --adapter=lora or dora with --quant={cfg.quant}")
-    if (cfg.train_type == "llama_pro") != (cfg.expand_blocks > 0):
+    if cfg.expand_blocks and cfg.train_type != "llama_pro":
+        raise ValueError(f"flags --train_type={cfg.train_type} and --expand_blocks={cfg.expand_blocks} contradict each "
+                         f"other (Llama-Pro trains new blocks: --train_type=llama_pro, or --expand_blocks alone)")
+    if cfg.train_type == "llama_pro" and not cfg.expand_blocks:
         raise ValueError("flags --train_type=llama_pro and --expand_blocks=N (N >= 1) go together")
     cfg.adapter = adapter
 

@@ -313,6 +313,10 @@ def record_segments(rec, where, fmt="alpaca", tok=None):
     `where` names the record in errors."""
     if not isinstance(rec, dict):
         raise ValueError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+    layouts = [keys for keys in (("text",), ("instruction", "output"), ("prompt", "completion"), ("messages",),
+                                 ("conversations",)) if set(keys) & set(rec)]
+    if len(layouts) > 1:  # one would be trained on, the other silently left out
+        raise ValueError(f"{where}: holds two record layouts ({' and '.join('/'.join(k) for k in layouts)}); keep one")
     if "text" in rec and not ({"instruction", "prompt", "messages", "conversations"} & set(rec)):
         return [(text_field(rec, "text", where), True)], "text", None, True
     if not ({"instruction", "output"} <= set(rec) or {"prompt", "completion"} <= set(rec)
@@ -622,6 +626,8 @@ def parse_mixture(spec):
         if not (0 < value < math.inf):
             raise ValueError(f"--data: the weight of {path} is {weight!r}, expected a positive number "
                              f"(--data=a.jsonl:0.7,b.json:0.3)")
+        if any(path == p for p, _ in sources):
+            raise ValueError(f"--data: {path} is listed twice; give it one weight")
         sources.append((path, value))
     return sources
 
@@ -662,8 +668,13 @@ class Mixture:
         self.train_docs, self.weights = [list(d) for d in train_docs], weights
 
     def counts(self):
+        """Documents per source in an epoch: n * weight share, rounded so that they add up to n."""
         n, total = sum(len(d) for d in self.train_docs), sum(self.weights)
-        return [round(n * w / total) for w in self.weights]
+        exact = [n * w / total for w in self.weights]
+        counts = [int(x) for x in exact]
+        for k in sorted(range(len(exact)), key=lambda k: counts[k] - exact[k])[:n - sum(counts)]:
+            counts[k] += 1  # the largest remainders
+        return counts
 
     def epoch_docs(self, epoch, seed):
         order = []

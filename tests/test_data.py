@@ -420,3 +420,16 @@ def test_review_cases_metadata_ids_odd_paths_last_piece_and_roles(tmp_path):
     share.write_text(json.dumps({"conversations": [{"from": ["gpt"], "value": "x"}]}) + "\n")
     with pytest.raises(ValueError, match=r"s\.jsonl:1: conversations\[0\]: the role must be a string"):
         D.load_documents(str(share), D.ByteTokenizer(), fmt="chatml")
+
+
+def test_a_record_with_two_layouts_a_source_listed_twice_and_epoch_counts(tmp_path):
+    path = tmp_path / "both.jsonl"
+    path.write_text(json.dumps({"instruction": "p", "output": "a", "messages": [{"role": "user", "content": "x"},
+                                                                              {"role": "assistant", "content": "y"}]}) + "\n")
+    with pytest.raises(ValueError, match=r"both\.jsonl:1: holds two record layouts \(instruction/output and messages\)"):
+        D.load_documents(str(path), D.ByteTokenizer(), fmt="chatml")
+    with pytest.raises(ValueError, match=r"--data: a\.jsonl is listed twice"):
+        D.parse_mixture("a.jsonl:0.7,a.jsonl:0.3")
+    mix = D.Mixture([range(285), range(95), range(190)], [0.7, 0.3, 1.0])
+    assert mix.counts() == [200, 85, 285]  # 199.5, 85.5, 285 of 570: the largest remainders round up, to 570 in all
+    assert len(mix.epoch_docs(0, 0)) == 570

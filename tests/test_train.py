@@ -370,3 +370,8 @@ def test_grad_checkpointing_auto_recomputes_only_where_the_activations_do_not_fi
     assert "--grad_checkpointing=auto: full" in capsys.readouterr().out
     train.main(args + ["--grad_checkpointing=full", f"--out_dir={tmp_path / 'full'}"])
     assert rows(tmp_path / "auto") == rows(tmp_path / "full")
+
+
+def test_expand_blocks_with_an_adapter_shorthand_names_both_flags():
+    with pytest.raises(ValueError, match=r"flags --train_type=lora and --expand_blocks=2 contradict each other"):
+        train.parse_args(["--train_type=lora", "--expand_blocks=2"])
