@@ -18,7 +18,7 @@ x, batch) on the last block's output.
 import torch
 import torch.nn.functional as F
 
-from data import PairBatches
+from data import PairBatches, to_device
 from lora import adapters_disabled
 from model import row_logprobs
 from distributed import all_reduce_sum, turns
@@ -78,7 +78,7 @@ def evaluate(engine, dpo, cfg, d, *, data, eval_docs, tok):
     training_sums, dpo.sums, loss_sum = dpo.sums, [0.0] * 5, 0.0
     for i in turns(n_batches, d, engine.lockstep):
         loader.index = min(i, n_batches - 1)
-        batch = {k: (v.to(d.device) if torch.is_tensor(v) else v) for k, v in next(loader).items()}
+        batch = to_device(next(loader), d.device)
         kept = list(dpo.sums)
         dpo.prepare(engine, batch)
         policy = engine.forward(batch["input_ids"], position_ids=batch["position_ids"], doc_ids=batch.get("doc_ids"),
