@@ -36,17 +36,18 @@ def init_distributed(threads=0, timeout=600) -> Dist:
     """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; a plain `python train.py` is world size 1."""
     world = int(os.environ.get("WORLD_SIZE", 1))
     rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
         # Processes sharing a CPU would oversubscribe it with one thread per core each.
-        torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+        torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // local_world))
     if world > 1:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None,
                                 timeout=datetime.timedelta(seconds=timeout))  # a stuck rank ends the job
-    return Dist(rank, local_rank, world, device, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    return Dist(rank, local_rank, world, device, local_world)
 
 
 # How gloo and NCCL report a rank that stopped answering (hung: a timeout) or died (its sockets closed).
