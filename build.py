@@ -26,7 +26,7 @@ import plan
 import quant
 from data import format_template, load_tokenizer
 from lora import add_lora, linear_names
-from model import MODELS, Llama, expand_blocks, rope_frequencies
+from model import MODELS, Llama, expand_blocks, random_init_by_unit, rope_frequencies
 
 
 def native_bf16_cpu():
@@ -84,12 +84,16 @@ def build_model(cfg, d, with_adapters=True) -> Built:
         if tok.vocab_size > args.vocab_size:  # e.g. a preset with a real tokenizer: grow to a multiple of 64
             args.vocab_size = (tok.vocab_size + 63) // 64 * 64
         args.bos_token_id, args.eos_token_id = tok.bos_id, tok.eos_id
-        torch.manual_seed(cfg.seed)
-        with torch.device(d.device):
-            model = Llama(args)
-            model.init_weights()
-        if quantize:
-            quantize(model)
+        if cfg.fsdp and not cfg.expand_blocks:  # meta model now; each unit gets its weights as it is sharded
+            with torch.device("meta"):
+                model = Llama(args)
+        else:
+            torch.manual_seed(cfg.seed)
+            with torch.device(d.device):
+                model = Llama(args)
+                model.init_weights()
+            if quantize:
+                quantize(model)
     elif os.path.isdir(cfg.model):
         if quant.is_prequantized(cfg.model):
             if cfg.quant != "nf4":
@@ -116,13 +120,32 @@ def build_model(cfg, d, with_adapters=True) -> Built:
         expand_for_llama_pro(model, cfg)
         return Built(model, tok, extra, None)
     gen = torch.Generator().manual_seed(cfg.seed)  # adapters start the same on every rank, sharded or not
-    if model.inv_freq.is_meta:  # --fsdp from a folder: adapters are added unit by unit as it loads
-        load = hf.stream_from_pretrained(model, cfg.model, d.device, base_dtype,
-                                         then=lambda modules: add_adapters(modules, cfg, gen))
-        model.inv_freq = rope_frequencies(model.args, d.device)
+    if model.inv_freq.is_meta:  # --fsdp: adapters are added unit by unit as it loads
+        load = unit_loader(cfg, d, model, base_dtype, then=lambda modules: add_adapters(modules, cfg, gen),
+                           quantize=quantize)
         return Built(model, tok, extra, load)
     add_adapters([model], cfg, gen)
     return Built(model, tok, extra, None)
+
+
+def unit_loader(cfg, d, model, dtype, *, then, quantize=None):
+    """For a model on the meta device, the materialize(modules) fsdp.Sharded calls unit by unit: it
+    reads those modules' weights from --model's folder in `dtype` or, for a preset, draws the random
+    weights the whole model would have had (model.random_init_by_unit), quantizes them (a folder's
+    quantize as they stream in), then calls then(modules)."""
+    if os.path.isdir(cfg.model):
+        load = hf.stream_from_pretrained(model, cfg.model, d.device, dtype, then=then)
+    else:
+        init = random_init_by_unit(model, d.device, cfg.seed)
+
+        def load(modules):
+            init(modules)
+            for module in modules:
+                if quantize and module is not model.lm_head:
+                    quantize(module)
+            then(modules)
+    model.inv_freq = rope_frequencies(model.args, d.device)
+    return load
 
 
 # What an HF folder holds besides its config.json and weights: tokenizer files, generation config,
@@ -299,11 +322,14 @@ def dpo_reference(cfg, d, model, *, streamed):
     inv_freq stays fp32 in both."""
     dtype = amp_dtype(cfg, d.device.type) or torch.float32
     load = None
-    if streamed:  # --fsdp from a folder: the model exists only as it loads
-        ref = hf.empty_from_pretrained(cfg.model)
-        load = hf.stream_from_pretrained(ref, cfg.model, d.device, dtype,
-                                         then=lambda modules: [m.requires_grad_(False) for m in modules])
-        ref.inv_freq = rope_frequencies(ref.args, d.device)
+    if streamed:  # --fsdp: the model exists only as it loads
+        with torch.device("meta"):
+            ref = Llama(dataclasses.replace(model.args))
+
+        def frozen(modules):
+            for p in (p for m in modules for p in m.parameters()):
+                p.data, p.requires_grad = p.data.to(dtype), False
+        load = unit_loader(cfg, d, ref, dtype, then=frozen)
     else:
         ref = copy.deepcopy(model)
         for p in reference_casts(ref, cfg.fsdp):

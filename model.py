@@ -421,15 +421,7 @@ class Llama(nn.Module):
         self.offload_activations = False  # with it: keep each block's input on the CPU until then
 
     def init_weights(self, std=None):
-        std = std or self.args.initializer_range
-        for name, p in self.named_parameters():
-            if name.endswith("norm.weight"):
-                nn.init.ones_(p)
-            elif name.endswith("bias"):
-                nn.init.zeros_(p)
-            else:  # GPT-2's scaled init for the projections that write into the residual stream
-                scale = 1 / math.sqrt(2 * self.args.n_layers) if name.endswith(("o_proj.weight", "down_proj.weight")) else 1
-                nn.init.normal_(p, std=std * scale)
+        init_parameters(self.named_parameters(), self.args, std)
         self.inv_freq = rope_frequencies(self.args, self.inv_freq.device)
 
     def rope_and_mask(self, input_ids, position_ids=None, doc_ids=None, cache=None, dtype=torch.float32):
@@ -502,6 +494,52 @@ class Llama(nn.Module):
         for i in range(len(self.model.layers)):
             x = self.block(i, x, ctx, cache)
         return x
+
+
+@torch.no_grad()
+def init_parameters(named, args: ModelArgs, std=None):
+    """Random weights for (name, parameter) pairs, in that order: norms 1, biases 0, the rest normal."""
+    std = std or args.initializer_range
+    for name, p in named:
+        if name.endswith("norm.weight"):
+            nn.init.ones_(p)
+        elif name.endswith("bias"):
+            nn.init.zeros_(p)
+        else:  # GPT-2's scaled init for the projections that write into the residual stream
+            scale = 1 / math.sqrt(2 * args.n_layers) if name.endswith(("o_proj.weight", "down_proj.weight")) else 1
+            nn.init.normal_(p, std=std * scale)
+
+
+def random_init_by_unit(model: Llama, device, seed):
+    """For a model on the meta device, a materialize(modules) for fsdp.Sharded: it gives those
+    modules the weights `torch.manual_seed(seed)`, `Llama(args)` on `device` and `init_weights()`
+    would have given them, without the whole model ever existing. Call it on the modules in the
+    model's order (embedding, blocks, norm + head). The draws continue from call to call on a
+    generator state of their own: what runs in between (adapters' construction) does not shift them."""
+    args, names, state = model.args, {id(mod): name for name, mod in model.named_modules()}, []
+    rng = torch.cuda if device.type == "cuda" else torch
+
+    def materialize(modules):
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            if not state:  # Llama(args) draws from the generator before init_weights does: the same
+                torch.manual_seed(seed)  # draws, one throwaway module at a time
+                with torch.device(device):
+                    nn.Embedding(args.vocab_size, args.dim)
+                    for i in range(args.n_layers):
+                        Block(args, i)
+                    nn.Linear(args.dim, args.vocab_size, bias=False)
+            else:
+                rng.set_rng_state(state.pop())
+            tied = model.lm_head if args.tie_embeddings else None
+            for mod in modules:
+                if mod is not tied:
+                    mod.to_empty(device=device)
+            if tied is not None:
+                tied.weight = model.model.embed_tokens.weight
+            init_parameters([(names[id(mod)] + "." + n, p) for mod in modules if mod is not tied
+                             for n, p in mod.named_parameters()], args)
+            state.append(rng.get_rng_state())
+    return materialize
 
 
 def _ce_chunk(h, head, labels):

@@ -411,3 +411,45 @@ def test_gradients_are_reduced_in_the_order_the_memory_plan_assumes(tie):
         expected = expected[1:]
     assert reduced == expected
     assert expected[-1] in ("embed", "outer") and expected[-2] == "block0"
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_a_random_model_built_unit_by_unit_has_the_weights_of_the_whole_model(tie):
+    args = M.ModelArgs(dim=64, n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=96, ffn_dim=128, max_seq_len=64,
+                       tie_embeddings=tie, qkv_bias=True)
+    torch.manual_seed(7)
+    whole = M.Llama(args)
+    whole.init_weights()
+    torch.manual_seed(123)  # whatever the generator's state before: the loader seeds it
+    with torch.device("meta"):
+        model = M.Llama(args)
+    load = M.random_init_by_unit(model, torch.device("cpu"), seed=7)
+    for _, modules in F.unit_module_lists(model):
+        load(modules)
+    mine = dict(model.named_parameters())
+    assert mine.keys() == dict(whole.named_parameters()).keys()
+    for name, p in whole.named_parameters():
+        assert torch.equal(mine[name], p), name
+    assert (model.lm_head.weight is model.model.embed_tokens.weight) == tie
+
+
+@pytest.mark.parametrize("flags", [[], ["--adapter=lora", "--quant=nf4"]])
+def test_fsdp_on_a_preset_never_builds_the_whole_model_and_shards_its_weights(flags):
+    """--fsdp on a preset: the model stays on the meta device until fsdp.Sharded gives each unit its
+    weights, which are the ones the run without --fsdp starts from."""
+    import build
+    from train import Dist, parse_args
+    d = Dist(0, 0, 1, torch.device("cpu"))
+    built = build.build_model(parse_args(["--model=tiny", "--fsdp", "--precision=fp32", *flags]), d)
+    assert built.load is not None and built.model.lm_head.weight.is_meta
+    engine = build.make_engine(built.model, parse_args(["--model=tiny", "--fsdp", "--precision=fp32", *flags]), d,
+                               load=built.load)
+    whole = build.build_model(parse_args(["--model=tiny", "--precision=fp32", *flags]), d).model
+    expected = {n: t for n, t in list(whole.named_parameters()) + list(whole.named_buffers()) if n != "inv_freq"}
+    seen = set()
+    for unit in engine.gathered_units():
+        for g in unit.groups:
+            for name, owners in zip(engine.names[id(g)], g.owners):
+                assert torch.equal(getattr(*owners[0]), expected[name]), name
+                seen.add(name)
+    assert seen == set(expected)
