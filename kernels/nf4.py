@@ -113,25 +113,38 @@ def nf4_matmul_reference(x, packed, absmax, code, blocksize, shape, nested_absma
 if HAS_TRITON:
     @triton.jit
     def _nf4_matmul_kernel(x_ptr, packed_ptr, absmax_ptr, code_ptr, nested_ptr, nested_code_ptr, offset_ptr, y_ptr,
-                           N, K, BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr,
-                           BN: tl.constexpr):
-        # Program (m, j): output columns n in [j * BN, (j + 1) * BN) of row m. K is walked one
-        # quantization block (BLOCKSIZE weights, one scale per row) at a time.
-        m, j = tl.program_id(0), tl.program_id(1)
+                           M, N, K, BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr,
+                           BM: tl.constexpr, BN: tl.constexpr, IEEE: tl.constexpr, FP32_DOT: tl.constexpr):
+        # Program (i, j): rows m in [i * BM, (i + 1) * BM) of x, output columns n in [j * BN, (j + 1) * BN).
+        # K is walked one quantization block (BLOCKSIZE weights, one scale per output column) at a
+        # time; each block of codes is read and decoded once for all BM rows (one tl.dot), so up to
+        # BM rows cost what one does.
+        i, j = tl.program_id(0), tl.program_id(1)
+        m = i * BM + tl.arange(0, BM)
         n = j * BN + tl.arange(0, BN)
-        n_live = n < N
-        half = tl.arange(0, BLOCKSIZE // 2)
-        acc = tl.zeros((BN,), dtype=tl.float32)
+        m_live, n_live = m < M, n < N
+        half, kk = tl.arange(0, BLOCKSIZE // 2), tl.arange(0, BLOCKSIZE)
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
         for k0 in range(0, K, BLOCKSIZE):
             scale = _block_scale(absmax_ptr, nested_ptr, nested_code_ptr, offset_ptr, (n * K + k0) // BLOCKSIZE, n_live,
-                                 NESTED_BLOCKSIZE, NESTED)  # [BN]: one scale per output row
+                                 NESTED_BLOCKSIZE, NESTED)  # [BN]: one scale per output column
             byte = tl.load(packed_ptr + ((n * K + k0) // 2)[:, None] + half[None, :], mask=n_live[:, None], other=0)
             hi = tl.load(code_ptr + (byte >> 4).to(tl.int32))
             lo = tl.load(code_ptr + (byte & 0xF).to(tl.int32))
             w = tl.reshape(tl.join(hi, lo), (BN, BLOCKSIZE)) * scale[:, None]  # [BN, BLOCKSIZE] in fp32
-            xk = tl.load(x_ptr + m * K + k0 + tl.arange(0, BLOCKSIZE)).to(tl.float32)
-            acc += tl.sum(w * xk[None, :], axis=1)
-        tl.store(y_ptr + m * N + n, acc.to(y_ptr.dtype.element_ty), mask=n_live)
+            xk = tl.load(x_ptr + m[:, None] * K + k0 + kk[None, :], mask=m_live[:, None], other=0.0)
+            w = w.to(x_ptr.dtype.element_ty)  # rounded to x's dtype, as the reference's dequantized weight is
+            if FP32_DOT:  # the same products and fp32 sums (Triton 3.9's interpreter gets a bf16 tl.dot wrong)
+                acc = tl.dot(xk.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
+            else:  # fp32 x stays fp32 (no TF32)
+                acc = tl.dot(xk, tl.trans(w), acc, input_precision="ieee" if IEEE else "tf32")
+        tl.store(y_ptr + m[:, None] * N + n[None, :], acc.to(y_ptr.dtype.element_ty),
+                 mask=m_live[:, None] & n_live[None, :])
+
+
+def nf4_matmul_grid(rows, n, bm=16, bn=32):
+    """Programs of nf4_matmul_triton: one per BN output columns for every BM rows of x."""
+    return (triton.cdiv(rows, bm), triton.cdiv(n, bn))
 
 
 def nf4_matmul_triton(x, packed, absmax, code, blocksize, shape, nested_absmax=None, nested_code=None,
@@ -143,8 +156,8 @@ def nf4_matmul_triton(x, packed, absmax, code, blocksize, shape, nested_absmax=N
     y = torch.empty((*lead, N), dtype=x.dtype, device=x.device)  # not a view: callers may modify it in place
     nested = nested_absmax is not None
     dummy = code
-    grid = (x.shape[0], triton.cdiv(N, bn))
-    _nf4_matmul_kernel[grid](x, packed, absmax, code, nested_absmax if nested else dummy, nested_code if nested else dummy,
-                             offset if nested else dummy, y, N, K, BLOCKSIZE=blocksize, NESTED_BLOCKSIZE=nested_blocksize,
-                             NESTED=nested, BN=bn)
+    _nf4_matmul_kernel[nf4_matmul_grid(x.shape[0], N, bn=bn)](
+        x, packed, absmax, code, nested_absmax if nested else dummy, nested_code if nested else dummy,
+        offset if nested else dummy, y, x.shape[0], N, K, BLOCKSIZE=blocksize, NESTED_BLOCKSIZE=nested_blocksize,
+        NESTED=nested, BM=16, BN=bn, IEEE=x.dtype == torch.float32, FP32_DOT=not x.is_cuda)
     return y

@@ -34,26 +34,34 @@ if HAS_TRITON:
         tl.store(rstd_ptr + row, rstd)
 
     @triton.jit
-    def _rms_backward(dy_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, dw_partial_ptr, n_rows, n_cols,
-                      ROWS: tl.constexpr, BLOCK: tl.constexpr):
-        # A program takes ROWS rows and writes its share of dw; the shares are summed afterwards.
+    def _rms_backward(dy_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, dw_partial_ptr, n_rows, n_cols, rows_per_program,
+                      BLOCK: tl.constexpr):
+        # A program takes a run of rows_per_program rows and writes its share of dw; the shares
+        # (one row of fp32 per program) are summed afterwards.
         pid = tl.program_id(0)
         cols = tl.arange(0, BLOCK)
         live = cols < n_cols
         w = tl.load(w_ptr + cols, mask=live, other=0.0).to(tl.float32)
         dw = tl.zeros((BLOCK,), dtype=tl.float32)
-        for r in range(ROWS):
-            row = pid * ROWS + r
-            if row < n_rows:
-                x = tl.load(x_ptr + row * n_cols + cols, mask=live, other=0.0).to(tl.float32)
-                dy = tl.load(dy_ptr + row * n_cols + cols, mask=live, other=0.0).to(tl.float32)
-                rstd = tl.load(rstd_ptr + row)
-                x_hat = x * rstd
-                g = dy * w
-                dx = rstd * (g - x_hat * tl.sum(g * x_hat, axis=0) / n_cols)
-                tl.store(dx_ptr + row * n_cols + cols, dx.to(dx_ptr.dtype.element_ty), mask=live)
-                dw += dy * x_hat.to(x_ptr.dtype.element_ty).to(tl.float32)
+        for row in range(pid * rows_per_program, tl.minimum((pid + 1) * rows_per_program, n_rows)):
+            x = tl.load(x_ptr + row * n_cols + cols, mask=live, other=0.0).to(tl.float32)
+            dy = tl.load(dy_ptr + row * n_cols + cols, mask=live, other=0.0).to(tl.float32)
+            rstd = tl.load(rstd_ptr + row)
+            x_hat = x * rstd
+            g = dy * w
+            dx = rstd * (g - x_hat * tl.sum(g * x_hat, axis=0) / n_cols)
+            tl.store(dx_ptr + row * n_cols + cols, dx.to(dx_ptr.dtype.element_ty), mask=live)
+            dw += dy * x_hat.to(x_ptr.dtype.element_ty).to(tl.float32)
         tl.store(dw_partial_ptr + pid * n_cols + cols, dw, mask=live)
+
+
+def backward_programs(n_rows, device):
+    """How many programs the backward launches: enough to fill the GPU (4 per streaming
+    multiprocessor, whatever the number of rows), and no more, since each writes an fp32 row of
+    partial dw: a fixed number of rows per program would leave SMs idle on a short batch and grow
+    the partial sums with the batch. The interpreter (CPU) takes 4 "SMs" so that tests walk runs of rows."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    return max(min(n_rows, 4 * sms), 1)
 
 
 def warps(n):
@@ -78,12 +86,11 @@ class _RMSNorm(torch.autograd.Function):
     def backward(ctx, dy):
         x2, weight, rstd = ctx.saved_tensors
         n_rows, n = x2.shape
-        rows = 16
-        programs = triton.cdiv(n_rows, rows)
+        programs = backward_programs(n_rows, x2.device)
         dx = torch.empty_like(x2)
         dw_partial = torch.empty((programs, n), dtype=torch.float32, device=x2.device)
         _rms_backward[(programs,)](dy.reshape(-1, n).contiguous(), x2, weight, rstd, dx, dw_partial, n_rows, n,
-                                   ROWS=rows, BLOCK=triton.next_power_of_2(n), num_warps=warps(n))
+                                   triton.cdiv(n_rows, programs), BLOCK=triton.next_power_of_2(n), num_warps=warps(n))
         return dx.view(ctx.shape), dw_partial.sum(0).to(weight.dtype), None
 
 

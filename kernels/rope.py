@@ -24,27 +24,31 @@ def rope_reference(x, cos, sin):
 if HAS_TRITON:
     @triton.jit
     def _rope(x_ptr, out_ptr, cos_ptr, sin_ptr, H, T, xs_b, xs_h, xs_t, os_b, os_h, os_t, cs_b, cs_t,
-              SIGN: tl.constexpr, HALF: tl.constexpr, BLOCK: tl.constexpr):
-        # One program per (batch, head, token) row of head_dim values; SIGN = -1 rotates back (backward).
+              SIGN: tl.constexpr, HALF: tl.constexpr, BLOCK: tl.constexpr, BLOCK_H: tl.constexpr):
+        # One program per (batch, token): every head of that token at once, so its cos and sin are
+        # read once (not once per head) and a program moves H * head_dim values, not head_dim.
+        # SIGN = -1 rotates back (backward).
         pid = tl.program_id(0)
-        t, h, b = pid % T, (pid // T) % H, pid // (T * H)
+        t, b = pid % T, pid // T
         i = tl.arange(0, BLOCK)
-        live = i < HALF
-        xp = x_ptr + b * xs_b + h * xs_h + t * xs_t
-        x1 = tl.load(xp + i, mask=live, other=0.0).to(tl.float32)
-        x2 = tl.load(xp + HALF + i, mask=live, other=0.0).to(tl.float32)
-        c = tl.load(cos_ptr + b * cs_b + t * cs_t + i, mask=live, other=0.0).to(tl.float32)
-        s = SIGN * tl.load(sin_ptr + b * cs_b + t * cs_t + i, mask=live, other=0.0).to(tl.float32)
-        op = out_ptr + b * os_b + h * os_h + t * os_t
-        tl.store(op + i, (x1 * c - x2 * s).to(out_ptr.dtype.element_ty), mask=live)
-        tl.store(op + HALF + i, (x2 * c + x1 * s).to(out_ptr.dtype.element_ty), mask=live)
+        h = tl.arange(0, BLOCK_H)[:, None]
+        live = (h < H) & (i[None, :] < HALF)
+        c = tl.load(cos_ptr + b * cs_b + t * cs_t + i, mask=i < HALF, other=0.0).to(tl.float32)[None, :]
+        s = SIGN * tl.load(sin_ptr + b * cs_b + t * cs_t + i, mask=i < HALF, other=0.0).to(tl.float32)[None, :]
+        xp = x_ptr + b * xs_b + t * xs_t + h * xs_h + i[None, :]
+        x1 = tl.load(xp, mask=live, other=0.0).to(tl.float32)
+        x2 = tl.load(xp + HALF, mask=live, other=0.0).to(tl.float32)
+        op = out_ptr + b * os_b + t * os_t + h * os_h + i[None, :]
+        tl.store(op, (x1 * c - x2 * s).to(out_ptr.dtype.element_ty), mask=live)
+        tl.store(op + HALF, (x2 * c + x1 * s).to(out_ptr.dtype.element_ty), mask=live)
 
     def _launch(x, out, cos, sin, sign):
         B, H, T, hd = x.shape
         cos, sin = cos.contiguous(), sin.contiguous()
-        _rope[(B * H * T,)](x, out, cos, sin, H, T, x.stride(0), x.stride(1), x.stride(2), out.stride(0),
-                            out.stride(1), out.stride(2), cos.stride(0), cos.stride(1), SIGN=sign, HALF=hd // 2,
-                            BLOCK=triton.next_power_of_2(hd // 2))
+        block_h, block = triton.next_power_of_2(H), triton.next_power_of_2(hd // 2)
+        _rope[(B * T,)](x, out, cos, sin, H, T, x.stride(0), x.stride(1), x.stride(2), out.stride(0), out.stride(1),
+                        out.stride(2), cos.stride(0), cos.stride(1), SIGN=sign, HALF=hd // 2, BLOCK=block,
+                        BLOCK_H=block_h, num_warps=min(max(block_h * block // 256, 1), 8))
         return out
 
 

@@ -244,3 +244,71 @@ def test_the_lora_add_backward_makes_no_fp32_copy_of_the_output_gradient():
     assert peak < M * N * 4  # the gradients of xa and b, and y's (dy itself): no [M, N] fp32 tensor
     want_xa = (dy.float() @ b.detach()) * 2.0
     assert ((xa.grad.float() - want_xa).norm() / want_xa.norm()) < 1e-2  # bf16 products, fp32 sums
+
+
+class Launches:
+    """Stands in for a Triton kernel and records the grid of each launch."""
+
+    def __init__(self, kernel):
+        self.kernel, self.grids = kernel, []
+
+    def __getitem__(self, grid):
+        self.grids.append(tuple(grid))
+        return self.kernel[grid]
+
+
+def test_rope_launches_one_program_per_token_for_all_its_heads(monkeypatch):
+    """Not one per (head, token): cos and sin are read once per token and each program has
+    H * head_dim values to move, not head_dim (5 heads: not a power of two)."""
+    import kernels.rope as R
+    import model as M
+    launches = Launches(R._rope)
+    monkeypatch.setattr(R, "_rope", launches)
+    B, T, H, hd = 2, 6, 5, 8
+    pos = torch.arange(T, device=DEVICE)[None].expand(B, T)
+    cos, sin = M.rope_cos_sin(M.rope_frequencies(M.ModelArgs(dim=H * hd, n_heads=H, n_kv_heads=H)).to(DEVICE), pos,
+                              torch.float32)
+    q = torch.randn(B, T, H, hd, device=DEVICE).transpose(1, 2)
+    g = torch.randn(B, H, T, hd, device=DEVICE)
+    ref, (dq_ref,) = forward_backward(lambda a: R.rope_reference(a, cos, sin), [q], g)
+    out, (dq,) = forward_backward(lambda a: R.rope_triton(a * 1, cos, sin), [q], g)
+    assert launches.grids == [(B * T,), (B * T,)]  # forward, backward
+    assert_close(out, ref)
+    assert_close(dq, dq_ref)
+
+
+@pytest.mark.parametrize("rows", [3, 1000])
+def test_rmsnorm_backward_launches_a_fixed_number_of_programs_whatever_the_rows(monkeypatch, rows):
+    """At most 4 programs per streaming multiprocessor (the interpreter counts 4), each walking a run
+    of rows: a short batch still fills the device, a long one does not grow the fp32 partial sums."""
+    import kernels.rmsnorm as R
+    launches = Launches(R._rms_backward)
+    monkeypatch.setattr(R, "_rms_backward", launches)
+    torch.manual_seed(0)
+    x, w, g = torch.randn(rows, 48, device=DEVICE), torch.rand(48, device=DEVICE) + 0.5, torch.randn(rows, 48, device=DEVICE)
+    _, (dx_ref, dw_ref) = forward_backward(lambda a, b: R.rms_norm_reference(a, b, 1e-5), [x, w], g)
+    _, (dx, dw) = forward_backward(lambda a, b: R.rms_norm_triton(a, b, 1e-5), [x, w], g)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count if DEVICE == "cuda" else 4
+    assert launches.grids == [(min(rows, 4 * sms),)]
+    assert_close(dx, dx_ref)
+    assert_close(dw, dw_ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_nf4_matmul_decodes_each_block_of_codes_once_for_up_to_16_rows(monkeypatch, dtype):
+    """1 row and 16 rows launch the same programs (each decodes its codes once for all the rows),
+    and give the reference's result: dequantize to x's dtype, then multiply."""
+    import kernels.nf4 as N
+    import quant as Q
+    launches = Launches(N._nf4_matmul_kernel)
+    monkeypatch.setattr(N, "_nf4_matmul_kernel", launches)
+    torch.manual_seed(0)
+    s = Q.quantize_nf4(torch.randn(40, 128, device=DEVICE))
+    nf4, dynamic = Q.codes_on(DEVICE)
+    args = (s["weight"], s["absmax"], nf4, 64, torch.Size((40, 128)), s["nested_absmax"], dynamic, 256, s["offset"])
+    for rows in (1, 16):
+        x = torch.randn(rows, 128, device=DEVICE, dtype=dtype)
+        got, ref = N.nf4_matmul_triton(x, *args, bn=16), N.nf4_matmul_reference(x, *args)
+        assert got.dtype == dtype
+        assert_close(got.float(), ref.float(), dtype=dtype, scale=ref.float().abs().max().item())
+    assert launches.grids == [(1, 3), (1, 3)]
