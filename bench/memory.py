@@ -101,6 +101,27 @@ def build_model(args, kind, device, dtype):
     return model
 
 
+def sharded_model(args, kind, d, dtype, **engine):
+    """fsdp.Sharded over build_model(args, kind)'s model, built unit by unit on the shards (a meta
+    model, each unit's random weights drawn, cast, quantized and given adapters as it is sharded):
+    the whole model never exists, so a 70B-shaped one builds wherever its shards fit."""
+    with torch.device("meta"):
+        model = M.Llama(args)
+    init, gen = M.random_init_by_unit(model, d.device, seed=0), torch.Generator().manual_seed(0)
+
+    def load(modules):
+        init(modules)
+        for module in modules:
+            if kind != "full":
+                module.to(dtype).requires_grad_(False)
+            if kind == "qlora" and module is not model.lm_head:
+                Q.quantize_model(module)
+            if kind in ("lora", "qlora") and L.linear_names(module):
+                L.add_lora(module, rank=16, alpha=32, targets="all-linear", generator=gen)
+    model.inv_freq = M.rope_frequencies(args, d.device)
+    return F.Sharded(model, d, materialize=load, **engine)
+
+
 def compare(args, kind, ckpt, d, batch_size, seq_len, bf16, kernels, offload="none", prefetch=1, objective="sft",
             loss_chunk=0):
     """(planned GPU bytes by category, measured peak bytes) for one configuration on this rank.
@@ -115,10 +136,9 @@ def compare(args, kind, ckpt, d, batch_size, seq_len, bf16, kernels, offload="no
     tokens = batch_size * seq_len * d.world
 
     def build():
-        model = build_model(args, kind, d.device, dtype)
-        model.gradient_checkpointing = ckpt
-        sharded = F.Sharded(model, d, prefetch=prefetch, param_dtype=dtype, offload=offload, amp_dtype=dtype if bf16 else None,
-                            loss_chunk=loss_chunk)
+        sharded = sharded_model(args, kind, d, dtype, prefetch=prefetch, param_dtype=dtype, offload=offload,
+                                amp_dtype=dtype if bf16 else None, loss_chunk=loss_chunk)
+        sharded.model.gradient_checkpointing = ckpt
         opt = torch.optim.AdamW(sharded.param_groups(0.0), lr=1e-5, fused=True)  # as train.py on CUDA
         g = torch.Generator().manual_seed(d.rank)
         ids = torch.randint(0, args.vocab_size, (batch_size, seq_len), generator=g).to(d.device)
@@ -129,8 +149,8 @@ def compare(args, kind, ckpt, d, batch_size, seq_len, bf16, kernels, offload="no
                          num_pairs=batch_size // 2)
             reference = None
             if kind == "full":
-                frozen = build_model(args, kind, d.device, dtype).to(dtype).requires_grad_(False).eval()
-                reference = F.Sharded(frozen, d, param_dtype=dtype, amp_dtype=dtype if bf16 else None)
+                reference = sharded_model(args, "frozen", d, dtype, param_dtype=dtype, amp_dtype=dtype if bf16 else None)
+                reference.model.eval()
             loss_fn = DPO(0.1, reference, chunk=loss_chunk or 4096)
         return sharded, opt, batch, loss_fn
 
