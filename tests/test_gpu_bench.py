@@ -1,5 +1,6 @@
 """bench/gpu.py's CPU-side logic: the table and its verdicts, a failing row that does not stop the
 run, the one-line refusal without a GPU, and a --smoke run of every row at tiny shapes."""
+import importlib.util
 import os
 import subprocess
 import sys
@@ -49,8 +50,15 @@ def test_smoke_run_fills_every_section_of_the_table():
     r = subprocess.run([sys.executable, "bench/gpu.py", "--smoke"], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     table = r.stdout[r.stdout.index("\nsection "):]  # each row is printed as it comes, then the table
-    rows = [line for line in table.splitlines() if line[:1].isalpha() and not line.startswith("section")]
+    rows = table.strip().splitlines()[1:-1]  # between the header and the count of verdicts
     sections = {line.split("  ")[0] for line in rows}
-    assert {"kernels", "loss memory", "train step", "vs HF", "fsdp world 1", "SmolLM2 QLoRA"} <= sections, r.stdout
+    assert {"kernels", "loss", "train", "targets", "hf", "long", "70b", "fsdp", "smollm2"} <= sections, r.stdout
     assert "ERROR" not in r.stdout, r.stdout
-    assert sum("fsdp world 1" in line and line.rstrip().endswith("PASS") for line in rows) == 3  # sharded = plain DP
+    assert sum(line.startswith("kernels") for line in rows) == 8
+    runs = [line for line in rows if line.startswith("train ")]
+    assert len(runs) == 8 and all("tok/s (" in line for line in runs), runs  # {lora, qlora} x recompute x compiled
+    assert sum(line.startswith("70b") for line in rows) == 2
+    assert sum(line.startswith("fsdp") and line.rstrip().endswith("PASS") for line in rows) == 3  # sharded = plain DP
+    if importlib.util.find_spec("transformers") and importlib.util.find_spec("peft"):  # the fresh-process rows ran
+        theirs = [line for line in rows if line.startswith("hf") and ", lora," in line]
+        assert len(theirs) == 2 and all("tok/s (" in line for line in theirs), theirs
