@@ -517,10 +517,12 @@ def random_init_by_unit(model: Llama, device, seed):
     model's order (embedding, blocks, norm + head). The draws continue from call to call on a
     generator state of their own: what runs in between (adapters' construction) does not shift them."""
     args, names, state = model.args, {id(mod): name for name, mod in model.named_modules()}, []
-    rng = torch.cuda if device.type == "cuda" else torch
+    cuda = device.type == "cuda"
+    get_state = (lambda: torch.cuda.get_rng_state(device)) if cuda else torch.get_rng_state
+    set_state = (lambda s: torch.cuda.set_rng_state(s, device)) if cuda else torch.set_rng_state
 
     def materialize(modules):
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        with torch.random.fork_rng(devices=[device] if cuda else []):
             if not state:  # Llama(args) draws from the generator before init_weights does: the same
                 torch.manual_seed(seed)  # draws, one throwaway module at a time
                 with torch.device(device):
@@ -529,7 +531,7 @@ def random_init_by_unit(model: Llama, device, seed):
                         Block(args, i)
                     nn.Linear(args.dim, args.vocab_size, bias=False)
             else:
-                rng.set_rng_state(state.pop())
+                set_state(state.pop())
             tied = model.lm_head if args.tie_embeddings else None
             for mod in modules:
                 if mod is not tied:
@@ -538,7 +540,7 @@ def random_init_by_unit(model: Llama, device, seed):
                 tied.weight = model.model.embed_tokens.weight
             init_parameters([(names[id(mod)] + "." + n, p) for mod in modules if mod is not tied
                              for n, p in mod.named_parameters()], args)
-            state.append(rng.get_rng_state())
+            state.append(get_state())
     return materialize
 
 
