@@ -68,11 +68,11 @@ def peak_since(device, start):
     return rss_peak_kib() * 1024 - start
 
 
-def measure(build, device, steps, tokens):
-    """(tokens/s, peak bytes) of step() from build() -> step."""
-    start = reset_peak(device)
-    step = build()
-    step()  # warm-up (and compilation, where there is any)
+def step_times(step, device, *, warmup, steps):
+    """Seconds of each of `steps` calls of step(), after `warmup` calls, each synchronized
+    (bench/gpu.py and bench/fsdp.py time with it too)."""
+    for _ in range(warmup):
+        step()
     times = []
     for _ in range(steps):
         sync(device)
@@ -80,6 +80,14 @@ def measure(build, device, steps, tokens):
         step()
         sync(device)
         times.append(time.perf_counter() - t)
+    return times
+
+
+def measure(build, device, steps, tokens):
+    """(tokens/s, peak bytes) of step() from build() -> step."""
+    start = reset_peak(device)
+    step = build()
+    times = step_times(step, device, warmup=1, steps=steps)  # warm-up: compilation, where there is any
     peak = peak_since(device, start)
     del step
     gc.collect()

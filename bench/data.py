@@ -11,7 +11,6 @@ and tokenizing the whole file into the cache (data.write_token_cache), and print
 import json
 import os
 import random
-import resource
 import subprocess
 import sys
 import tempfile

@@ -21,7 +21,6 @@ gather right before the unit computes).
 import os
 import statistics
 import sys
-import time
 
 import torch
 import torch.distributed as dist
@@ -32,6 +31,7 @@ import fsdp as F  # noqa: E402
 import model as M  # noqa: E402
 import plan  # noqa: E402
 import train  # noqa: E402
+from compare import step_times  # noqa: E402  (bench/compare.py)
 
 
 def sync(device):
@@ -40,15 +40,7 @@ def sync(device):
 
 
 def timed_steps(step, device, n):
-    step()  # warm-up
-    times = []
-    for _ in range(n):
-        sync(device)
-        t = time.perf_counter()
-        step()
-        sync(device)
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    return statistics.median(step_times(step, device, warmup=1, steps=n))
 
 
 def union(intervals):

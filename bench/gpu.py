@@ -55,6 +55,7 @@ import plan  # noqa: E402
 import quant  # noqa: E402
 import train  # noqa: E402
 import memory  # noqa: E402  (bench/memory.py: random models as each kind, built whole or unit by unit)
+from compare import step_times, sync  # noqa: E402  (bench/compare.py)
 
 HBM_PEAK = {"H200": 4.8e12, "H100": 3.35e12, "A100": 2.0e12}  # bytes/s
 GiB = 2**30
@@ -101,11 +102,6 @@ class Table:
 # -- measuring ---------------------------------------------------------------------------
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def free_memory():
     import gc
     gc.collect()
@@ -120,20 +116,6 @@ def kernel_time(fn, device):
         import triton
         return triton.testing.do_bench_cudagraph(fn, return_mode="median") / 1e3
     return step_times(fn, device, warmup=1, steps=1)[0]
-
-
-def step_times(step, device, *, warmup, steps):
-    """Seconds of each of `steps` calls of step(), after `warmup` calls, each synchronized."""
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(steps):
-        sync(device)
-        t = time.perf_counter()
-        step()
-        sync(device)
-        times.append(time.perf_counter() - t)
-    return times
 
 
 def peak_of(fn, device):
@@ -324,8 +306,7 @@ def our_run(args, kind, device, B, T, *, recompute, compiled, steps, smoke):
     peak = torch.cuda.max_memory_allocated() - base if device.type == "cuda" else 0
     adapters = sum(p.numel() for n, p in model.named_parameters() if ".lora_" in n)
     peak_flops = plan.peak_flops(device)
-    tok_s, text = spread(B * T, times)
-    del engine, opt, model
+    tok_s, text = spread(B * T, times)  # the model and its optimizer state are freed on return
     return {"tok_s": tok_s, "spread": text, "peak": peak,
             "mfu": tok_s * plan.flops_per_token(args, T, True, adapters) / peak_flops if peak_flops else None}
 
