@@ -66,7 +66,7 @@ class Built(NamedTuple):
     model: torch.nn.Module
     tok: object  # data.Tokenizer
     files: dict  # name -> path: the source folder's files an export carries
-    load: Optional[Callable]  # --fsdp from a folder: load(modules) reads those modules' weights (the model is on meta)
+    load: Optional[Callable]  # --fsdp: load(modules) reads or draws those modules' weights (the model is on meta)
 
 
 def build_model(cfg, d, with_adapters=True) -> Built:
@@ -84,11 +84,11 @@ def build_model(cfg, d, with_adapters=True) -> Built:
         if tok.vocab_size > args.vocab_size:  # e.g. a preset with a real tokenizer: grow to a multiple of 64
             args.vocab_size = (tok.vocab_size + 63) // 64 * 64
         args.bos_token_id, args.eos_token_id = tok.bos_id, tok.eos_id
+        torch.manual_seed(cfg.seed)  # the weights, and what else draws from the global generator (dropout)
         if cfg.fsdp and not cfg.expand_blocks:  # meta model now; each unit gets its weights as it is sharded
             with torch.device("meta"):
                 model = Llama(args)
         else:
-            torch.manual_seed(cfg.seed)
             with torch.device(d.device):
                 model = Llama(args)
                 model.init_weights()
@@ -131,8 +131,8 @@ def build_model(cfg, d, with_adapters=True) -> Built:
 def unit_loader(cfg, d, model, dtype, *, then, quantize=None):
     """For a model on the meta device, the materialize(modules) fsdp.Sharded calls unit by unit: it
     reads those modules' weights from --model's folder in `dtype` or, for a preset, draws the random
-    weights the whole model would have had (model.random_init_by_unit), quantizes them (a folder's
-    quantize as they stream in), then calls then(modules)."""
+    weights the whole model would have had (model.random_init_by_unit; in fp32, as the whole preset
+    model holds them), quantizes them (a folder's quantize as they stream in), then calls then(modules)."""
     if os.path.isdir(cfg.model):
         load = hf.stream_from_pretrained(model, cfg.model, d.device, dtype, then=then)
     else:

@@ -515,7 +515,9 @@ def random_init_by_unit(model: Llama, device, seed):
     modules the weights `torch.manual_seed(seed)`, `Llama(args)` on `device` and `init_weights()`
     would have given them, without the whole model ever existing. Call it on the modules in the
     model's order (embedding, blocks, norm + head). The draws continue from call to call on a
-    generator state of their own: what runs in between (adapters' construction) does not shift them."""
+    generator state of their own: what runs in between (adapters' construction) does not shift them.
+    The first call replays the constructor's draws on throwaway modules, one at a time: briefly the
+    fp32 embedding or one fp32 block on `device`, as big as the largest unit it then builds."""
     args, names, state = model.args, {id(mod): name for name, mod in model.named_modules()}, []
     cuda = device.type == "cuda"
     get_state = (lambda: torch.cuda.get_rng_state(device)) if cuda else torch.get_rng_state
@@ -536,7 +538,7 @@ def random_init_by_unit(model: Llama, device, seed):
             for mod in modules:
                 if mod is not tied:
                     mod.to_empty(device=device)
-            if tied is not None:
+            if tied is not None and any(mod is tied for mod in modules):
                 tied.weight = model.model.embed_tokens.weight
             init_parameters([(names[id(mod)] + "." + n, p) for mod in modules if mod is not tied
                              for n, p in mod.named_parameters()], args)

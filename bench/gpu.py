@@ -166,7 +166,7 @@ def kernel_cases(device, smoke):
     x, w = leaf(tokens, dim), leaf(dim)
     gate, up = leaf(tokens, ffn), leaf(tokens, ffn)
     q = torch.randn(2, tokens // 2, heads, hd, device=device, dtype=dtype).transpose(1, 2)  # as attention views it
-    q_leaf, dq, dy = q.detach().clone().requires_grad_(True), torch.empty_like(q), torch.randn_like(q)
+    q_leaf, dy = q.detach().clone().requires_grad_(True), torch.randn_like(q)
     pos = torch.arange(tokens // 2, device=device)[None].expand(2, -1)
     cos, sin = M.rope_cos_sin(M.rope_frequencies(dataclasses.replace(M.MODELS["llama3-8b"], head_dim=hd), device), pos, dtype)
 
@@ -175,7 +175,7 @@ def kernel_cases(device, smoke):
 
     def rope_kernel():  # what rope_triton's autograd Function runs: in place forward, rotated-back gradient
         R._launch(q, q, cos, sin, 1.0)
-        R._launch(dy, dq, cos, sin, -1.0)
+        return R._launch(dy, torch.empty_like(dy), cos, sin, -1.0)
     hid, head = leaf(tokens, dim), leaf(vocab, dim, scale=0.02)
     labels = torch.randint(0, vocab, (tokens,), device=device)
     ybase, xa, bmat = leaf(tokens, dim), leaf(tokens, 16), leaf(dim, 16, dt=torch.float32)
@@ -223,6 +223,8 @@ def kernel_rows(t, device, smoke):
                     f"{peaks['compiled'] / 2**20:,.0f} MiB; eager {times['eager'] * 1e3:.3f} ms")
         if name.startswith("nf4 dequant"):
             t.add("kernels", name, measured, ">= 70% of HBM peak", bool(peak_bw) and nbytes / times["triton"] >= 0.7 * peak_bw)
+        elif name.startswith("nf4 matmul"):  # the references build the dense weight: memory always favours the codes
+            t.add("kernels", name, measured, "faster than compiled", times["triton"] < times["compiled"])
         else:
             faster, smaller = times["triton"] < times["compiled"], peaks["triton"] < peaks["compiled"]
             t.add("kernels", name, measured + (" (faster)" if faster else " (less memory)" if smaller else ""),
@@ -279,6 +281,7 @@ def planned(args, kind, B, T, recompute, device):
 
 def fits(total, device):
     """Does a planned total fit this device's free memory, with a tenth to spare? (CPU: yes)"""
+    free_memory()  # what the allocator caches from the previous run is free for this one
     return device.type != "cuda" or total <= 0.9 * torch.cuda.mem_get_info()[0]
 
 

@@ -67,13 +67,16 @@ def peak_bytes(device, build, step):
     """Peak allocated bytes while step(*build()) runs the second time: everything build() made
     counts, what existed before does not (on CPU, build() must create all that step() uses)."""
     if device.type == "cuda":
+        gc.collect()
+        torch.cuda.empty_cache()
+        before = torch.cuda.memory_allocated()
         objects = build()
         step(*objects)
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         step(*objects)
         torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated()
+        return torch.cuda.max_memory_allocated() - before
 
     def run():
         objects = build()

@@ -56,12 +56,15 @@ if HAS_TRITON:
 
 
 def backward_programs(n_rows, device):
-    """How many programs the backward launches: enough to fill the GPU (4 per streaming
-    multiprocessor, whatever the number of rows), and no more, since each writes an fp32 row of
-    partial dw: a fixed number of rows per program would leave SMs idle on a short batch and grow
-    the partial sums with the batch. The interpreter (CPU) takes 4 "SMs" so that tests walk runs of rows."""
+    """(programs, rows each) for the backward: enough programs to fill the GPU whatever the number
+    of rows (2 per streaming multiprocessor: at 4096 columns a program takes 8 warps x ~122
+    registers, so two fit in an SM's 64K registers), and no more, since each writes an fp32 row of
+    partial dw. A fixed number of rows per program (16, before) left SMs idle on a short batch and
+    grew the partial sums with the batch. The interpreter (CPU) counts 4 "SMs", so that tests walk
+    runs of rows."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-    return max(min(n_rows, 4 * sms), 1)
+    rows = -(-n_rows // max(min(n_rows, 2 * sms), 1))
+    return max(-(-n_rows // rows), 1), rows
 
 
 def warps(n):
@@ -86,11 +89,11 @@ class _RMSNorm(torch.autograd.Function):
     def backward(ctx, dy):
         x2, weight, rstd = ctx.saved_tensors
         n_rows, n = x2.shape
-        programs = backward_programs(n_rows, x2.device)
+        programs, rows = backward_programs(n_rows, x2.device)
         dx = torch.empty_like(x2)
         dw_partial = torch.empty((programs, n), dtype=torch.float32, device=x2.device)
         _rms_backward[(programs,)](dy.reshape(-1, n).contiguous(), x2, weight, rstd, dx, dw_partial, n_rows, n,
-                                   triton.cdiv(n_rows, programs), BLOCK=triton.next_power_of_2(n), num_warps=warps(n))
+                                   rows, BLOCK=triton.next_power_of_2(n), num_warps=warps(n))
         return dx.view(ctx.shape), dw_partial.sum(0).to(weight.dtype), None
 
 

@@ -453,3 +453,17 @@ def test_fsdp_on_a_preset_never_builds_the_whole_model_and_shards_its_weights(fl
                 assert torch.equal(getattr(*owners[0]), expected[name]), name
                 seen.add(name)
     assert seen == set(expected)
+
+
+def test_seed_still_seeds_the_global_generator_when_fsdp_builds_a_preset_unit_by_unit():
+    """LoRA dropout draws from the global generator: under --fsdp its masks follow --seed too."""
+    import build
+    from train import Dist, parse_args
+    d = Dist(0, 0, 1, torch.device("cpu"))
+    draws = []
+    for seed in (1, 2, 1):
+        cfg = parse_args(["--model=tiny", "--fsdp", "--adapter=lora", "--lora_dropout=0.1", f"--seed={seed}"])
+        built = build.build_model(cfg, d)
+        build.make_engine(built.model, cfg, d, load=built.load)
+        draws.append(torch.rand(4))
+    assert torch.equal(draws[0], draws[2]) and not torch.equal(draws[0], draws[1])
