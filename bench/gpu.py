@@ -310,6 +310,8 @@ def our_run(args, kind, device, B, T, *, recompute, compiled, steps, smoke):
     adapters = sum(p.numel() for n, p in model.named_parameters() if ".lora_" in n)
     peak_flops = plan.peak_flops(device)
     tok_s, text = spread(B * T, times)  # the model and its optimizer state are freed on return
+    if compiled:
+        torch._dynamo.reset()  # nor do dynamo's caches keep anything of this model
     return {"tok_s": tok_s, "spread": text, "peak": peak,
             "mfu": tok_s * plan.flops_per_token(args, T, True, adapters) / peak_flops if peak_flops else None}
 
