@@ -4,7 +4,9 @@
     torchrun --nproc_per_node=2 bench/memory.py     # the same, each rank sharded over 2 (gloo)
     python bench/memory.py --model=tinyllama-1.1b --batch_size=2 --seq_len=2048    # GPU: bf16
     options: --precision=bf16|fp32 --kernels=triton|torch --json=rows.json; --model= a preset or an
-    HF folder (its config.json only: the weights are random)
+    HF folder (its config.json only: the weights are random); --layers=N cuts it to N blocks;
+    --rows="qlora ckpt,lora dpo" runs only those rows
+    python bench/memory.py --model=llama3-70b --layers=8 --batch_size=1 --seq_len=64 --precision=bf16 --rows="qlora ckpt"
     torchrun --nproc_per_node=2 bench/memory.py --loading=<HF folder>   # CPU RSS while loading
 
 --loading checks the promise of streamed loading (train.py --fsdp from an HF folder): a rank's
@@ -224,6 +226,8 @@ def plan_vs_measured(d, opts):
     cuda = d.device.type == "cuda"
     preset = opts.get("model", "tinyllama-1.1b" if cuda else "tiny")
     args = dataclasses.replace(M.MODELS[preset]) if preset in M.MODELS else hf.read_hf_config(preset)  # shapes only
+    args.n_layers = int(opts.get("layers", args.n_layers))  # e.g. 70B's shapes, cut to a few blocks
+    wanted = opts["rows"].split(",") if "rows" in opts else None  # e.g. --rows="qlora ckpt,lora dpo"
     B, T = int(opts.get("batch_size", 2 if cuda else 4)), int(opts.get("seq_len", 2048 if cuda else 256))
     bf16 = opts.get("precision", "bf16" if cuda else "fp32") == "bf16"
     kernels = cuda and opts.get("kernels", "triton") == "triton"
@@ -233,16 +237,18 @@ def plan_vs_measured(d, opts):
     rows = []
     for kind in ("full", "lora", "qlora"):
         for ckpt in (False, True):
-            plan, peak = compare(args, kind, ckpt, d, B, T, bf16, kernels)
-            rows.append((kind, ckpt, plan, peak))
+            if wanted is None or kind + (" ckpt" if ckpt else "") in wanted:
+                plan, peak = compare(args, kind, ckpt, d, B, T, bf16, kernels)
+                rows.append((kind, ckpt, plan, peak))
     chunk = max(B * T // 4, 1)  # fewer tokens at once than the batch holds
     for name, kind, objective, loss_chunk in (("full chunked", "full", "sft", chunk), ("lora dpo", "lora", "dpo", chunk),
                                               ("full dpo", "full", "dpo", chunk)):
-        plan, peak = compare(args, kind, False, d, B, T, bf16, kernels, objective=objective, loss_chunk=loss_chunk)
-        rows.append((name, False, plan, peak))  # no recompute: the loss's moment, with its chunk of logits, can peak
+        if wanted is None or name in wanted:  # no recompute: the loss's moment, with its chunk of logits, can peak
+            plan, peak = compare(args, kind, False, d, B, T, bf16, kernels, objective=objective, loss_chunk=loss_chunk)
+            rows.append((name, False, plan, peak))
     if d.rank == 0:
         dev = torch.cuda.get_device_name() if cuda else "CPU (allocator records)"
-        print(f"{os.path.basename(preset.rstrip('/'))}, world {d.world}, {B} x {T} tokens per rank, {'bf16' if bf16 else 'fp32'}, "
+        print(f"{os.path.basename(preset.rstrip('/'))} ({args.n_layers} layers), world {d.world}, {B} x {T} tokens per rank, {'bf16' if bf16 else 'fp32'}, "
               f"kernels {'on' if kernels else 'off'}, {dev}, torch {torch.__version__}; MiB per rank")
         print(f"{'':<18}{'shards':>8}{'units':>8}{'grads':>8}{'optim':>8}{'acts':>8}{'logits':>8}"
               f"{'plan':>9}{'measured':>10}{'plan/meas':>10}")

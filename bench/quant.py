@@ -10,6 +10,9 @@ Three tables, random weights, nothing downloaded:
    the Triton kernel (GPU only). GB/s counts the bytes read (codes and scales) plus written (bf16).
 3. One training step (forward, backward, AdamW) of LoRA on a bf16 base against QLoRA on an NF4 base:
    time and peak GPU memory.
+4. Every format's PyTorch dequantization of one 14336 x 4096 weight to bf16, a chunk of 4M weights
+   at a time (QuantLinear.dequantize) against the whole weight at once: time and peak bytes per
+   weight (GPU: max_memory_allocated; CPU: the allocator's records, bench/memory.py).
 """
 
 import os
@@ -127,6 +130,38 @@ def step_table(device, preset, seq_len, batch_size):
           f"checkpointing, on {device.type}", ["", "ms/step", "tok/s", "frozen base GiB", "peak GiB"], rows)
 
 
+def decode_table(device):
+    from memory import cpu_allocation_peak  # bench/memory.py
+
+    def peak(fn):
+        if device.type == "cpu":
+            return cpu_allocation_peak(fn)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        return torch.cuda.max_memory_allocated() - base
+
+    out_f, in_f = 14336, 4096
+    n, w, rows = out_f * in_f, torch.randn(out_f, in_f, device=device) * 0.02, []
+    for fmt, bits in (("nf4", 4), ("hqq", 4), ("hqq", 3), ("int8", 8), ("ternary", 2)):
+        q = Q.make_quant_linear(fmt, in_f, out_f, bits=bits, group=64, device=device)
+        q.set_weight(w)
+        row = [f"{fmt} {bits}-bit"]
+        for chunk in (Q.QuantLinear.chunk, n):
+            if fmt == "nf4":  # the PyTorch reference (the Triton kernel has no temporaries)
+                nf4, dynamic = Q.codes_on(device)
+                fn = lambda: dequantize_nf4_reference(q.weight, q.absmax, nf4, 64, q.shape, torch.bfloat16,  # noqa: E731
+                                                      q.nested_absmax, dynamic, 256, q.offset, chunk=chunk)
+            else:
+                q.chunk = chunk
+                fn = lambda: q.dequantize(torch.bfloat16)  # noqa: E731
+            row += [f"{timed(fn, 3) * 1e3:.0f}", f"{peak(fn) / n:.1f}"]
+        rows.append(row)
+    table(f"4. Dequantizing one {out_f} x {in_f} weight to bf16 in PyTorch (the result alone: 2 bytes per weight)",
+          ["format", "chunked ms", "bytes/weight", "whole ms", "bytes/weight"], rows)
+
+
 def main(argv):
     opts = dict(a[2:].split("=", 1) for a in argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -136,6 +171,7 @@ def main(argv):
     dequant_table(device, small)
     step_table(device, opts.get("model", "tiny" if small else "tinyllama-1.1b"),
                int(opts.get("seq_len", 256 if small else 2048)), int(opts.get("batch_size", 4)))
+    decode_table(device)
 
 
 if __name__ == "__main__":
