@@ -417,6 +417,9 @@ def hf_rows(t, device, smoke, steps, results):
             if absent or (kind == "qlora" and device.type != "cuda"):
                 t.add("hf", what, f"skipped: {', '.join(absent) + ' not installed' if absent else 'bitsandbytes needs CUDA'}")
                 continue
+            if smoke and recompute == "none":  # one fresh process is enough to try the worker's code
+                t.add("hf", what, "skipped: --smoke runs one worker")
+                continue
             r = subprocess.run([sys.executable, os.path.abspath(__file__), f"--hf_worker={kind}:{recompute}",
                                 f"--steps={steps}"] + (["--smoke"] if smoke else []), capture_output=True, text=True)
             if r.returncode:
