@@ -94,6 +94,7 @@ def build_model(cfg, d, with_adapters=True) -> Built:
                 model.init_weights()
             if quantize:
                 quantize(model)
+            to_dtype([model], base_dtype)
     elif os.path.isdir(cfg.model):
         if quant.is_prequantized(cfg.model):
             if cfg.quant != "nf4":
@@ -128,11 +129,18 @@ def build_model(cfg, d, with_adapters=True) -> Built:
     return Built(model, tok, extra, None)
 
 
+def to_dtype(modules, dtype):
+    """A preset's parameters in `dtype`, as a folder's load in it (the quantized codes are buffers)."""
+    if dtype != torch.float32:
+        for p in {id(p): p for m in modules for p in m.parameters()}.values():
+            p.data = p.data.to(dtype)
+
+
 def unit_loader(cfg, d, model, dtype, *, then, quantize=None):
     """For a model on the meta device, the materialize(modules) fsdp.Sharded calls unit by unit: it
     reads those modules' weights from --model's folder in `dtype` or, for a preset, draws the random
-    weights the whole model would have had (model.random_init_by_unit; in fp32, as the whole preset
-    model holds them), quantizes them (a folder's quantize as they stream in), then calls then(modules)."""
+    weights the whole model would have had (model.random_init_by_unit), quantizes them (a folder's
+    quantize as they stream in) and casts the rest to `dtype`, then calls then(modules)."""
     if os.path.isdir(cfg.model):
         load = hf.stream_from_pretrained(model, cfg.model, d.device, dtype, then=then)
     else:
@@ -143,6 +151,7 @@ def unit_loader(cfg, d, model, dtype, *, then, quantize=None):
             for module in modules:
                 if quantize and module is not model.lm_head:
                     quantize(module)
+            to_dtype(modules, dtype)
             then(modules)
     model.inv_freq = rope_frequencies(model.args, d.device)
     return load

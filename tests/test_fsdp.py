@@ -467,3 +467,22 @@ def test_seed_still_seeds_the_global_generator_when_fsdp_builds_a_preset_unit_by
         build.make_engine(built.model, cfg, d, load=built.load)
         draws.append(torch.rand(4))
     assert torch.equal(draws[0], draws[2]) and not torch.equal(draws[0], draws[1])
+
+
+@pytest.mark.parametrize("fsdp", [False, True])
+def test_a_preset_holds_its_frozen_base_in_the_bytes_the_dry_run_plans(fsdp):
+    """In the autocast dtype, as a folder's base is loaded: --dry_run plans a preset that way."""
+    import build
+    from train import Dist, parse_args
+    cfg = parse_args(["--model=tiny", "--adapter=lora", "--quant=nf4", "--precision=bf16", *(["--fsdp"] if fsdp else [])])
+    d = Dist(0, 0, 1, torch.device("cpu"))
+    frozen = lambda m: {id(t): t for n, t in list(m.named_parameters()) + list(m.named_buffers())  # noqa: E731
+                        if n != "inv_freq" and not t.requires_grad}.values()
+    planned = sum(t.numel() * t.element_size() for t in frozen(build.meta_model(cfg, torch.bfloat16)))
+    built = build.build_model(cfg, d)
+    if fsdp:
+        engine = build.make_engine(built.model, cfg, d, load=built.load)
+        held = sum(g.numel * g.shard.element_size() for u in engine.units for g in u.groups if not g.trainable)
+    else:
+        held = sum(t.numel() * t.element_size() for t in frozen(built.model))
+    assert held == planned
