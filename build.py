@@ -334,11 +334,7 @@ def dpo_reference(cfg, d, model, *, streamed):
     if streamed:  # --fsdp: the model exists only as it loads
         with torch.device("meta"):
             ref = Llama(dataclasses.replace(model.args))
-
-        def frozen(modules):
-            for p in (p for m in modules for p in m.parameters()):
-                p.data, p.requires_grad = p.data.to(dtype), False
-        load = unit_loader(cfg, d, ref, dtype, then=frozen)
+        load = unit_loader(cfg, d, ref, dtype, then=lambda modules: [m.requires_grad_(False) for m in modules])
     else:
         ref = copy.deepcopy(model)
         for p in reference_casts(ref, cfg.fsdp):

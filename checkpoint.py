@@ -180,8 +180,7 @@ def same_run(saved, where, cfg, world, inputs):
 
 def file_fingerprint(path):
     """A data file's (or a datasets folder's files') size and the SHA-1 of the contents, read in 1 MiB pieces."""
-    files = sorted(os.path.join(path, f) for f in os.listdir(path)) if os.path.isdir(path) else [path]
-    files = [f for f in files if os.path.isfile(f)]
+    files = data.source_files(path)
     if not files:
         return path  # 'arith': built in
     digest = hashlib.sha1()

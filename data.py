@@ -554,9 +554,14 @@ def load_documents(source, tok, cache_dir=None, fmt="alpaca"):
     return open_token_cache(folder)
 
 
-def token_cache_path(source, tok, cache_dir, fmt="alpaca"):
+def source_files(source):
+    """The files of a data source: the file itself, or those of a datasets folder (none for 'arith')."""
     files = [os.path.join(source, f) for f in sorted(os.listdir(source))] if os.path.isdir(source) else [source]
-    stats = [os.stat(f) for f in files if os.path.isfile(f)]
+    return [f for f in files if os.path.isfile(f)]
+
+
+def token_cache_path(source, tok, cache_dir, fmt="alpaca"):
+    stats = [os.stat(f) for f in source_files(source)]
     key = (f"{os.path.abspath(source)}|{sum(s.st_size for s in stats)}|{max(s.st_mtime_ns for s in stats)}|{tok.fingerprint()}|{ALPACA_PROMPT}|{fmt}|"
            f"{CHAT_FORMATS.get(fmt)}|whole-text")  # whole-text: tokenize_segments' rule since caches made before it
     name = os.path.basename(source) + "-" + hashlib.sha1(key.encode()).hexdigest()[:12]

@@ -34,11 +34,6 @@ import train  # noqa: E402
 from compare import step_times  # noqa: E402  (bench/compare.py)
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def timed_steps(step, device, n):
     return statistics.median(step_times(step, device, warmup=1, steps=n))
 

@@ -55,7 +55,7 @@ import plan  # noqa: E402
 import quant  # noqa: E402
 import train  # noqa: E402
 import memory  # noqa: E402  (bench/memory.py: random models as each kind, built whole or unit by unit)
-from compare import step_times, sync  # noqa: E402  (bench/compare.py)
+from compare import step_times  # noqa: E402  (bench/compare.py)
 
 HBM_PEAK = {"H200": 4.8e12, "H100": 3.35e12, "A100": 2.0e12}  # bytes/s
 GiB = 2**30
@@ -119,16 +119,12 @@ def kernel_time(fn, device):
 
 
 def peak_of(fn, device):
-    """Peak bytes allocated while fn() runs, above what was allocated before it (0 on CPU)."""
+    """Peak bytes allocated while fn() runs, above what was allocated before it; 0 on CPU, where the
+    smoke run's interpreted kernels and tiny shapes would make the figure meaningless."""
     if device.type != "cuda":
         fn()
         return 0
-    sync(device)
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    fn()
-    sync(device)
-    return torch.cuda.max_memory_allocated() - base
+    return memory.peak_above(fn, device)
 
 
 def spread(tokens, times):

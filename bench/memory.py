@@ -65,6 +65,19 @@ def cpu_allocation_peak(fn, after=None):
     return peak
 
 
+def peak_above(fn, device):
+    """Peak bytes allocated while fn() runs, above what was allocated before it: on CUDA
+    max_memory_allocated, on CPU the allocator's records (cpu_allocation_peak)."""
+    if device.type != "cuda":
+        return cpu_allocation_peak(fn)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
+
+
 def peak_bytes(device, build, step):
     """Peak allocated bytes while step(*build()) runs the second time: everything build() made
     counts, what existed before does not (on CPU, build() must create all that step() uses)."""

@@ -131,16 +131,7 @@ def step_table(device, preset, seq_len, batch_size):
 
 
 def decode_table(device):
-    from memory import cpu_allocation_peak  # bench/memory.py
-
-    def peak(fn):
-        if device.type == "cpu":
-            return cpu_allocation_peak(fn)
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        fn()
-        return torch.cuda.max_memory_allocated() - base
+    from memory import peak_above  # bench/memory.py
 
     out_f, in_f = 14336, 4096
     n, w, rows = out_f * in_f, torch.randn(out_f, in_f, device=device) * 0.02, []
@@ -156,7 +147,7 @@ def decode_table(device):
             else:
                 q.chunk = chunk
                 fn = lambda: q.dequantize(torch.bfloat16)  # noqa: E731
-            row += [f"{timed(fn, 3) * 1e3:.0f}", f"{peak(fn) / n:.1f}"]
+            row += [f"{timed(fn, 3) * 1e3:.0f}", f"{peak_above(fn, device) / n:.1f}"]
         rows.append(row)
     table(f"4. Dequantizing one {out_f} x {in_f} weight to bf16 in PyTorch (the result alone: 2 bytes per weight)",
           ["format", "chunked ms", "bytes/weight", "whole ms", "bytes/weight"], rows)

@@ -157,7 +157,7 @@ def nf4_matmul_grid(rows, n, bm=16, bn=32):
 
 
 def nf4_matmul_triton(x, packed, absmax, code, blocksize, shape, nested_absmax=None, nested_code=None,
-                      nested_blocksize=256, offset=None, bn=32):
+                      nested_blocksize=256, offset=None, bn=32, bm=16):
     """x (M, K) with K a multiple of blocksize."""
     N, K = shape
     lead = x.shape[:-1]
@@ -165,8 +165,8 @@ def nf4_matmul_triton(x, packed, absmax, code, blocksize, shape, nested_absmax=N
     y = torch.empty((*lead, N), dtype=x.dtype, device=x.device)  # not a view: callers may modify it in place
     nested = nested_absmax is not None
     dummy = code
-    _nf4_matmul_kernel[nf4_matmul_grid(x.shape[0], N, bn=bn)](
+    _nf4_matmul_kernel[nf4_matmul_grid(x.shape[0], N, bm=bm, bn=bn)](
         x, packed, absmax, code, nested_absmax if nested else dummy, nested_code if nested else dummy,
         offset if nested else dummy, y, x.shape[0], N, K, BLOCKSIZE=blocksize, NESTED_BLOCKSIZE=nested_blocksize,
-        NESTED=nested, BM=16, BN=bn, IEEE=x.dtype == torch.float32, FP32_DOT=not x.is_cuda)
+        NESTED=nested, BM=bm, BN=bn, IEEE=x.dtype == torch.float32, FP32_DOT=not x.is_cuda)
     return y

@@ -63,7 +63,7 @@ def backward_programs(n_rows, device):
     grew the partial sums with the batch. The interpreter (CPU) counts 4 "SMs", so that tests walk
     runs of rows."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-    rows = -(-n_rows // max(min(n_rows, 2 * sms), 1))
+    rows = max(-(-n_rows // max(min(n_rows, 2 * sms), 1)), 1)
     return max(-(-n_rows // rows), 1), rows
 
 

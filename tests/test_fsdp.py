@@ -439,11 +439,10 @@ def test_fsdp_on_a_preset_never_builds_the_whole_model_and_shards_its_weights(fl
     weights, which are the ones the run without --fsdp starts from."""
     import build
     from train import Dist, parse_args
-    d = Dist(0, 0, 1, torch.device("cpu"))
-    built = build.build_model(parse_args(["--model=tiny", "--fsdp", "--precision=fp32", *flags]), d)
+    d, cfg = Dist(0, 0, 1, torch.device("cpu")), parse_args(["--model=tiny", "--fsdp", "--precision=fp32", *flags])
+    built = build.build_model(cfg, d)
     assert built.load is not None and built.model.lm_head.weight.is_meta
-    engine = build.make_engine(built.model, parse_args(["--model=tiny", "--fsdp", "--precision=fp32", *flags]), d,
-                               load=built.load)
+    engine = build.make_engine(built.model, cfg, d, load=built.load)
     whole = build.build_model(parse_args(["--model=tiny", "--precision=fp32", *flags]), d).model
     expected = {n: t for n, t in list(whole.named_parameters()) + list(whole.named_buffers()) if n != "inv_freq"}
     seen = set()
