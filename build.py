@@ -122,8 +122,8 @@ def build_model(cfg, d, with_adapters=True) -> Built:
         return Built(model, tok, extra, None)
     gen = torch.Generator().manual_seed(cfg.seed)  # adapters start the same on every rank, sharded or not
     if model.inv_freq.is_meta:  # --fsdp: adapters are added unit by unit as it loads
-        load = unit_loader(cfg, d, model, base_dtype, then=lambda modules: add_adapters(modules, cfg, gen),
-                           quantize=quantize)
+        load = unit_loader(model, cfg.model, device=d.device, dtype=base_dtype, seed=cfg.seed,
+                           then=lambda modules: add_adapters(modules, cfg, gen), quantize=quantize)
         return Built(model, tok, extra, load)
     add_adapters([model], cfg, gen)
     return Built(model, tok, extra, None)
@@ -136,15 +136,15 @@ def to_dtype(modules, dtype):
             p.data = p.data.to(dtype)
 
 
-def unit_loader(cfg, d, model, dtype, *, then, quantize=None):
+def unit_loader(model, source, *, device, dtype, seed, then, quantize=None):
     """For a model on the meta device, the materialize(modules) fsdp.Sharded calls unit by unit: it
-    reads those modules' weights from --model's folder in `dtype` or, for a preset, draws the random
-    weights the whole model would have had (model.random_init_by_unit), quantizes them (a folder's
-    quantize as they stream in) and casts the rest to `dtype`, then calls then(modules)."""
-    if os.path.isdir(cfg.model):
-        load = hf.stream_from_pretrained(model, cfg.model, d.device, dtype, then=then)
+    reads those modules' weights from the HF folder `source` in `dtype` or, for a preset, draws the
+    random weights the whole model would have had from `seed` (model.random_init_by_unit), quantizes
+    them (a folder's quantize as they stream in) and casts the rest to `dtype`, then calls then(modules)."""
+    if os.path.isdir(source):
+        load = hf.stream_from_pretrained(model, source, device, dtype, then=then)
     else:
-        init = random_init_by_unit(model, d.device, cfg.seed)
+        init = random_init_by_unit(model, device, seed)
 
         def load(modules):
             init(modules)
@@ -153,7 +153,7 @@ def unit_loader(cfg, d, model, dtype, *, then, quantize=None):
                     quantize(module)
             to_dtype(modules, dtype)
             then(modules)
-    model.inv_freq = rope_frequencies(model.args, d.device)
+    model.inv_freq = rope_frequencies(model.args, device)
     return load
 
 
@@ -334,7 +334,8 @@ def dpo_reference(cfg, d, model, *, streamed):
     if streamed:  # --fsdp: the model exists only as it loads
         with torch.device("meta"):
             ref = Llama(dataclasses.replace(model.args))
-        load = unit_loader(cfg, d, ref, dtype, then=lambda modules: [m.requires_grad_(False) for m in modules])
+        load = unit_loader(ref, cfg.model, device=d.device, dtype=dtype, seed=cfg.seed,
+                           then=lambda modules: [m.requires_grad_(False) for m in modules])
     else:
         ref = copy.deepcopy(model)
         for p in reference_casts(ref, cfg.fsdp):
