@@ -1,3 +1,4 @@
+import importlib
 import os
 import subprocess
 import sys
@@ -16,6 +17,15 @@ SHARED = os.path.join(os.path.dirname(ROOT), "shared")
 
 import kernels  # noqa: E402
 import model as M  # noqa: E402
+
+
+def bench(name):
+    """A bench/ script as a module. bench/ goes after the project on sys.path: put first, its
+    train.py would shadow the project's for every later `import train` in the session."""
+    path = os.path.join(ROOT, "bench")
+    if path not in sys.path:
+        sys.path.append(path)
+    return importlib.import_module(name)
 
 
 @pytest.fixture(autouse=True)

@@ -244,11 +244,8 @@ def test_full_fine_tuning_dpo_resumes_against_the_starting_model(tmp_path):
 
 
 def test_answer_log_probabilities_go_through_the_head_a_chunk_of_tokens_at_a_time():
-    import os
-    import sys
-    from conftest import ROOT, small_model
-    sys.path.insert(0, os.path.join(ROOT, "bench"))
-    from memory import cpu_allocation_peak
+    from conftest import bench, small_model
+    cpu_allocation_peak = bench("memory").cpu_allocation_peak
     m = small_model(vocab_size=2048)
     T, chunk = 512, 64
     x = torch.randn(1, T, 32, requires_grad=True)

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, assert_close, small_model
+from conftest import ROOT, assert_close, bench, small_model
 from fsdp_worker import CONFIGS, STEPS, STRATEGY_CONFIGS, batch, build, n_targets
 
 import hf
@@ -231,9 +231,7 @@ def test_dry_run_plans_llama2_70b_qlora_without_allocating(capsys):
 
 
 def bench_memory():
-    sys.path.insert(0, os.path.join(ROOT, "bench"))
-    import memory
-    return memory
+    return bench("memory")
 
 
 @pytest.mark.parametrize("kind", ["full", "lora", "qlora"])

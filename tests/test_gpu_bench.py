@@ -1,15 +1,12 @@
 """bench/gpu.py's CPU-side logic: the table and its verdicts, a failing row that does not stop the
 run, the one-line refusal without a GPU, and a --smoke run of every row at tiny shapes."""
 import importlib.util
-import os
 import subprocess
 import sys
 
 import pytest
 import torch
-from conftest import ROOT
-
-sys.path.insert(0, os.path.join(ROOT, "bench"))
+from conftest import ROOT, bench
 
 
 def test_without_a_gpu_it_says_so_in_one_line_and_exits_2():
@@ -21,7 +18,7 @@ def test_without_a_gpu_it_says_so_in_one_line_and_exits_2():
 
 
 def test_the_table_gives_each_row_a_verdict_and_a_failing_check_does_not_stop_the_others():
-    import gpu
+    gpu = bench("gpu")
     t = gpu.Table()
 
     def fine(t, section):

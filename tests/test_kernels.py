@@ -202,14 +202,11 @@ def test_every_kernel_compiles_for_h100_and_rtx_3090_without_spilling():
 
 
 def test_the_fused_loss_holds_one_chunk_of_logits_and_one_weight_gradient_at_a_time():
-    import os
-    import sys
-    from conftest import ROOT
+    from conftest import bench
     from kernels.linear_ce import linear_cross_entropy_triton
     if DEVICE != "cpu":
         pytest.skip("the CPU allocator's records (bench/memory.py) measure this")
-    sys.path.insert(0, os.path.join(ROOT, "bench"))
-    from memory import cpu_allocation_peak
+    cpu_allocation_peak = bench("memory").cpu_allocation_peak
     K.select("interpret")
     n, vocab, dim, chunk = 96, 2048, 256, 32
     torch.manual_seed(0)
@@ -225,14 +222,11 @@ def test_the_fused_loss_holds_one_chunk_of_logits_and_one_weight_gradient_at_a_t
 
 
 def test_the_lora_add_backward_makes_no_fp32_copy_of_the_output_gradient():
-    import os
-    import sys
-    from conftest import ROOT
+    from conftest import bench
     from kernels.lora import lora_add_triton
     if DEVICE != "cpu":
         pytest.skip("the CPU allocator's records (bench/memory.py) measure this")
-    sys.path.insert(0, os.path.join(ROOT, "bench"))
-    from memory import cpu_allocation_peak
+    cpu_allocation_peak = bench("memory").cpu_allocation_peak
     M, N, R = 256, 512, 8
     y = torch.randn(M, N, dtype=torch.bfloat16, requires_grad=True)
     xa = torch.randn(M, R, dtype=torch.bfloat16, requires_grad=True)

@@ -293,10 +293,8 @@ def test_folder_saved_by_transformers_and_bitsandbytes_loads_bit_exactly(tmp_pat
 def test_nf4_perplexity_on_real_weights_reproduces_bitsandbytes(smollm2_dir, gsm8k_path):
     """The issue's reference, measured with bitsandbytes: answer perplexity of the last 64 GSM8K
     records in ChatML, 3.89 in fp32 and 4.78 with NF4 + double quantization (ratio 1.23)."""
-    import sys
-    from conftest import ROOT
-    sys.path.insert(0, os.path.join(ROOT, "bench"))
-    from smollm2 import answer_perplexity
+    from conftest import bench
+    answer_perplexity = bench("smollm2").answer_perplexity
     import data as D
     records = json.load(open(gsm8k_path))[-64:]
     tok = D.load_tokenizer(smollm2_dir, eos_id=2)
@@ -413,10 +411,8 @@ def test_dequantizing_chunk_by_chunk_gives_the_whole_weight_bit_for_bit(fmt, bit
 def test_dequantizing_holds_the_result_and_one_chunk_of_temporaries(fmt, bits):
     """Not the 8-18 bytes per weight that decoding a whole weight at once takes (3.7 GiB for one of
     a 70B's MLP matrices on CPU, measured by the allocator's records)."""
-    import sys
-    from conftest import ROOT
-    sys.path.insert(0, os.path.join(ROOT, "bench"))
-    from memory import cpu_allocation_peak
+    from conftest import bench
+    cpu_allocation_peak = bench("memory").cpu_allocation_peak
     out_f, in_f, chunk = 4096, 2048, 2**20
     q = Q.make_quant_linear(fmt, in_f, out_f, bits=bits, group=64, device="cpu")
     q.set_weight(torch.randn(out_f, in_f) * 0.02)
